@@ -1,0 +1,10 @@
+"""flap-llm: retraining-free structured pruning of LLMs with FLAP (AAAI 2024)."""
+
+from .config import PruneConfig
+from .errors import FlapError
+from .plan import LayerPlan, PrunePlan
+from .prune import PruneResult, prune
+
+__version__ = "0.1.0"
+
+__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "prune", "__version__"]

@@ -1,0 +1,82 @@
+"""The pruning configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import FlapError
+
+METHODS = ("flap", "wanda-sp", "mag-sp")
+METRICS = ("IFV", "WIFV", "WIFN")
+STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
+COMPENSATIONS = ("bias", "lsq", "none")
+MODES = ("prune", "mask")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FlapError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    ratio: fraction of the decoder's attention+MLP weight parameters to remove, in [0, 1).
+    method: "flap" (the paper), or the baselines "wanda-sp" and "mag-sp" (uniform, no compensation).
+    metric: FLAP's fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
+    structure: how units are allotted to layers and modules; "AL-AM" (default, adaptive) or
+        "UL-UM", "UL-MM", "AL-MM". The *-MM structures need `remove_heads`.
+    remove_heads: total KV groups to remove over all layers, for UL-MM and AL-MM.
+    compensation: "bias" (FLAP's mean compensation), "lsq" (least-squares refit of the kept
+        columns), or "none".
+    mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
+    lsq_damp: damping of the least-squares solve, as a fraction of the mean diagonal of C_KK.
+    sequential: for lsq, take the second-pass statistics from the already-pruned earlier layers.
+    """
+
+    ratio: float = 0.2
+    method: str = "flap"
+    metric: str = "WIFV"
+    structure: str = "AL-AM"
+    remove_heads: int | None = None
+    compensation: str = "bias"
+    mode: str = "prune"
+    lsq_damp: float = 0.01
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise FlapError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise FlapError(f"ratio must be in [0, 1) (the fraction of parameters to remove), got {self.ratio}")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("metric", self.metric, METRICS)
+        _check_choice("structure", self.structure, STRUCTURES)
+        _check_choice("compensation", self.compensation, COMPENSATIONS)
+        _check_choice("mode", self.mode, MODES)
+        if self.method == "flap" and self.structure in ("UL-MM", "AL-MM"):
+            if self.remove_heads is None:
+                raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
+        if self.remove_heads is not None:
+            if isinstance(self.remove_heads, bool) or not isinstance(self.remove_heads, int) or self.remove_heads < 0:
+                raise FlapError(f"remove_heads must be a non-negative integer, got {self.remove_heads!r}")
+        if not self.lsq_damp > 0:
+            raise FlapError(f"lsq_damp must be positive, got {self.lsq_damp}")
+
+    @property
+    def effective_compensation(self) -> str:
+        """Baselines never compensate (as in the paper); FLAP uses the configured compensation."""
+        return self.compensation if self.method == "flap" else "none"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "mag-sp"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

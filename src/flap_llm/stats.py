@@ -1,0 +1,111 @@
+"""Mergeable per-channel activation statistics, accumulated in float64.
+
+Sums (n, sum x, sum x^2) are exact to float64 rounding whatever the batch size or window split,
+and merge across processes with a plain all-reduce of sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ChannelStats:
+    """Statistics of the d input channels of one projection over all calibration tokens."""
+
+    dim: int
+    n: int = 0
+    sum: torch.Tensor = field(default=None)  # [d] float64
+    sumsq: torch.Tensor = field(default=None)  # [d] float64
+
+    def __post_init__(self) -> None:
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, dtype=torch.float64)
+        if self.sumsq is None:
+            self.sumsq = torch.zeros(self.dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        # x: [..., d] in any dtype; every leading position is one token
+        x = x.detach().reshape(-1, self.dim).to(torch.float64)
+        if self.sum.device != x.device:
+            self.sum, self.sumsq = self.sum.to(x.device), self.sumsq.to(x.device)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+
+    def merge(self, other: "ChannelStats") -> None:
+        self.n += other.n
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+
+    def to(self, device: torch.device | str) -> "ChannelStats":
+        return ChannelStats(self.dim, self.n, self.sum.to(device), self.sumsq.to(device))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.sumsq / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance."""
+        return (self.mean_sq - self.mean**2).clamp_min(0.0)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """The L2 norm of each channel over all tokens, ||x_j||_2."""
+        return self.sumsq.sqrt()
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.sum).all() and torch.isfinite(self.sumsq).all())
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one decoder layer's two output projections."""
+
+    attn: ChannelStats  # inputs of o_proj: [n_heads * head_dim]
+    mlp: ChannelStats  # inputs of down_proj: [d_ff]
+
+    def merge(self, other: "LayerStats") -> None:
+        self.attn.merge(other.attn)
+        self.mlp.merge(other.mlp)
+
+
+@dataclass
+class Covariance:
+    """Mergeable first and second moments (with cross terms) of d channels, in float64."""
+
+    dim: int
+    n: int = 0
+    sum: torch.Tensor = field(default=None)  # [d]
+    outer: torch.Tensor = field(default=None)  # [d, d], sum of x x^T
+
+    def __post_init__(self) -> None:
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, dtype=torch.float64)
+        if self.outer is None:
+            self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.dim).to(torch.float64)
+        if self.sum.device != x.device:
+            self.sum, self.outer = self.sum.to(x.device), self.outer.to(x.device)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Population covariance C = E[x x^T] - mu mu^T."""
+        mu = self.mean
+        return self.outer / max(self.n, 1) - torch.outer(mu, mu)

@@ -1,0 +1,164 @@
+"""The calibration walk: capture the inputs of layer 0, then run one decoder layer at a time over
+batched windows. Activation memory is one layer's inputs/outputs, never a full-model graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, attention_parts, decoder_layers, mlp_parts
+from .errors import FlapError
+from .stats import ChannelStats, Covariance, LayerStats
+
+# One batch of layer inputs: hidden states [B, L, D] and the keyword arguments the model passed
+# to its decoder layers (position embeddings, mask, ...), shared by every layer.
+LayerInput = tuple[torch.Tensor, dict]
+
+
+class _Captured(Exception):
+    pass
+
+
+def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int, vocab_size: int) -> list[torch.Tensor]:
+    """Validate calibration token ids ([N, L] or an iterable of [B, L]) and cut them into batches."""
+    if batch_size < 1:
+        raise FlapError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(calibration, torch.Tensor):
+        chunks = [calibration]
+    else:
+        try:
+            chunks = list(calibration)
+        except TypeError:
+            raise FlapError("calibration must be a LongTensor [N, L] of token ids or an iterable of [B, L] batches")
+    if not chunks:
+        raise FlapError("calibration is empty; give at least one window of token ids")
+    lengths = set()
+    for c in chunks:
+        if not isinstance(c, torch.Tensor) or c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
+            raise FlapError("calibration must hold integer token ids (a LongTensor [N, L]); tokenize your text first")
+        if c.dim() != 2:
+            raise FlapError(f"calibration windows must have shape [N, L], got {tuple(c.shape)}")
+        if c.numel() == 0:
+            raise FlapError("calibration is empty; give at least one window of at least one token")
+        lo, hi = int(c.min()), int(c.max())
+        if lo < 0 or hi >= vocab_size:
+            raise FlapError(f"calibration holds token ids in [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
+                            "tokenize with the model's own tokenizer")
+        lengths.add(c.shape[1])
+    if len(lengths) != 1:
+        raise FlapError(f"all calibration windows must have the same length, got lengths {sorted(lengths)}")
+    ids = torch.cat([c.long() for c in chunks])
+    return list(ids.split(batch_size))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_window_masks(model: nn.Module, seqlen: int) -> None:
+    """Layer inputs are captured once for all layers; that is exact unless layers use different masks."""
+    c = model.config
+    types = set(getattr(c, "layer_types", None) or [])
+    window = getattr(c, "sliding_window", None)
+    if len(types) > 1 and window is not None and seqlen > window:
+        raise FlapError(f"this model mixes attention types {sorted(types)}; use calibration windows of at most "
+                        f"{window} tokens (its sliding window)")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> list[LayerInput]:
+    """Run the model up to layer 0 for each batch and keep what layer 0 receives."""
+    first = decoder_layers(model, spec)[0]
+    captured: list[LayerInput] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _Captured
+
+    device = model_device(model)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def forward_all(layer: nn.Module, inputs: list[LayerInput], keep: bool = True) -> None:
+    """Run every batch through one layer; with keep, the outputs replace the inputs in place."""
+    for i, (hidden, kwargs) in enumerate(inputs):
+        out = _layer_output(layer(hidden, **kwargs))
+        if keep:
+            inputs[i] = (out, kwargs)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], sinks: dict[str, ChannelStats | Covariance]):
+    """Feed the input of each module into its statistics sink while the block runs."""
+    handles = []
+    for name, module in modules.items():
+        sink = sinks[name]
+        handles.append(module.register_forward_pre_hook(lambda m, args, sink=sink: sink.update(args[0])))
+    try:
+        yield sinks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def output_projections(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+    return {"attn": attention_parts(layer, spec)[3], "mlp": mlp_parts(layer, spec)[2]}
+
+
+def layer_stats(layer: nn.Module, spec: ArchSpec, inputs: list[LayerInput], keep: bool, layer_idx: int) -> LayerStats:
+    """Statistics of the inputs of o_proj and down_proj over all batches (one forward of the layer)."""
+    proj = output_projections(layer, spec)
+    sinks = {k: ChannelStats(m.in_features) for k, m in proj.items()}
+    with record_inputs(proj, sinks):
+        forward_all(layer, inputs, keep=keep)
+    stats = LayerStats(sinks["attn"], sinks["mlp"])
+    if not (stats.attn.is_finite() and stats.mlp.is_finite()):
+        raise FlapError(f"NaN or inf in the calibration activations of layer {layer_idx}; the model overflows on this "
+                        "data in its dtype: load it in float32 (or bfloat16 instead of float16), or check the weights")
+    return stats
+
+
+def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
+         visit: Callable[[int, nn.Module, list[LayerInput]], nn.Module | None],
+         progress: bool = False, desc: str = "layers") -> None:
+    """Drive the layer-by-layer walk: for each layer, `visit` does its work on the layer's inputs
+    and returns None once it has already propagated them, or the module to propagate them with."""
+    check_window_masks(model, batches[0].shape[1])
+    inputs = capture_inputs(model, spec, batches)
+    layers = decoder_layers(model, spec)
+    for idx in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
+        runner = visit(idx, layers[idx], inputs)
+        if runner is not None:
+            forward_all(runner, inputs, keep=True)
+
+
+def collect_statistics(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
+                       progress: bool = False) -> list[LayerStats]:
+    """Statistics of every layer on the dense model, one forward pass over the calibration data."""
+    out: list[LayerStats] = []
+
+    def visit(idx, layer, inputs):
+        out.append(layer_stats(layer, spec, inputs, keep=True, layer_idx=idx))
+        return None
+
+    walk(model, spec, batches, visit, progress, desc="calibration")
+    return out

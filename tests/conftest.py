@@ -1,0 +1,56 @@
+"""Tiny random models for logic tests, built in the test process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+VOCAB = 96
+
+
+def tiny_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 2, dtype=torch.float32):
+    """A 2-layer model with hidden 64 and head_dim 16 of the given family."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=256, head_dim=16, tie_word_embeddings=False)
+    if arch == "llama-mha":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **common))
+    elif arch == "llama-gqa":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(num_key_value_heads=2, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **common))
+        with torch.no_grad():  # q/k/v biases are zero at init; make them matter
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, **common))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    else:
+        raise ValueError(arch)
+    # Random init is tiny (std 0.02); widen it so activations fluctuate like a trained model's.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.to(dtype).eval()
+
+
+def calibration(n: int = 12, length: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
