@@ -110,7 +110,7 @@ def mlp_parts(layer: nn.Module, spec: ArchSpec) -> tuple[nn.Linear, nn.Linear, n
 
 def check_dense(model: nn.Module, spec: ArchSpec, dims: Dims) -> None:
     """Refuse a model whose layers no longer match its config (already pruned)."""
-    if getattr(model.config, "flap_plan", None) is not None:
+    if getattr(model.config, "flap_layers", None) is not None:
         raise FlapError("this model was already pruned by flap-llm; prune the original dense model instead")
     want = (dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.d_ff)
     for i, layer in enumerate(decoder_layers(model, spec)):

@@ -12,7 +12,8 @@ from torch import nn
 
 from . import metrics
 from .apply import LayerUpdate, OutputUpdate, apply_layer, apply_plan, complement, head_rows, record_shapes
-from .arch import ArchSpec, Dims, check_dense, decoder_weight_params, dims_of, model_params, spec_of, architecture_of
+from .arch import (ArchSpec, Dims, architecture_of, check_dense, decoder_layers, decoder_weight_params, dims_of,
+                   model_params, spec_of)
 from .compensate import bias_compensation, lsq_compensation
 from .config import PruneConfig
 from .errors import FlapError
@@ -83,7 +84,6 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
 
 
 def _flap_scores(model: nn.Module, spec: ArchSpec, stats: list[LayerStats], metric: str):
-    from .arch import decoder_layers
     attn, mlp = [], []
     for layer, s in zip(decoder_layers(model, spec), stats):
         proj = output_projections(layer, spec)
@@ -110,7 +110,6 @@ def _prune_flap(model, spec, dims, batches, config, timer, progress):
 
 
 def _bias_updates(model, spec, dims: Dims, plan: PrunePlan, stats: list[LayerStats]) -> list[LayerUpdate]:
-    from .arch import decoder_layers
     updates = []
     for layer, lp, s in zip(decoder_layers(model, spec), plan.layers, stats):
         proj = output_projections(layer, spec)
@@ -165,7 +164,6 @@ def _group_sum(scores: torch.Tensor, dims: Dims) -> torch.Tensor:
 
 
 def _prune_magnitude(model, spec, dims: Dims, config: PruneConfig, timer: Timer) -> PrunePlan:
-    from .arch import decoder_layers
     with timer("plan"):
         attn, mlp = [], []
         for layer in decoder_layers(model, spec):
