@@ -1,0 +1,258 @@
+"""Pruned checkpoints that reload in one call, and load in stock transformers.
+
+Format "flap": safetensors weights, config.json (the base config plus per-layer shapes in
+`flap_layers` and an `auto_map` to modeling_flap.py, copied beside the weights so that
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without flap_llm),
+tokenizer files and flap_manifest.json. Format "hf-uniform": a plain checkpoint of a stock
+architecture, for plans in which every layer has the same shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import modeling_flap
+from .arch import ARCHITECTURES, architecture_of, model_params, spec_of
+from .errors import FlapError
+from .report import versions
+
+MANIFEST = "flap_manifest.json"
+FORMAT_VERSION = 1
+FORMATS = ("flap", "hf-uniform")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) or sorted(folder.glob("*.gguf"))
+
+
+def base_model_info(model: nn.Module) -> dict:
+    """Where the dense model came from: a local folder (with sha256 of its weights) or a hub id."""
+    source = getattr(model.config, "flap_source", None) or getattr(model.config, "_name_or_path", "") or ""
+    info: dict = {"name_or_path": str(source)}
+    p = Path(str(source))
+    if source and p.exists():
+        files = [p] if p.is_file() else weight_files(p)
+        info["sha256"] = {f.name: _sha256(f) for f in files}
+    return info
+
+
+def check_destination(path: Path, overwrite: bool, sources: list[str | Path] = ()) -> None:
+    """Refuse a destination that is a source model, or a non-empty folder unless overwriting."""
+    dest = path.resolve()
+    for src in sources:
+        if not src:
+            continue
+        s = Path(src).resolve()
+        if s.exists() and (dest == s or (s.is_file() and dest == s.parent) or s.is_relative_to(dest)):
+            raise FlapError(f"refusing to write into {path}: it holds the source model; choose another output folder")
+    if path.exists() and not path.is_dir():
+        raise FlapError(f"{path} exists and is not a folder; choose another output folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FlapError(f"{path} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+
+
+@contextmanager
+def atomic_folder(path: Path):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error nothing is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _is_uniform(shapes: list[dict]) -> bool:
+    return all(s == shapes[0] for s in shapes)
+
+
+def _uniform_export(model: nn.Module) -> nn.Module:
+    """A stock-architecture copy of a uniformly pruned model, with identical logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = getattr(model.config, "flap_layers", None)
+    arch = architecture_of(model)
+    if shapes and not _is_uniform(shapes):
+        raise FlapError("format='hf-uniform' needs every layer to keep the same shapes, but this plan is not "
+                        "uniform (use structure UL-UM or UL-MM with remove_heads a multiple of the layers, "
+                        "or save with format='flap')")
+    cfg = model.config.to_dict()
+    for key in ("flap_layers", "flap_mode", "flap_source", "auto_map", "architectures", "_name_or_path"):
+        cfg.pop(key, None)
+    dims_head = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    s = shapes[0] if shapes else None
+    if s is not None:
+        if s["num_attention_heads"] == 0:
+            raise FlapError("format='hf-uniform' cannot express layers without attention heads; use format='flap'")
+        cfg.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+                   intermediate_size=s["intermediate_size"], head_dim=dims_head)
+    o_bias = bool(s and s["o_proj_bias"])
+    down_bias = bool(s and s["down_proj_bias"])
+    target = arch
+    if arch == "Qwen3ForCausalLM":
+        if down_bias:
+            raise FlapError("Qwen3's stock MLP has no bias, so the compensation cannot be stored in format "
+                            "'hf-uniform'; use format='flap' or compensation='none'")
+        cfg["attention_bias"] = cfg.get("attention_bias") or o_bias
+    elif arch in ("Qwen2ForCausalLM", "MistralForCausalLM"):
+        window = cfg.get("sliding_window") if arch == "MistralForCausalLM" or cfg.get("use_sliding_window") else None
+        if window is not None and window < cfg.get("max_position_embeddings", 0):
+            raise FlapError(f"{arch} with a sliding window cannot be exported as a biased LLaMA; use format='flap'")
+        target = "LlamaForCausalLM"  # LLaMA holds q/k/v/o and MLP biases; the rest is the same computation
+        cfg["attention_bias"] = arch == "Qwen2ForCausalLM" or o_bias
+        cfg["mlp_bias"] = down_bias
+        cfg["model_type"] = "llama"
+    else:
+        cfg["attention_bias"] = cfg.get("attention_bias") or o_bias
+        cfg["mlp_bias"] = cfg.get("mlp_bias") or down_bias
+    model_type = "llama" if target == "LlamaForCausalLM" else cfg["model_type"]
+    cfg.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.architectures = [target]
+    out = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    state = model.state_dict()
+    full = out.state_dict()
+    missing = [k for k in full if k not in state]
+    if any(not k.endswith(".bias") for k in missing):
+        raise FlapError(f"cannot map this model onto a stock {target}: missing {missing[:3]}")
+    for k in missing:  # biases the stock config adds but the model does not use: exact zeros
+        state[k] = torch.zeros_like(full[k])
+    unexpected = [k for k in state if k not in full]
+    if unexpected:
+        raise FlapError(f"cannot map this model onto a stock {target}: it would drop {unexpected[:3]}")
+    out.load_state_dict(state, strict=True)
+    return out
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, result=None, format: str = "flap", *,
+                overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Save a pruned model as a checkpoint that `load_pruned` (and stock transformers) reload.
+
+    Writes into a temporary sibling folder and renames it at the end: an error leaves nothing behind,
+    and with overwrite=True an existing folder is replaced only once the new checkpoint is complete.
+    """
+    if format not in FORMATS:
+        raise FlapError(f"unknown checkpoint format {format!r}; choose one of: {', '.join(FORMATS)}")
+    spec = spec_of(model)
+    path = Path(path)
+    base = base_model_info(model)
+    check_destination(path, overwrite, [base["name_or_path"]])
+    export = _uniform_export(model) if format == "hf-uniform" else model
+    with atomic_folder(path) as tmp:
+        export.save_pretrained(tmp, safe_serialization=True)
+        if format == "flap":
+            _write_flap_config(tmp / "config.json", model, spec)
+            shutil.copyfile(modeling_flap.__file__, tmp / "modeling_flap.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": format,
+            "format_version": FORMAT_VERSION,
+            "architecture": architecture_of(model),
+            "base_model": base,
+            "parameters": model_params(export),
+            "layers": getattr(model.config, "flap_layers", None),
+            "versions": versions(),
+        }
+        if result is not None:
+            manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
+                            report={k: v for k, v in result.report.items() if k != "versions"})
+        manifest.update(extra or {})
+        write_json(tmp / MANIFEST, manifest)
+    return path
+
+
+def _write_flap_config(config_path: Path, model: nn.Module, spec) -> None:
+    cfg = json.loads(config_path.read_text())
+    arch = architecture_of(model)
+    if not cfg.get("flap_layers"):
+        raise FlapError("this model has not been pruned by flap_llm.prune; nothing to save in format 'flap'")
+    cls = modeling_flap.FLAP_CLASSES[arch].__name__
+    cfg["architectures"] = [cls]
+    cfg["flap_base_architecture"] = arch
+    cfg["flap_modules"] = {"layers": spec.layers, "attn": spec.attn, "q": spec.q, "k": spec.k, "v": spec.v,
+                           "o": spec.o, "mlp": spec.mlp, "gate": spec.gate, "up": spec.up, "down": spec.down}
+    cfg["auto_map"] = {"AutoModelForCausalLM": f"modeling_flap.{cls}"}
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise FlapError(f"{path} has no {MANIFEST}; it is not a flap-llm checkpoint (load it with transformers)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlapError(f"{mpath} is corrupted ({e}); re-save the checkpoint")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FlapError(f"{path} has checkpoint format version {manifest.get('format_version')!r}; this flap-llm "
+                        f"reads version {FORMAT_VERSION}: use the flap-llm version that wrote it")
+    if manifest.get("format") not in FORMATS:
+        raise FlapError(f"{mpath} names an unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                device: torch.device | str | None = None) -> nn.Module:
+    """Load a checkpoint written by `save_pruned`, with each layer's own shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FlapError(f"no checkpoint folder at {path}")
+    manifest = read_manifest(path)
+    if not (path / "config.json").is_file() or not weight_files(path):
+        raise FlapError(f"{path} is missing config.json or its safetensors weights; the checkpoint is incomplete")
+    try:
+        if manifest["format"] == "hf-uniform":
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        else:
+            config = AutoConfig.from_pretrained(path)
+            base = getattr(config, "flap_base_architecture", None)
+            if base not in ARCHITECTURES or not getattr(config, "flap_layers", None):
+                raise FlapError(f"{path}/config.json lacks flap_base_architecture/flap_layers; re-save the checkpoint")
+            cls = modeling_flap.FLAP_CLASSES[base]
+            model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    except FlapError:
+        raise
+    except Exception as e:  # the loader's own errors (truncated safetensors, shape mismatches, ...)
+        raise FlapError(f"could not load the checkpoint at {path} ({type(e).__name__}: {e}); it may be truncated "
+                        "or corrupted: save it again") from e
+    problems = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if problems or model_params(model) != manifest.get("parameters"):
+        raise FlapError(f"the checkpoint at {path} does not match its manifest ({', '.join(problems) or 'parameter count'}); "
+                        "it may be truncated or corrupted: save it again")
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
