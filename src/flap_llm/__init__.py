@@ -4,7 +4,8 @@ from .config import PruneConfig
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .prune import PruneResult, prune
+from .checkpoint import load_pruned, save_pruned
 
 __version__ = "0.1.0"
 
-__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "prune", "__version__"]
+__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "load_pruned", "prune", "save_pruned", "__version__"]

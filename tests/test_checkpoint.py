@@ -1,0 +1,229 @@
+"""Pruned checkpoints reload in one call, in a fresh process, and in stock transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import flap_llm
+from flap_llm import FlapError
+from flap_llm.apply import apply_plan
+from flap_llm.arch import dims_of, spec_of
+from flap_llm.checkpoint import MANIFEST, load_pruned, save_pruned
+from flap_llm.plan import LayerPlan, PrunePlan
+from conftest import calibration, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pruned(arch: str, **cfg):
+    model = tiny_model(arch)
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(**{"ratio": 0.5, **cfg}))
+    return model, result
+
+
+def _no_attention_model():
+    from flap_llm.apply import LayerUpdate, OutputUpdate
+    model = tiny_model("llama-gqa")
+    dims = dims_of(model)
+    plan = PrunePlan((LayerPlan((), (), tuple(range(0, 96, 3))), LayerPlan((0, 1), (0,), tuple(range(50)))))
+    # the emptied attention carries a compensation-like bias
+    updates = [LayerUpdate(OutputUpdate(bias=torch.randn(64, dtype=torch.float64)), OutputUpdate()),
+               LayerUpdate(OutputUpdate(), OutputUpdate())]
+    apply_plan(model, spec_of(model), dims, plan, updates, "prune")
+    return model
+
+
+CASES = {
+    "llama-mha": lambda: _pruned("llama-mha"),
+    "llama-gqa": lambda: _pruned("llama-gqa"),
+    "qwen2": lambda: _pruned("qwen2"),
+    "no-attention-layer": lambda: (_no_attention_model(), None),
+}
+
+RUN_LOADED = textwrap.dedent("""
+    import sys, torch
+    path, ids_file, out_file, mode = sys.argv[1:5]
+    if mode == "stock":
+        class Block:
+            def find_spec(self, name, *args):
+                if name.split(".")[0] == "flap_llm":
+                    raise ImportError("flap_llm is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        try:
+            import flap_llm
+            raise SystemExit("flap_llm should not be importable here")
+        except ImportError:
+            pass
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        assert "flap_llm" not in sys.modules
+    else:
+        import flap_llm
+        model = flap_llm.load_pruned(path)
+    ids = torch.load(ids_file)
+    with torch.no_grad():
+        logits = model(ids).logits
+    gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+                         do_sample=False, pad_token_id=0)
+    torch.save({"logits": logits, "gen": gen}, out_file)
+""")
+
+
+def _run_loaded(tmp_path: Path, ckpt: Path, ids: torch.Tensor, mode: str) -> dict:
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "run.py"
+    script.write_text(RUN_LOADED)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
+                           mode], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["flap_llm", "stock"])
+def test_fresh_process_reload_gives_same_logits(tmp_path, case, mode):
+    model, result = CASES[case]()
+    ckpt = save_pruned(model, tmp_path / "ckpt", result=result)
+    ids = calibration(n=3, length=10)
+    out = _run_loaded(tmp_path, ckpt, ids, mode)
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(out["logits"], want, rtol=1e-6, atol=1e-6)
+    gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(out["gen"], gen)
+
+
+def test_manifest_contents(tmp_path):
+    model, result = _pruned("llama-gqa")
+    save_pruned(model, tmp_path / "ck", result=result, extra={"seed": 7, "calibration": {"source": "test"}})
+    manifest = json.loads((tmp_path / "ck" / MANIFEST).read_text())
+    assert manifest["format"] == "flap" and manifest["format_version"] == 1
+    assert manifest["plan"] == result.plan.to_dict()
+    assert manifest["prune_config"]["ratio"] == 0.5
+    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+    assert manifest["seed"] == 7 and manifest["calibration"] == {"source": "test"}
+    assert {"torch", "transformers", "flap-llm"} <= set(manifest["versions"])
+    assert (tmp_path / "ck" / "modeling_flap.py").is_file()
+    assert list((tmp_path / "ck").glob("*.safetensors"))
+
+
+def test_base_model_sha256_recorded(tmp_path):
+    dense = tiny_model("llama-gqa")
+    dense.save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.3))
+    save_pruned(model, tmp_path / "out", result=result)
+    base = json.loads((tmp_path / "out" / MANIFEST).read_text())["base_model"]
+    import hashlib
+    want = hashlib.sha256((tmp_path / "dense" / "model.safetensors").read_bytes()).hexdigest()
+    assert base["sha256"] == {"model.safetensors": want}
+    # the source folder can never be the destination, even with overwrite
+    with pytest.raises(FlapError, match="source model"):
+        save_pruned(model, tmp_path / "dense", result=result, overwrite=True)
+
+
+@pytest.mark.parametrize("arch", ["llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3"])
+def test_hf_uniform_loads_in_stock_transformers(tmp_path, arch):
+    compensation = "none" if arch == "qwen3" else "bias"
+    model, result = _pruned(arch, structure="UL-UM", compensation=compensation)
+    ckpt = save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert "auto_map" not in cfg and not (ckpt / "modeling_flap.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert type(stock).__module__.startswith("transformers.")
+    ids = calibration(n=3, length=10)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(load_pruned(ckpt)(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_uniform_refuses_non_uniform_plans(tmp_path):
+    model, result = _pruned("llama-gqa", ratio=0.6)
+    assert len({(c["heads"], c["channels"]) for c in result.plan.kept_counts()}) > 1
+    with pytest.raises(FlapError, match="not uniform"):
+        save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
+    assert not (tmp_path / "u").exists()
+    with pytest.raises(FlapError, match="format"):
+        save_pruned(model, tmp_path / "u", result=result, format="pickle")
+
+
+def test_refuses_non_empty_destination_and_overwrites_only_when_complete(tmp_path):
+    model, result = _pruned("llama-gqa")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("user data")
+    with pytest.raises(FlapError, match="not empty"):
+        save_pruned(model, dest, result=result)
+    assert (dest / "keep.txt").read_text() == "user data"
+    save_pruned(model, dest, result=result, overwrite=True)
+    assert not (dest / "keep.txt").exists() and (dest / MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    model, result = _pruned("llama-gqa")
+    save_pruned(model, tmp_path / "out", result=result)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr("flap_llm.checkpoint.write_json", boom)
+    with pytest.raises(OSError, match="simulated"):
+        save_pruned(model, tmp_path / "out", result=result, overwrite=True)
+    with pytest.raises(OSError, match="simulated"):
+        save_pruned(model, tmp_path / "new", result=result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folder, no stray temp
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_corrupted_checkpoints_give_clear_errors(tmp_path):
+    model, result = _pruned("llama-gqa")
+    good = save_pruned(model, tmp_path / "good", result=result)
+    import shutil
+
+    def variant(name, fn):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        fn(d)
+        return d
+
+    weights = next(good.glob("*.safetensors")).name
+    truncated = variant("trunc", lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:5000]))
+    with pytest.raises(FlapError, match="truncated or corrupted"):
+        load_pruned(truncated)
+    no_weights = variant("nowt", lambda d: (d / weights).unlink())
+    with pytest.raises(FlapError, match="incomplete"):
+        load_pruned(no_weights)
+
+    def bump(d):
+        m = json.loads((d / MANIFEST).read_text())
+        m["format_version"] = 99
+        (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FlapError, match="format version 99"):
+        load_pruned(variant("v99", bump))
+    with pytest.raises(FlapError, match="corrupted"):
+        load_pruned(variant("badjson", lambda d: (d / MANIFEST).write_text("{not json")))
+    with pytest.raises(FlapError, match="no flap_manifest.json"):
+        load_pruned(variant("nomanifest", lambda d: (d / MANIFEST).unlink()))
+    with pytest.raises(FlapError, match="no checkpoint folder"):
+        load_pruned(tmp_path / "missing")
+
+
+def test_load_pruned_dtype_and_device(tmp_path):
+    model, result = _pruned("qwen2")
+    ckpt = save_pruned(model, tmp_path / "ck", result=result)
+    half = load_pruned(ckpt, dtype=torch.bfloat16, device="cpu")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert half.model.layers[0].self_attn.o_proj.bias.dtype == torch.bfloat16
