@@ -249,7 +249,7 @@ def test_half_precision_models(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     ref = tiny_model("qwen2")
     from flap_llm.apply import apply_plan
-    from flap_llm.prune import _bias_updates
+    from flap_llm.engine import _bias_updates
     apply_plan(ref, spec_of(ref), dims_of(ref), result.plan,
                _bias_updates(ref, spec_of(ref), dims_of(ref), result.plan, result.stats), "prune")
     err = (out.float() - logits(ref, ids)).abs().mean() / logits(ref, ids).abs().mean()

@@ -3,7 +3,7 @@
 from .config import PruneConfig
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
-from .prune import PruneResult, prune
+from .engine import PruneResult, prune
 from .checkpoint import load_pruned, save_pruned
 
 __version__ = "0.1.0"

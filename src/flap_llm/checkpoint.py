@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -156,11 +157,13 @@ def _uniform_export(model: nn.Module) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, result=None, format: str = "flap", *,
-                overwrite: bool = False, extra: dict | None = None) -> Path:
+                overwrite: bool = False, extra: dict | None = None,
+                before_commit: Callable[[Path], None] | None = None) -> Path:
     """Save a pruned model as a checkpoint that `load_pruned` (and stock transformers) reload.
 
     Writes into a temporary sibling folder and renames it at the end: an error leaves nothing behind,
     and with overwrite=True an existing folder is replaced only once the new checkpoint is complete.
+    `before_commit(folder)` may add files (reports, plots) to the checkpoint before it is committed.
     """
     if format not in FORMATS:
         raise FlapError(f"unknown checkpoint format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -190,6 +193,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, resul
                             report={k: v for k, v in result.report.items() if k != "versions"})
         manifest.update(extra or {})
         write_json(tmp / MANIFEST, manifest)
+        if before_commit is not None:
+            before_commit(tmp)
     return path
 
 

