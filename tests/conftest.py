@@ -54,3 +54,30 @@ ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3"]
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in the test on a few sentences (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog.", "Pruning removes heads and channels.",
+            "Fluctuation of activations is measured on calibration text."] * 20
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_checkpoint(folder, arch: str = "llama-gqa"):
+    """Save a tiny random model with a matching tokenizer, as a user's local model folder."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,153 @@
+"""The flap-llm command line, end to end on a tiny model saved to a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flap_llm.cli import main
+from conftest import tiny_checkpoint
+
+TEXT = " ".join(f"Sentence number {i} says that the quick brown fox jumps over the lazy dog." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def run_cli(*args) -> int:
+    return main(["prune", "--quiet", *map(str, args)])
+
+
+def test_prune_end_to_end(tmp_path, model_dir, text_file, capsys):
+    before = _snapshot(model_dir)
+    out = tmp_path / "out"
+    rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
+                 "--eval-seqlen", 16, "--ratio", 0.3, "--out", out, "--device", "cpu")
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"flap_manifest.json", "report.json", "report.md", "plan.png", "config.json", "model.safetensors",
+            "modeling_flap.py", "tokenizer.json"} <= names
+    manifest = json.loads((out / "flap_manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["plan"] == report["plan"]
+    assert manifest["seed"] == 0
+    assert manifest["calibration"] == {"source": str(text_file), "nsamples": 8, "seqlen": 16, "seed": 0}
+    assert manifest["prune_config"]["ratio"] == 0.3
+    assert {"torch", "transformers"} <= set(manifest["versions"])
+    ppl = report["perplexity"]
+    assert ppl["ppl_before"] > 1 and ppl["ppl_after"] > 1
+    assert 0.3 <= report["params"]["decoder_removed_fraction"] < 0.4
+    assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| layer | heads |" in (out / "report.md").read_text()
+    assert _snapshot(model_dir) == before  # the source model is never modified
+    # the saved model evaluates with `flap-llm eval`, and its perplexity is the one reported
+    res_file = tmp_path / "ppl.json"
+    assert main(["eval", "--quiet", "--model", str(out), "--ppl", str(text_file), "--eval-seqlen", "16",
+                 "--json", str(res_file), "--device", "cpu"]) == 0
+    assert json.loads(res_file.read_text())["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-5)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_prune_jsonl_mask_uniform_export(tmp_path, model_dir):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": TEXT[i * 500:(i + 1) * 500]}) for i in range(10)))
+    out = tmp_path / "u"
+    rc = run_cli("--model", model_dir, "--calib", jsonl, "--no-eval", "--nsamples", 4, "--seqlen", 16,
+                 "--structure", "UL-UM", "--ratio", 0.5, "--export", "hf-uniform", "--out", out)
+    assert rc == 0
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 48 and model.config.num_key_value_heads == 1
+
+
+def test_python_dash_m_alias(tmp_path, model_dir, text_file):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "flap_llm", "prune", "--model", str(model_dir), "--calib",
+                           str(text_file), "--no-eval", "--nsamples", "4", "--seqlen", "16", "--out", str(out),
+                           "--method", "mag-sp", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "flap_manifest.json").read_text())["prune_config"]["method"] == "mag-sp"
+
+
+@pytest.mark.parametrize("make_args, words", [
+    (lambda t, m, f: ["--model", t / "nope"], "does not exist"),
+    (lambda t, m, f: ["--model", f], "neither a model folder"),
+    (lambda t, m, f: ["--model", t], "no config.json"),
+    (lambda t, m, f: ["--model", m, "--calib", t / "missing.txt"], "does not exist"),
+    (lambda t, m, f: ["--model", m, "--calib", "builtin:poems"], "unknown built-in text"),
+    (lambda t, m, f: ["--model", m, "--calib", f, "--seqlen", 100000], "only .* tokens, too short for windows of 100000"),
+    (lambda t, m, f: ["--model", m, "--ratio", 1.5], "ratio must be in"),
+    (lambda t, m, f: ["--model", m, "--out", m], "source model"),
+    (lambda t, m, f: ["--model", m, "--structure", "AL-MM"], "remove_heads"),
+    (lambda t, m, f: ["--model", t / "bad.gguf"], "could not load the GGUF"),
+    (lambda t, m, f: ["--model", "builtin:gpt5"], "unknown built-in model"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, model_dir, text_file, capsys, make_args, words):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
+    args = [str(a) for a in make_args(tmp_path, model_dir, text_file)]
+    if "--calib" not in args:
+        args += ["--calib", str(text_file)]
+    before = _snapshot(model_dir)
+    base = ["prune", "--quiet", "--no-eval", "--nsamples", "4", "--seqlen", "16"]
+    if "--out" not in args:
+        base += ["--out", str(tmp_path / "out")]
+    rc = main(base + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("flap-llm: error:")
+    import re
+    assert re.search(words, err), err
+    assert "Traceback" not in err
+    assert _snapshot(model_dir) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_calibration_text(tmp_path, model_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run_cli("--model", model_dir, "--calib", empty, "--no-eval", "--out", tmp_path / "o") == 2
+    assert "has only 0 tokens" in capsys.readouterr().err
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(
+        tmp_path / "bert")
+    assert run_cli("--model", tmp_path / "bert", "--no-eval", "--out", tmp_path / "o") == 2
+    assert "not a causal language model" in capsys.readouterr().err
+
+
+def test_out_not_empty_needs_overwrite(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = ("--model", model_dir, "--calib", text_file, "--no-eval", "--nsamples", 4, "--seqlen", 16, "--out", out)
+    assert run_cli(*args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert run_cli(*args, "--overwrite") == 0
+    assert not (out / "precious.txt").exists()
+
+
+def test_debug_shows_traceback(tmp_path, model_dir):
+    with pytest.raises(Exception, match="ratio must be in"):
+        main(["prune", "--debug", "--model", str(model_dir), "--ratio", "2", "--out", str(tmp_path / "o")])
