@@ -110,9 +110,15 @@ def _prune(args) -> int:
     from .models import load_model, pick_device
     from .report import versions
 
+    from . import distributed
     config, out = _validate_prune_args(args)
     tasks = _tasks(args)
     device = pick_device(args.device)
+    if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    lead = distributed.rank() == 0  # only rank 0 evaluates and writes
+    if not lead:
+        args.quiet, args.no_eval, tasks = True, True, None
     progress = not args.quiet
     t0 = time.perf_counter()
     model, tokenizer, path = load_model(args.model, args.dtype, device, progress)
@@ -148,6 +154,8 @@ def _prune(args) -> int:
         plot_plan(result.plan.kept_counts(), dims.num_attention_heads, dims.intermediate_size,
                   folder / "plan.png", f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}")
 
+    if not lead:
+        return 0
     save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
                 extra=extra, before_commit=write_reports)
     _say(args, summary_table(report))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 from .apply import LayerUpdate, OutputUpdate, apply_layer, apply_plan, complement, head_rows, record_shapes
 from .arch import (ArchSpec, Dims, architecture_of, check_dense, decoder_layers, decoder_weight_params, dims_of,
                    model_params, spec_of)
@@ -54,6 +54,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         if calibration is None:
             raise FlapError(f"method {config.method} needs calibration token ids")
         batches = as_batches(calibration, batch_size, model.config.vocab_size)
+        n_windows = sum(b.shape[0] for b in batches)
+        if distributed.active():  # each rank takes its share of the windows; statistics are all-reduced
+            batches = list(distributed.shard(torch.cat(batches)).split(batch_size))
     decoder_before, model_before = decoder_weight_params(model, spec), model_params(model)
     was_training = model.training
     model.eval()
@@ -75,8 +78,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         "params": param_report(model, spec, dims, plan, decoder_before, model_before, config.mode),
         "layers": layer_report(plan, dims),
         "calibration": None if batches is None else {
-            "windows": sum(b.shape[0] for b in batches), "seqlen": batches[0].shape[1],
-            "tokens": sum(b.numel() for b in batches), "batch_size": batch_size},
+            "windows": n_windows, "seqlen": batches[0].shape[1],
+            "tokens": sum(b.numel() for b in batches), "batch_size": batch_size,
+            "world_size": distributed.world_size()},
         "timings_s": {**timer.sections, "total": sum(timer.sections.values())},
         "versions": versions(),
     }
@@ -136,7 +140,7 @@ def _apply_lsq(model, spec, dims: Dims, batches, plan: PrunePlan, config: PruneC
     def visit(idx, layer, inputs):
         lp = plan.layers[idx]
         proj = output_projections(layer, spec)
-        sinks = {k: Covariance(m.in_features) for k, m in proj.items()}
+        sinks = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
         with record_inputs(proj, sinks):
             # sequential: statistics from the pruned earlier layers, then propagate with this layer pruned;
             # otherwise propagate the dense outputs now and prune afterwards.
@@ -147,7 +151,8 @@ def _apply_lsq(model, spec, dims: Dims, batches, plan: PrunePlan, config: PruneC
             _lsq_update(proj["mlp"], sinks["mlp"], torch.as_tensor(lp.channels, dtype=torch.long), dims.d_ff,
                         config.lsq_damp),
         )
-        del sinks
+        for sink in sinks.values():
+            sink.all_reduce_()
         apply_layer(layer, idx, spec, dims, lp, update, config.mode)
         return layer if config.sequential else None
 

@@ -131,6 +131,8 @@ def layer_stats(layer: nn.Module, spec: ArchSpec, inputs: list[LayerInput], keep
     with record_inputs(proj, sinks):
         forward_all(layer, inputs, keep=keep)
     stats = LayerStats(sinks["attn"], sinks["mlp"])
+    stats.attn.all_reduce_()
+    stats.mlp.all_reduce_()
     if not (stats.attn.is_finite() and stats.mlp.is_finite()):
         raise FlapError(f"NaN or inf in the calibration activations of layer {layer_idx}; the model overflows on this "
                         "data in its dtype: load it in float32 (or bfloat16 instead of float16), or check the weights")

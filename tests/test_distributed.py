@@ -1,0 +1,90 @@
+"""torch.distributed: 2 CPU processes (gloo) give exactly the plan of one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import flap_llm
+from conftest import calibration, tiny_model
+
+TESTS = Path(__file__).resolve().parent
+
+WORKER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    import flap_llm
+    from conftest import calibration, tiny_model
+    dist.init_process_group("gloo")
+    cfg = flap_llm.PruneConfig(**{cfg!r})
+    result = flap_llm.prune(tiny_model("llama-gqa", layers=3), calibration(n=13), cfg, batch_size=2)
+    if dist.get_rank() == 0:
+        torch.save({{"plan": result.plan.to_dict(), "stats": result.stats, "report": result.report}}, {out!r})
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two(tmp_path: Path, cfg: dict) -> dict:
+    out = tmp_path / "rank0.pt"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out)))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
+                                 dict(ratio=0.4, compensation="lsq")])
+def test_two_processes_same_plan_as_one(tmp_path, cfg):
+    two = _run_two(tmp_path, cfg)
+    one = flap_llm.prune(tiny_model("llama-gqa", layers=3), calibration(n=13), flap_llm.PruneConfig(**cfg),
+                         batch_size=2)
+    assert two["plan"] == one.plan.to_dict()
+    assert two["report"]["calibration"]["world_size"] == 2
+    assert two["report"]["calibration"]["windows"] == 13
+    if one.stats is not None:
+        for a, b in zip(two["stats"], one.stats):
+            assert a.attn.n == b.attn.n == 13 * 16
+            torch.testing.assert_close(a.attn.sum, b.attn.sum, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.mlp.sumsq, b.mlp.sumsq, rtol=1e-12, atol=1e-12)
+
+
+def test_torchrun_cli(tmp_path):
+    """`torchrun --nproc-per-node 2 -m flap_llm prune ...`: rank 0 writes the same plan one process makes."""
+    import json
+    from conftest import tiny_checkpoint
+    from flap_llm.cli import main
+    model_dir = tiny_checkpoint(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    common = ["prune", "--model", str(model_dir), "--calib", str(text), "--nsamples", "10", "--seqlen", "16",
+              "--no-eval", "--quiet", "--device", "cpu", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "flap_llm", *common, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "flap_manifest.json").read_text())
+    one = json.loads((tmp_path / "one" / "flap_manifest.json").read_text())
+    assert two["plan"] == one["plan"]
+    assert two["report"]["calibration"]["world_size"] == 2
