@@ -254,3 +254,42 @@ def test_half_precision_models(dtype):
                _bias_updates(ref, spec_of(ref), dims_of(ref), result.plan, result.stats), "prune")
     err = (out.float() - logits(ref, ids)).abs().mean() / logits(ref, ids).abs().mean()
     assert err < 0.05
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "mag-sp"])
+def test_align_rounds_kept_channels_by_score(method):
+    ids = calibration()
+    plain = flap_llm.prune(tiny_model("llama-gqa", layers=3), ids, flap_llm.PruneConfig(ratio=0.3, method=method))
+    aligned = flap_llm.prune(tiny_model("llama-gqa", layers=3), ids,
+                             flap_llm.PruneConfig(ratio=0.3, method=method, align=16))
+    for i, (p, a) in enumerate(zip(plain.plan.layers, aligned.plan.layers)):
+        assert len(a.channels) % 16 == 0
+        assert abs(len(a.channels) - len(p.channels)) <= 8
+        if method == "wanda-sp" and i > 0:
+            continue  # sequential: later layers see the aligned earlier layers, so their scores differ
+        small, big = sorted((set(p.channels), set(a.channels)), key=len)
+        assert small <= big  # rounding only drops the lowest-scored or adds the next-best channels
+        assert p.kv_heads == a.kv_heads
+
+
+def test_align_channels_math():
+    from flap_llm.select import align_channels
+    scores = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0, 0.0])
+    kept = torch.tensor([0, 2, 3])  # top-3 by score
+    assert align_channels(kept, scores, 2).tolist() == [0, 2, 3, 4]  # 3 -> 4 (halves round up)
+    assert align_channels(torch.tensor([0, 2, 3, 4, 1]), scores, 4).tolist() == [0, 2, 3, 4]  # 5 -> 4
+    assert align_channels(kept, scores, 1).tolist() == [0, 2, 3]
+    with pytest.raises(flap_llm.FlapError, match="align"):
+        flap_llm.PruneConfig(align=0)
+
+
+def test_reusing_statistics_gives_the_same_result():
+    ids = calibration()
+    first = flap_llm.prune(tiny_model("qwen2"), ids, flap_llm.PruneConfig(ratio=0.2))
+    fresh, reused = tiny_model("qwen2"), tiny_model("qwen2")
+    a = flap_llm.prune(fresh, ids, flap_llm.PruneConfig(ratio=0.5, metric="WIFN"))
+    b = flap_llm.prune(reused, ids, flap_llm.PruneConfig(ratio=0.5, metric="WIFN"), statistics=first.stats)
+    assert a.plan == b.plan and "statistics" not in b.report["timings_s"]
+    torch.testing.assert_close(logits(fresh, ids), logits(reused, ids))
+    with pytest.raises(flap_llm.FlapError, match="statistics do not match"):
+        flap_llm.prune(tiny_model("qwen2", layers=3), ids, flap_llm.PruneConfig(), statistics=first.stats)

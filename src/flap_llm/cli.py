@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensation", default="bias", choices=COMPENSATIONS)
     p.add_argument("--sequential", action="store_true", help="lsq: statistics from the already-pruned layers")
     p.add_argument("--mode", default="prune", choices=MODES)
+    p.add_argument("--align", type=int, default=None,
+                   help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
     p.add_argument("--eval", dest="eval_spec", default="builtin:wiki", help="perplexity text (default builtin:wiki, held-out articles)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     p.add_argument("--out", default="./flap-out", help="output folder (default ./flap-out)")
@@ -94,7 +96,7 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
-                         sequential=args.sequential)
+                         sequential=args.sequential, align=args.align)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

@@ -33,6 +33,8 @@ class PruneConfig:
     mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
     lsq_damp: damping of the least-squares solve, as a fraction of the mean diagonal of C_KK.
     sequential: for lsq, take the second-pass statistics from the already-pruned earlier layers.
+    align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
+        128 for GPU tensor cores; None (default) keeps the exact plan.
     """
 
     ratio: float = 0.2
@@ -44,6 +46,7 @@ class PruneConfig:
     mode: str = "prune"
     lsq_damp: float = 0.01
     sequential: bool = False
+    align: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -61,6 +64,8 @@ class PruneConfig:
         if self.remove_heads is not None:
             if isinstance(self.remove_heads, bool) or not isinstance(self.remove_heads, int) or self.remove_heads < 0:
                 raise FlapError(f"remove_heads must be a non-negative integer, got {self.remove_heads!r}")
+        if self.align is not None and (isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1):
+            raise FlapError(f"align must be a positive integer (e.g. 64) or None, got {self.align!r}")
         if not self.lsq_damp > 0:
             raise FlapError(f"lsq_damp must be positive, got {self.lsq_damp}")
 

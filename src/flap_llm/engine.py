@@ -19,7 +19,7 @@ from .config import PruneConfig
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .report import Timer, layer_report, param_report, versions
-from .select import drop_lowest, select, uniform
+from .select import Selection, align_channels, drop_lowest, select, uniform
 from .stats import Covariance, LayerStats
 from .walk import as_batches, collect_statistics, forward_all, layer_stats, output_projections, record_inputs, walk
 
@@ -33,10 +33,13 @@ class PruneResult:
 
 
 def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] | None,
-          config: PruneConfig = PruneConfig(), *, batch_size: int = 8, progress: bool = False) -> PruneResult:
+          config: PruneConfig = PruneConfig(), *, batch_size: int = 8, progress: bool = False,
+          statistics: list[LayerStats] | None = None) -> PruneResult:
     """Prune a Hugging Face causal LM in place and return the plan and a report.
 
     calibration: token ids, a LongTensor [N, L] or an iterable of [B, L] batches (mag-sp needs none).
+    statistics: FLAP's dense statistics from an earlier result (`result.stats`) of the same model and
+        calibration, to try several ratios, metrics or structures without another calibration pass.
     Everything is validated before the first weight changes.
     """
     if not isinstance(config, PruneConfig):
@@ -64,7 +67,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
     try:
         with torch.no_grad():
             if config.method == "flap":
-                plan, stats = _prune_flap(model, spec, dims, batches, config, timer, progress)
+                plan, stats = _prune_flap(model, spec, dims, batches, config, timer, progress, statistics)
             elif config.method == "mag-sp":
                 plan = _prune_magnitude(model, spec, dims, config, timer)
             else:
@@ -87,6 +90,12 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
     return PruneResult(plan=plan, config=config, report=report, stats=stats)
 
 
+def _aligned(sel: Selection, mlp_scores: list[torch.Tensor], config: PruneConfig) -> Selection:
+    if not config.align:
+        return sel
+    return Selection(sel.kept_groups, [align_channels(k, s, config.align) for k, s in zip(sel.kept_channels, mlp_scores)])
+
+
 def _flap_scores(model: nn.Module, spec: ArchSpec, stats: list[LayerStats], metric: str):
     attn, mlp = [], []
     for layer, s in zip(decoder_layers(model, spec), stats):
@@ -96,12 +105,17 @@ def _flap_scores(model: nn.Module, spec: ArchSpec, stats: list[LayerStats], metr
     return attn, mlp
 
 
-def _prune_flap(model, spec, dims, batches, config, timer, progress):
-    with timer("statistics"):
-        stats = collect_statistics(model, spec, batches, progress)
+def _prune_flap(model, spec, dims, batches, config, timer, progress, stats=None):
+    if stats is not None:
+        if len(stats) != dims.n_layers or stats[0].mlp.dim != dims.d_ff:
+            raise FlapError("statistics do not match this model; pass the `stats` of a result for the same dense model")
+    else:
+        with timer("statistics"):
+            stats = collect_statistics(model, spec, batches, progress)
     with timer("plan"):
         attn, mlp = _flap_scores(model, spec, stats, config.metric)
         sel = select(config.structure, attn, mlp, dims, config.ratio, config.remove_heads)
+        sel = _aligned(sel, mlp, config)
         plan = PrunePlan.from_groups(sel.kept_groups, sel.kept_channels, dims)
     if config.compensation == "lsq":
         with timer("compensation"):
@@ -175,7 +189,7 @@ def _prune_magnitude(model, spec, dims: Dims, config: PruneConfig, timer: Timer)
             proj = output_projections(layer, spec)
             attn.append(metrics.magnitude(proj["attn"].weight))
             mlp.append(metrics.magnitude(proj["mlp"].weight))
-        sel = uniform(attn, mlp, dims, config.ratio)
+        sel = _aligned(uniform(attn, mlp, dims, config.ratio), mlp, config)
         plan = PrunePlan.from_groups(sel.kept_groups, sel.kept_channels, dims)
     with timer("apply"):
         apply_plan(model, spec, dims, plan, None, config.mode)
@@ -192,7 +206,10 @@ def _prune_wanda_sp(model, spec, dims: Dims, batches, config: PruneConfig, timer
         s = layer_stats(layer, spec, inputs, keep=False, layer_idx=idx)
         proj = output_projections(layer, spec)
         groups = drop_lowest(_group_sum(metrics.wanda_sp(s.attn, proj["attn"].weight), dims), n_groups)
-        channels = drop_lowest(metrics.wanda_sp(s.mlp, proj["mlp"].weight), n_channels)
+        mlp_scores = metrics.wanda_sp(s.mlp, proj["mlp"].weight)
+        channels = drop_lowest(mlp_scores, n_channels)
+        if config.align:
+            channels = align_channels(channels, mlp_scores, config.align)
         lp = PrunePlan.from_groups([groups], [channels], dims).layers[0]
         layer_plans.append(lp)
         pruned = copy.deepcopy(layer)

@@ -141,3 +141,14 @@ def adaptive_manual(attn_scores, mlp_scores, dims: Dims, ratio: float, remove_he
         _unflatten(drop_lowest(groups, remove_heads), dims.n_kv_heads, dims.n_layers),
         _unflatten(drop_lowest(channels, n_channels), dims.d_ff, dims.n_layers),
     )
+
+
+def align_channels(kept: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Round the number of kept channels to the nearest multiple (halves round up), keeping the
+    highest-scoring channels of the layer; sorted indices."""
+    k, n = kept.numel(), scores.numel()
+    target = min(n, multiple * math.floor(k / multiple + 0.5))
+    if target == k:
+        return kept
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices
+    return torch.sort(order[:target]).values
