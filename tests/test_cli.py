@@ -63,7 +63,7 @@ def test_prune_end_to_end(tmp_path, model_dir, text_file, capsys):
     res_file = tmp_path / "ppl.json"
     assert main(["eval", "--quiet", "--model", str(out), "--ppl", str(text_file), "--eval-seqlen", "16",
                  "--json", str(res_file), "--device", "cpu"]) == 0
-    assert json.loads(res_file.read_text())["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-5)
+    assert json.loads(res_file.read_text())["perplexity"]["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-5)
     assert "perplexity" in capsys.readouterr().out
 
 

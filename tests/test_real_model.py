@@ -34,7 +34,7 @@ def test_default_cli_job_small(tmp_path, capsys):
     # the checkpoint reloads and gives the reported perplexity
     assert main(["eval", "--quiet", "--model", str(out), "--eval-limit", "48", "--batch-size", "16",
                  "--json", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-4)
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-4)
 
 
 def test_flap_beats_baselines_at_half(smollm2):

@@ -102,27 +102,31 @@ def apply_layer(layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: Dims, lp
     _update_output(down, kept_c, removed_c, update.mlp, mode)
 
 
-def apply_plan(model: nn.Module, spec: ArchSpec, dims: Dims, plan: PrunePlan,
-               updates: list[LayerUpdate] | None, mode: str) -> None:
-    """Apply the plan to every decoder layer and record the new shapes on the config."""
-    plan.validate(dims)
-    layers = decoder_layers(model, spec)
-    for i, (layer, lp) in enumerate(zip(layers, plan.layers)):
-        upd = updates[i] if updates is not None else LayerUpdate(OutputUpdate(), OutputUpdate())
-        apply_layer(layer, i, spec, dims, lp, upd, mode)
-    record_shapes(model, spec, dims, plan, mode)
+def layer_shape(layer: nn.Module, spec: ArchSpec, dims: Dims, lp: LayerPlan, mode: str) -> dict:
+    """The shapes and bias flags a pruned layer needs to be rebuilt when loading."""
+    _, _, _, o = attention_parts(layer, spec)
+    _, _, down = mlp_parts(layer, spec)
+    if mode == "prune":
+        n_heads, n_kv, d_ff = len(lp.heads), len(lp.kv_heads), len(lp.channels)
+    else:
+        n_heads, n_kv, d_ff = dims.n_heads, dims.n_kv_heads, dims.d_ff
+    return {"num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": d_ff,
+            "o_proj_bias": o.bias is not None, "down_proj_bias": down.bias is not None}
 
 
-def record_shapes(model: nn.Module, spec: ArchSpec, dims: Dims, plan: PrunePlan, mode: str) -> None:
-    """Per-layer shapes and bias flags on the config, so the model can be rebuilt when loading."""
-    layers = decoder_layers(model, spec)
-    shapes = []
-    for layer, lp in zip(layers, plan.layers):
-        _, _, _, o = attention_parts(layer, spec)
-        _, _, down = mlp_parts(layer, spec)
-        n_heads, n_kv, d_ff = (len(lp.heads), len(lp.kv_heads), len(lp.channels)) if mode == "prune" else (
-            dims.n_heads, dims.n_kv_heads, dims.d_ff)
-        shapes.append({"num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": d_ff,
-                       "o_proj_bias": o.bias is not None, "down_proj_bias": down.bias is not None})
+def record_shapes(model: nn.Module, shapes: list[dict], mode: str) -> None:
+    """Per-layer shapes on the config, so the model can be rebuilt when loading."""
     model.config.flap_layers = shapes
     model.config.flap_mode = mode
+
+
+def apply_plan(model: nn.Module, spec: ArchSpec, dims: Dims, plan: PrunePlan,
+               updates: list[LayerUpdate] | None, mode: str) -> None:
+    """Apply the plan to every decoder layer of an in-memory model and record the new shapes."""
+    plan.validate(dims)
+    shapes = []
+    for i, (layer, lp) in enumerate(zip(decoder_layers(model, spec), plan.layers)):
+        upd = updates[i] if updates is not None else LayerUpdate(OutputUpdate(), OutputUpdate())
+        apply_layer(layer, i, spec, dims, lp, upd, mode)
+        shapes.append(layer_shape(layer, spec, dims, lp, mode))
+    record_shapes(model, shapes, mode)

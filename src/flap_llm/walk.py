@@ -80,7 +80,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
         captured.append((hidden, kwargs))
         raise _Captured
 
-    device = model_device(model)
+    device = model.get_input_embeddings().weight.device
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in batches:
@@ -139,28 +139,51 @@ def layer_stats(layer: nn.Module, spec: ArchSpec, inputs: list[LayerInput], keep
     return stats
 
 
+class InMemoryLayers:
+    """Access to the decoder layers of a model held in memory. The offloaded variant (offload.py) has the
+    same interface but reads each layer from disk on `open` and writes it out on `commit`."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.modules = decoder_layers(model, spec)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @contextmanager
+    def open(self, idx: int):
+        yield self.modules[idx]
+
+    def commit(self, idx: int, layer: nn.Module) -> None:
+        """The layer is final (pruned); nothing to do in memory."""
+
+
 def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
          visit: Callable[[int, nn.Module, list[LayerInput]], nn.Module | None],
-         progress: bool = False, desc: str = "layers") -> None:
+         progress: bool = False, desc: str = "layers", layers: InMemoryLayers | None = None) -> None:
     """Drive the layer-by-layer walk: for each layer, `visit` does its work on the layer's inputs
     and returns None once it has already propagated them, or the module to propagate them with."""
     check_window_masks(model, batches[0].shape[1])
     inputs = capture_inputs(model, spec, batches)
-    layers = decoder_layers(model, spec)
+    layers = layers if layers is not None else InMemoryLayers(model, spec)
     for idx in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
-        runner = visit(idx, layers[idx], inputs)
-        if runner is not None:
-            forward_all(runner, inputs, keep=True)
+        with layers.open(idx) as layer:
+            runner = visit(idx, layer, inputs)
+            if runner is not None:
+                forward_all(runner, inputs, keep=True)
 
 
 def collect_statistics(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
-                       progress: bool = False) -> list[LayerStats]:
-    """Statistics of every layer on the dense model, one forward pass over the calibration data."""
+                       progress: bool = False, layers: InMemoryLayers | None = None,
+                       on_layer: Callable[[int, nn.Module, LayerStats], None] | None = None) -> list[LayerStats]:
+    """Statistics of every layer on the dense model, one forward pass over the calibration data;
+    `on_layer` sees each layer with its statistics while the layer is loaded."""
     out: list[LayerStats] = []
 
     def visit(idx, layer, inputs):
         out.append(layer_stats(layer, spec, inputs, keep=True, layer_idx=idx))
+        if on_layer is not None:
+            on_layer(idx, layer, out[-1])
         return None
 
-    walk(model, spec, batches, visit, progress, desc="calibration")
+    walk(model, spec, batches, visit, progress, desc="calibration", layers=layers)
     return out

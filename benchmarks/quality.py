@@ -1,0 +1,95 @@
+"""The quality table: dense, FLAP, wanda-sp and mag-sp at several ratios, the metric x structure ablation,
+and bias vs least-squares compensation: perplexity on held-out Wikipedia windows and zero-shot accuracy.
+
+Each finished row is appended to a JSONL file, so the run can be stopped and resumed; `--render` writes
+the markdown tables from it. Example (the command recorded in BENCHMARKS.md):
+
+  .venv/bin/python benchmarks/quality.py --model smollm2 --nsamples 256 --zs-limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flap_llm  # noqa: E402
+from common import append_jsonl, load, read_jsonl  # noqa: E402
+from flap_llm.data import calibration_windows  # noqa: E402
+from flap_llm.evaluate import perplexity  # noqa: E402
+from flap_llm.report import versions  # noqa: E402
+from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+
+
+def rows_to_run(include_lsq: bool) -> list[dict]:
+    rows = [dict(name="dense", ratio=0.0)]
+    for ratio in (0.2, 0.3, 0.5):
+        rows += [dict(name="flap", ratio=ratio), dict(name="wanda-sp", ratio=ratio, method="wanda-sp"),
+                 dict(name="mag-sp", ratio=ratio, method="mag-sp")]
+    for metric in ("IFV", "WIFV", "WIFN"):
+        for structure in ("UL-UM", "AL-AM"):
+            if (metric, structure) != ("WIFV", "AL-AM"):  # that one is the FLAP 50% row
+                rows.append(dict(name=f"ablation {metric} {structure}", ratio=0.5, metric=metric, structure=structure))
+    if include_lsq:
+        rows += [dict(name="flap lsq", ratio=r, compensation="lsq") for r in (0.2, 0.5)]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    ap.add_argument("--nsamples", type=int, default=256)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-limit", type=int, default=None, help="perplexity windows (default all held-out)")
+    ap.add_argument("--zs-limit", type=int, default=100, help="zero-shot examples per task (0 = skip)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-lsq", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run")
+    ap.add_argument("--results", default="benchmarks/results/quality.jsonl")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = Path(args.results)
+    done = {(r["model"], r["name"], r["ratio"]) for r in read_jsonl(results)}
+    model, tok, path = load(args.model)
+    calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed)
+    stats = None
+    only = set(args.only.split(",")) if args.only else None
+    for row in rows_to_run(not args.no_lsq):
+        if (args.model, row["name"], row["ratio"]) in done or (only and row["name"] not in only):
+            continue
+        t0 = time.perf_counter()
+        cfg = {k: v for k, v in row.items() if k != "name"}
+        m = copy.deepcopy(model)
+        report = None
+        if row["name"] != "dense":
+            reuse = stats if cfg.get("method", "flap") == "flap" else None
+            result = flap_llm.prune(m, calib, flap_llm.PruneConfig(**cfg), batch_size=args.batch_size,
+                                    statistics=reuse)
+            if result.stats is not None and stats is None:
+                stats = result.stats
+            report = result.report
+        prune_s = time.perf_counter() - t0
+        ppl = perplexity(m, tok, "builtin:wiki", 128, args.batch_size, args.eval_limit)
+        zs = evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size) if args.zs_limit else None
+        out = {"model": args.model, "name": row["name"], "ratio": row["ratio"], "config": cfg,
+               "removed_decoder": report["params"]["decoder_removed_fraction"] if report else 0.0,
+               "removed_model": report["params"]["model_removed_fraction"] if report else 0.0,
+               "ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "zeroshot": zs, "prune_s": prune_s,
+               "prune_timings": report["timings_s"] if report else None,
+               "total_s": time.perf_counter() - t0, "nsamples": args.nsamples, "seqlen": args.seqlen,
+               "seed": args.seed, "zs_limit": args.zs_limit, "versions": versions(),
+               "command": " ".join(["python", *sys.argv])}
+        append_jsonl(results, out)
+        print(f"{args.model} {row['name']} {row['ratio']}: ppl {ppl['ppl']:.2f}"
+              + (f", zero-shot avg {100 * zs['average']:.2f}" if zs else "") + f" ({out['total_s']:.0f}s)", flush=True)
+        del m
+
+
+if __name__ == "__main__":
+    main()
