@@ -174,28 +174,34 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, resul
     export = _uniform_export(model) if format == "hf-uniform" else model
     with atomic_folder(path) as tmp:
         export.save_pretrained(tmp, safe_serialization=True)
-        if format == "flap":
-            _write_flap_config(tmp / "config.json", model, spec)
-            shutil.copyfile(modeling_flap.__file__, tmp / "modeling_flap.py")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest = {
-            "format": format,
-            "format_version": FORMAT_VERSION,
-            "architecture": architecture_of(model),
-            "base_model": base,
-            "parameters": model_params(export),
-            "layers": getattr(model.config, "flap_layers", None),
-            "versions": versions(),
-        }
-        if result is not None:
-            manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
-                            report={k: v for k, v in result.report.items() if k != "versions"})
-        manifest.update(extra or {})
-        write_json(tmp / MANIFEST, manifest)
-        if before_commit is not None:
-            before_commit(tmp)
+        finish_checkpoint(tmp, model, format, tokenizer, result, extra, before_commit, base, model_params(export))
     return path
+
+
+def finish_checkpoint(folder: Path, model: nn.Module, format: str, tokenizer, result, extra: dict | None,
+                      before_commit: Callable[[Path], None] | None, base: dict, parameters: int) -> None:
+    """Everything beside the weights: flap config and modeling file, tokenizer, manifest, extra files."""
+    if format == "flap":
+        _write_flap_config(folder / "config.json", model, spec_of(model))
+        shutil.copyfile(modeling_flap.__file__, folder / "modeling_flap.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {
+        "format": format,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture_of(model),
+        "base_model": base,
+        "parameters": parameters,
+        "layers": getattr(model.config, "flap_layers", None),
+        "versions": versions(),
+    }
+    if result is not None:
+        manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
+                        report={k: v for k, v in result.report.items() if k != "versions"})
+    manifest.update(extra or {})
+    write_json(folder / MANIFEST, manifest)
+    if before_commit is not None:
+        before_commit(folder)
 
 
 def _write_flap_config(config_path: Path, model: nn.Module, spec) -> None:

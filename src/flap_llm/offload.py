@@ -1,0 +1,169 @@
+"""Pruning models larger than memory: layer streaming.
+
+Weights are read layer by layer from the safetensors files (memory-mapped), moved to the compute device,
+processed and released; the pruned layers are written out layer by layer as checkpoint shards. Peak memory
+is about one decoder layer + the calibration activations + the embeddings, not the model. On CUDA only one
+layer is on the GPU at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import ArchSpec, decoder_layers, model_params, spec_of
+from .checkpoint import atomic_folder, base_model_info, check_destination, finish_checkpoint
+from .config import PruneConfig
+from .engine import PruneResult, prune
+from .errors import FlapError
+
+
+class WeightStore:
+    """Tensors of a safetensors checkpoint by name, read on demand (one file handle at a time)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.files = {k: folder / "model.safetensors" for k in f.keys()}
+        else:
+            raise FlapError(f"{folder} has no safetensors weights; --offload streams safetensors checkpoints "
+                            "(convert the model with save_pretrained first)")
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def load(self, names: list[str], device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        return out
+
+
+class ShardWriter:
+    """Writes a checkpoint as numbered safetensors shards plus the index, one group of tensors at a time."""
+
+    def __init__(self, folder: Path, n_shards: int):
+        self.folder, self.n_shards, self.count = folder, n_shards, 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        if self.count > self.n_shards:
+            raise RuntimeError("more shards written than announced")
+        name = f"model-{self.count:05d}-of-{self.n_shards:05d}.safetensors"
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(self.folder / name), metadata={"format": "pt"})
+        for k, v in cpu.items():
+            self.weight_map[k] = name
+            self.total_size += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        if self.count != self.n_shards:
+            raise RuntimeError(f"wrote {self.count} of {self.n_shards} shards")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class OffloadedLayers:
+    """The layer provider of the engine for streamed models: `open` reads one layer's weights onto the
+    device and releases them afterwards; `commit` writes the pruned layer to the output shards."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, store: WeightStore, device, dtype, writer: ShardWriter):
+        self.modules = decoder_layers(model, spec)
+        self.prefix = spec.layers
+        self.store, self.device, self.dtype, self.writer = store, device, dtype, writer
+        self.peak_layer_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def _names(self, idx: int) -> list[str]:
+        p = f"{self.prefix}.{idx}."
+        return [n for n in self.store.names() if n.startswith(p)]
+
+    @contextmanager
+    def open(self, idx: int):
+        layer = self.modules[idx]
+        p = f"{self.prefix}.{idx}."
+        state = {k[len(p):]: v for k, v in self.store.load(self._names(idx), self.device, self.dtype).items()}
+        layer.load_state_dict(state, strict=True, assign=True)
+        self.peak_layer_bytes = max(self.peak_layer_bytes, sum(t.numel() * t.element_size() for t in state.values()))
+        del state
+        try:
+            yield layer
+        finally:
+            layer.to("meta")  # frees the weights; the module keeps its (possibly pruned) shapes
+
+    def commit(self, idx: int, layer: nn.Module) -> None:
+        p = f"{self.prefix}.{idx}."
+        self.writer.write({p + k: v for k, v in layer.state_dict().items()})
+
+
+def _skeleton(source: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module, WeightStore, torch.dtype]:
+    """The model with every decoder layer on the meta device, embeddings and rotary tables on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    store = WeightStore(source)
+    config = AutoConfig.from_pretrained(source)
+    embed_name = next((n for n in store.names() if n.endswith("embed_tokens.weight")), None)
+    if embed_name is None:
+        raise FlapError(f"{source} has no embed_tokens weights; is it a supported causal LM?")
+    embed = store.load([embed_name], device, dtype)[embed_name]
+    dtype = dtype or embed.dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec_of(model)  # fails clearly for unsupported architectures
+    model.get_input_embeddings().load_state_dict({"weight": embed}, assign=True)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        with torch.device(device):
+            base.rotary_emb = type(rotary)(config=model.config)
+    model.config.flap_source = str(source)
+    return model, store, dtype
+
+
+def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig, out: str | os.PathLike, *,
+                    tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 8,
+                    progress: bool = False, overwrite: bool = False, extra: dict | None = None,
+                    before_commit=None) -> PruneResult:
+    """Prune the safetensors checkpoint at `source` into a flap checkpoint at `out`, one layer in memory
+    at a time. The source is only read; `out` appears only once it is complete."""
+    source, out = Path(source), Path(out)
+    if not (source / "config.json").is_file():
+        raise FlapError(f"{source} is not a model folder with config.json; --offload needs a local safetensors checkpoint")
+    check_destination(out, overwrite, [source])
+    model, store, dtype = _skeleton(source, dtype, device)
+    spec = spec_of(model)
+    layer_prefix = spec.layers + "."
+    others = [n for n in store.names() if not n.startswith(layer_prefix)]
+    with atomic_folder(out) as tmp:
+        writer = ShardWriter(tmp, model.config.num_hidden_layers + len(others))
+        layers = OffloadedLayers(model, spec, store, device, dtype, writer)
+        result = prune(model, calibration, config, batch_size=batch_size, progress=progress, layers=layers)
+        for name in others:  # embeddings, final norm, lm_head: copied through one at a time
+            writer.write(store.load([name], "cpu", dtype))
+        writer.finish()
+        model.config.save_pretrained(tmp)
+        result.report["offload"] = {"peak_layer_bytes": layers.peak_layer_bytes, "device": str(device)}
+        finish_checkpoint(tmp, model, "flap", tokenizer, result, extra, before_commit, base_model_info(model),
+                          model_params(model))
+    return result

@@ -1,0 +1,51 @@
+"""Layer streaming (--offload): the same pruned model as in memory, written layer by layer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import flap_llm
+from flap_llm import FlapError
+from flap_llm.offload import prune_offloaded
+from conftest import calibration, tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "qwen3"])
+@pytest.mark.parametrize("cfg", [dict(ratio=0.5), dict(ratio=0.5, compensation="lsq"),
+                                 dict(ratio=0.5, method="wanda-sp"), dict(ratio=0.4, method="mag-sp"),
+                                 dict(ratio=0.9)])
+def test_offloaded_equals_in_memory(tmp_path, arch, cfg):
+    src = tmp_path / "src"
+    tiny_model(arch, layers=3).save_pretrained(src, max_shard_size="20KB")  # several source shards
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    ids = calibration()
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    ref_result = flap_llm.prune(ref, ids, flap_llm.PruneConfig(**cfg), batch_size=4)
+    result = prune_offloaded(src, ids, flap_llm.PruneConfig(**cfg), tmp_path / "out", batch_size=4)
+    assert result.plan == ref_result.plan
+    assert result.report["params"] == ref_result.report["params"]
+    loaded = flap_llm.load_pruned(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is only read
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 4  # written layer by layer
+    # a layer in memory at a time: the largest loaded state is one decoder layer
+    layer_bytes = sum(p.numel() * 4 for p in tiny_model(arch).model.layers[0].parameters())
+    assert result.report["offload"]["peak_layer_bytes"] == layer_bytes
+
+
+def test_offload_refuses_bad_sources(tmp_path):
+    with pytest.raises(FlapError, match="config.json"):
+        prune_offloaded(tmp_path, calibration(), flap_llm.PruneConfig(), tmp_path / "o")
+    src = tmp_path / "src"
+    tiny_model().save_pretrained(src)
+    with pytest.raises(FlapError, match="source model"):
+        prune_offloaded(src, calibration(), flap_llm.PruneConfig(), src, overwrite=True)
+    with pytest.raises(FlapError, match="vocabulary"):
+        prune_offloaded(src, torch.full((2, 8), 10_000), flap_llm.PruneConfig(), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
