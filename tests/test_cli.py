@@ -151,3 +151,21 @@ def test_out_not_empty_needs_overwrite(tmp_path, model_dir, text_file, capsys):
 def test_debug_shows_traceback(tmp_path, model_dir):
     with pytest.raises(Exception, match="ratio must be in"):
         main(["prune", "--debug", "--model", str(model_dir), "--ratio", "2", "--out", str(tmp_path / "o")])
+
+
+def test_prune_offload(tmp_path, model_dir, text_file, capsys):
+    args = ("--model", model_dir, "--calib", text_file, "--nsamples", 8, "--seqlen", 16, "--ratio", 0.4,
+            "--device", "cpu")
+    assert run_cli(*args, "--no-eval", "--out", tmp_path / "mem") == 0
+    assert main(["prune", *map(str, args), "--offload", "--out", str(tmp_path / "off")]) == 0
+    assert "no evaluation runs" in capsys.readouterr().out
+    mem = json.loads((tmp_path / "mem" / "flap_manifest.json").read_text())
+    off = json.loads((tmp_path / "off" / "flap_manifest.json").read_text())
+    assert off["plan"] == mem["plan"] and off["parameters"] == mem["parameters"]
+    assert (tmp_path / "off" / "plan.png").is_file() and (tmp_path / "off" / "tokenizer.json").is_file()
+    import flap_llm
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        a = flap_llm.load_pruned(tmp_path / "mem")(ids).logits
+        b = flap_llm.load_pruned(tmp_path / "off")(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     p.add_argument("--out", default="./flap-out", help="output folder (default ./flap-out)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--offload", action="store_true",
+                   help="stream the model layer by layer from its safetensors files (models larger than memory)")
     p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
                    help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
     _common(p)
@@ -105,14 +107,11 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
 
 
 def _prune(args) -> int:
-    from . import prune, save_pruned
-    from .checkpoint import check_destination, write_json
+    from . import distributed, prune, save_pruned
+    from .checkpoint import check_destination
     from .data import calibration_windows
-    from .evaluate import perplexity
-    from .models import load_model, pick_device
-    from .report import versions
+    from .models import load_model, load_tokenizer, pick_device, resolve_model
 
-    from . import distributed
     config, out = _validate_prune_args(args)
     tasks = _tasks(args)
     device = pick_device(args.device)
@@ -121,48 +120,84 @@ def _prune(args) -> int:
     lead = distributed.rank() == 0  # only rank 0 evaluates and writes
     if not lead:
         args.quiet, args.no_eval, tasks = True, True, None
+    if args.offload:
+        if args.export != "flap" or distributed.active():
+            raise FlapError("--offload writes format flap in a single process; drop --export/torchrun")
+        if not args.no_eval or tasks:
+            _say(args, "--offload: the model is never whole in memory, so no evaluation runs; evaluate the "
+                       "result with `flap-llm eval` if it fits")
+        args.no_eval, tasks = True, None
     progress = not args.quiet
     t0 = time.perf_counter()
-    model, tokenizer, path = load_model(args.model, args.dtype, device, progress)
-    check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
-    if getattr(model.config, "flap_layers", None):
-        raise FlapError(f"{path} is already pruned; prune the original dense model instead")
+    if args.offload:
+        path, pruned = resolve_model(args.model, progress)
+        if pruned or not Path(path).is_dir():
+            raise FlapError(f"--offload needs a dense local model folder (or .gguf file); got {path}")
+        check_destination(out, args.overwrite, [path])
+        tokenizer, model = load_tokenizer(path), None
+    else:
+        model, tokenizer, path = load_model(args.model, args.dtype, device, progress)
+        check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
+        if getattr(model.config, "flap_layers", None):
+            raise FlapError(f"{path} is already pruned; prune the original dense model instead")
     load_s = time.perf_counter() - t0
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
         if config.needs_data else None
     ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
     zs_before = _zeroshot(args, model, tokenizer, tasks)
     _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")
-    result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
-    ppl_after = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
-    zs_after = _zeroshot(args, model, tokenizer, tasks)
     calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    evaluation = None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen, "limit": args.eval_limit,
-                                            "ppl_before": ppl_before, "ppl_after": ppl_after}
-    summary = {
-        "model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
-        "perplexity": evaluation, "zeroshot": None if tasks is None else {"before": zs_before, "after": zs_after},
-        "timings_s": {"load": load_s, **result.report["timings_s"]},
-    }
-    report = {**result.report, **summary, "plan": result.plan.to_dict(), "versions": versions()}
-    extra = {"seed": args.seed, "calibration": calib_spec,
-             "metrics": {"perplexity": evaluation, "zeroshot": summary["zeroshot"]}}
+    extra = {"seed": args.seed, "calibration": calib_spec}
+    context = {"model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
+               "load_s": load_s, "title": f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}"}
+    if args.offload:
+        from .models import parse_dtype
+        from .offload import prune_offloaded
+        reports: dict = {}
 
-    def write_reports(folder: Path) -> None:
-        write_json(folder / "report.json", report)
-        (folder / "report.md").write_text(render_markdown(report))
-        from .plot import plot_plan
-        dims = model.config
-        plot_plan(result.plan.kept_counts(), dims.num_attention_heads, dims.intermediate_size,
-                  folder / "plan.png", f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}")
+        def before_commit(folder: Path, result) -> None:
+            reports["report"] = _report(context, result, None, None)
+            _write_reports(folder, reports["report"], result)
 
-    if not lead:
-        return 0
-    save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
-                extra=extra, before_commit=write_reports)
+        prune_offloaded(path, calib, config, out, tokenizer=tokenizer, device=device, dtype=parse_dtype(args.dtype),
+                        batch_size=args.batch_size, progress=progress, overwrite=args.overwrite, extra=extra,
+                        before_commit=before_commit)
+        report = reports["report"]
+    else:
+        result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
+        ppl_after = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
+        zs_after = _zeroshot(args, model, tokenizer, tasks)
+        evaluation = None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen,
+                                                "limit": args.eval_limit, "ppl_before": ppl_before,
+                                                "ppl_after": ppl_after}
+        zeroshot = None if tasks is None else {"before": zs_before, "after": zs_after}
+        report = _report(context, result, evaluation, zeroshot)
+        extra["metrics"] = {"perplexity": evaluation, "zeroshot": zeroshot}
+        if not lead:
+            return 0
+        save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
+                    extra=extra, before_commit=lambda folder: _write_reports(folder, report, result))
     _say(args, summary_table(report))
     _say(args, f"saved the pruned model and reports to {out}")
     return 0
+
+
+def _report(context: dict, result, evaluation: dict | None, zeroshot: dict | None) -> dict:
+    from .report import versions
+    summary = {k: v for k, v in context.items() if k not in ("load_s", "title")}
+    summary.update(perplexity=evaluation, zeroshot=zeroshot, title=context["title"],
+                   timings_s={"load": context["load_s"], **result.report["timings_s"]})
+    return {**result.report, **summary, "plan": result.plan.to_dict(), "versions": versions()}
+
+
+def _write_reports(folder: Path, report: dict, result) -> None:
+    from .checkpoint import write_json
+    from .plot import plot_plan
+    write_json(folder / "report.json", report)
+    (folder / "report.md").write_text(render_markdown(report))
+    cfg = report["dense_shape"]
+    plot_plan(result.plan.kept_counts(), cfg["num_attention_heads"], cfg["intermediate_size"], folder / "plan.png",
+              report["title"])
 
 
 def _ppl(args, model, tokenizer, spec: str, progress: bool) -> float:

@@ -105,6 +105,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         "architecture": architecture_of(model),
         "config": config.to_dict(),
         "compensation": config.effective_compensation,
+        "dense_shape": {"num_hidden_layers": dims.n_layers, "num_attention_heads": dims.n_heads,
+                        "num_key_value_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
+                        "hidden_size": dims.hidden, "intermediate_size": dims.d_ff},
         "params": param_report(model, spec, dims, plan, decoder_before, model_before, config.mode),
         "layers": layer_report(plan, dims),
         "calibration": None if batches is None else {

@@ -109,7 +109,7 @@ def resolve_model(name: str | None, progress: bool = True) -> tuple[str, bool]:
 def load_model(name: str | None, dtype: str | torch.dtype | None = None, device: str = "cpu",
                progress: bool = True) -> tuple[nn.Module, object, str]:
     """Load (model, tokenizer, resolved path). Pruned flap-llm checkpoints load through load_pruned."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path, pruned = resolve_model(name, progress)
     torch_dtype = parse_dtype(dtype)
@@ -131,12 +131,16 @@ def load_model(name: str | None, dtype: str | torch.dtype | None = None, device:
         model = model.to(device).eval()
         if Path(path).exists():
             model.config.flap_source = getattr(model.config, "flap_source", None) or str(Path(path).resolve())
+    return model, load_tokenizer(path), path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise FlapError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e}); the model folder must "
                         "hold its tokenizer files") from e
-    return model, tokenizer, path
 
 
 def pick_device(name: str) -> str:

@@ -146,7 +146,8 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
                     progress: bool = False, overwrite: bool = False, extra: dict | None = None,
                     before_commit=None) -> PruneResult:
     """Prune the safetensors checkpoint at `source` into a flap checkpoint at `out`, one layer in memory
-    at a time. The source is only read; `out` appears only once it is complete."""
+    at a time. The source is only read; `out` appears only once it is complete.
+    `before_commit(folder, result)` may add files to the checkpoint before it is committed."""
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
         raise FlapError(f"{source} is not a model folder with config.json; --offload needs a local safetensors checkpoint")
@@ -164,6 +165,7 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
         writer.finish()
         model.config.save_pretrained(tmp)
         result.report["offload"] = {"peak_layer_bytes": layers.peak_layer_bytes, "device": str(device)}
-        finish_checkpoint(tmp, model, "flap", tokenizer, result, extra, before_commit, base_model_info(model),
+        commit = (lambda folder: before_commit(folder, result)) if before_commit is not None else None
+        finish_checkpoint(tmp, model, "flap", tokenizer, result, extra, commit, base_model_info(model),
                           model_params(model))
     return result
