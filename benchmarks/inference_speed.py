@@ -87,7 +87,7 @@ def main() -> None:
     long_ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), generator=g).to(args.device)
     prompts = {b: torch.randint(0, dense.config.vocab_size, (b, 32), generator=g).to(args.device) for b in (1, 8)}
     samples = {name: {"prefill": [], "decode_b1": [], "decode_b8": []} for name in variants}
-    for name, m in variants.items():  # warm-up
+    for m in variants.values():  # warm-up
         prefill_tps(m, long_ids, args.device)
         decode_tps(m, prompts[1], 4, args.device)
     for _ in range(args.repeat):  # interleaved, so machine noise hits every variant alike
@@ -105,7 +105,7 @@ def main() -> None:
             "speedup": {k: med[k] / base[k] for k in med},
             "ideal_speedup_prefill": flops_per_token(dense, args.prefill // 2) / flops_per_token(m, args.prefill // 2),
             "ideal_speedup_decode": flops_per_token(dense, 32 + args.new_tokens // 2) / flops_per_token(m, 32 + args.new_tokens // 2),
-            "kept_channels": [len(getattr(layer.mlp.down_proj, "weight")[0]) for layer in m.model.layers],
+            "kept_channels": [layer.mlp.down_proj.in_features for layer in m.model.layers],
         })
     print(json.dumps({"model": args.model, "device": args.device, "dtype": args.dtype, "rows": rows,
                       "versions": versions(), "command": " ".join(["python", *sys.argv])}, indent=2))

@@ -43,24 +43,25 @@ def make_model(folder: Path, layers: int) -> None:
     shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (h, h), "self_attn.v_proj.weight": (h, h),
               "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
               "mlp.down_proj.weight": (h, f)}
-    groups = [{f"model.layers.{i}.{k}": (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}
-              | {f"model.layers.{i}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                 f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-              for i in range(layers)]
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        out = {f"model.layers.{i}.{k}": (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        return out
+
     n = layers + 1
     weight_map = {}
-    for i in range(n):
+    for i in range(n):  # one shard in memory at a time
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         if i < layers:
-            tensors = groups[i]
+            tensors = layer(i)
         else:
             tensors = {"model.embed_tokens.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).bfloat16(),
                        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
                        "lm_head.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).bfloat16()}
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
-        if i < layers:
-            groups[i] = None  # free as we go
+        del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tmp.rename(folder)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,30 @@ def rows_to_run(include_lsq: bool) -> list[dict]:
     return rows
 
 
+def render(results: Path) -> str:
+    """Markdown tables of every measured row, per model, in the order of the runs."""
+    rows = read_jsonl(results)
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        first = mine[0]
+        zs_tasks = list(TASKS)
+        out.append(f"### {model}\n")
+        out.append(f"Calibration: {first['nsamples']} windows x {first['seqlen']} tokens of builtin:wiki (seed "
+                   f"{first['seed']}); perplexity on {first['ppl_windows']} held-out windows of 128 tokens; zero-shot "
+                   f"acc (%) on the first {first['zs_limit']} examples of each task (`--limit`), lm-eval 0.4.13.\n")
+        head = "| method | ratio | removed (decoder / model) | ppl | " + " | ".join(zs_tasks) + " | avg | time (s) |"
+        out += [head, "|---|---:|---:|---:|" + "---:|" * len(zs_tasks) + "---:|---:|"]
+        for r in mine:
+            zs = r.get("zeroshot") or {}
+            cells = [f"{100 * zs[t]['acc']:.1f}" if t in zs else "–" for t in zs_tasks]
+            avg = f"{100 * zs['average']:.2f}" if zs else "–"
+            out.append(f"| {r['name']} | {r['ratio']:.0%} | {r['removed_decoder']:.1%} / {r['removed_model']:.1%} | "
+                       f"{r['ppl']:.2f} | " + " | ".join(cells) + f" | {avg} | {r['prune_s']:.0f} |")
+        out.append(f"\nCommand: `{first['command']}`  \nVersions: `{json.dumps(first['versions'])}`\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
@@ -52,7 +77,11 @@ def main() -> None:
     ap.add_argument("--no-lsq", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated row names to run")
     ap.add_argument("--results", default="benchmarks/results/quality.jsonl")
+    ap.add_argument("--render", action="store_true", help="print the markdown tables of the results and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render(Path(args.results)))
+        return
     torch.manual_seed(0)
     results = Path(args.results)
     done = {(r["model"], r["name"], r["ratio"]) for r in read_jsonl(results)}

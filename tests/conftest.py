@@ -37,7 +37,7 @@ def tiny_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 2, dtype=to
         raise ValueError(arch)
     # Random init is tiny (std 0.02); widen it so activations fluctuate like a trained model's.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
     return model.to(dtype).eval()

@@ -81,7 +81,7 @@ def test_wanda_sp_is_sequential():
     plan = flap_llm.prune(copy.deepcopy(model), ids, flap_llm.PruneConfig(ratio=0.5, method="wanda-sp")).plan
     from flap_llm import metrics
     from flap_llm.select import drop_lowest
-    spec, dims = spec_of(model), dims_of(model)
+    spec = spec_of(model)
     stats = collect_statistics(model, spec, as_batches(ids, 4, VOCAB))
     dense_ch = [drop_lowest(metrics.wanda_sp(s.mlp, layer.mlp.down_proj.weight), 48).tolist()
                 for s, layer in zip(stats, model.model.layers)]

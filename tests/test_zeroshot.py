@@ -73,7 +73,6 @@ def _module(path: Path):
 
 def test_prompts_match_lm_eval_standard_tasks():
     """Our rows equal what lm-eval's own task code builds from the same documents."""
-    import datasets
     from flap_llm.zeroshot import _arrow
 
     raw = _arrow("hellaswag", "none", "validation").select(range(50))

@@ -167,7 +167,6 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, resul
     """
     if format not in FORMATS:
         raise FlapError(f"unknown checkpoint format {format!r}; choose one of: {', '.join(FORMATS)}")
-    spec = spec_of(model)
     path = Path(path)
     base = base_model_info(model)
     check_destination(path, overwrite, [base["name_or_path"]])
@@ -225,7 +224,7 @@ def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FlapError(f"{mpath} is corrupted ({e}); re-save the checkpoint")
+        raise FlapError(f"{mpath} is corrupted ({e}); re-save the checkpoint") from e
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FlapError(f"{path} has checkpoint format version {manifest.get('format_version')!r}; this flap-llm "
                         f"reads version {FORMAT_VERSION}: use the flap-llm version that wrote it")

@@ -75,8 +75,8 @@ def _books(split: str) -> list[str]:
 def _hub(name: str, split: str) -> list[str]:
     try:
         import datasets
-    except ImportError:
-        raise FlapError(f"{name} needs the datasets package and a reachable hub: pip install datasets")
+    except ImportError as e:
+        raise FlapError(f"{name} needs the datasets package and a reachable hub: pip install datasets") from e
     try:
         if name == "hf:wikitext2":
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
@@ -101,13 +101,13 @@ def _file(path: Path) -> list[str]:
                     continue
                 try:
                     texts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise FlapError(f"{path}:{n} is not a JSON object with a \"text\" field")
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise FlapError(f"{path}:{n} is not a JSON object with a \"text\" field") from e
         return texts
     try:
         return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise FlapError(f"{path} is not UTF-8 text")
+    except UnicodeDecodeError as e:
+        raise FlapError(f"{path} is not UTF-8 text") from e
 
 
 def load_texts(spec: str, split: str = "calib") -> list[str]:

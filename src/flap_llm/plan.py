@@ -35,7 +35,7 @@ class PrunePlan:
                 for d in data["layers"]
             ))
         except (KeyError, TypeError, ValueError) as e:
-            raise FlapError(f"not a valid plan (expected {{'layers': [{{'heads', 'kv_heads', 'channels'}}]}}): {e}")
+            raise FlapError(f"not a valid plan (expected {{'layers': [{{'heads', 'kv_heads', 'channels'}}]}}): {e}") from e
 
     @classmethod
     def from_groups(cls, kept_groups: list[torch.Tensor], kept_channels: list[torch.Tensor], dims: Dims) -> "PrunePlan":

@@ -32,8 +32,8 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: i
     else:
         try:
             chunks = list(calibration)
-        except TypeError:
-            raise FlapError("calibration must be a LongTensor [N, L] of token ids or an iterable of [B, L] batches")
+        except TypeError as e:
+            raise FlapError("calibration must be a LongTensor [N, L] of token ids or an iterable of [B, L] batches") from e
     if not chunks:
         raise FlapError("calibration is empty; give at least one window of token ids")
     lengths = set()
