@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 R=benchmarks/results
 mkdir -p $R
+$PY benchmarks/sanity_austen.py --jane /tmp/jane > $R/sanity_austen.json
 $PY benchmarks/offload_7b.py --workdir /tmp/flap-7b > $R/offload_7b.json
 $PY benchmarks/prune_speed.py --repeat 3 > $R/prune_speed.json
 $PY benchmarks/inference_speed.py --align 64 --repeat 3 > $R/inference_speed.json
