@@ -168,3 +168,26 @@ def test_prune_offload(tmp_path, model_dir, text_file, capsys):
         a = flap_llm.load_pruned(tmp_path / "mem")(ids).logits
         b = flap_llm.load_pruned(tmp_path / "off")(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_windows_bos_and_paper_convention():
+    from flap_llm.evaluate import eval_windows
+    ids = torch.arange(10, 30)
+    plain = eval_windows(ids, 8, None)
+    assert plain.tolist() == [list(range(10, 18)), list(range(18, 26))]  # non-overlapping, tail dropped
+    with_bos = eval_windows(ids, 8, 1)
+    assert with_bos[:, 0].tolist() == [1, 1] and with_bos[0, 1:].tolist() == list(range(10, 17))
+    assert eval_windows(ids, 8, None, limit=1).shape == (1, 8)
+
+
+def test_perplexity_is_exp_mean_nll():
+    from flap_llm.evaluate import perplexity_of_windows
+    from conftest import tiny_model
+    model = tiny_model("llama-mha")
+    windows = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).mean()
+    res = perplexity_of_windows(model, windows, batch_size=2)
+    assert res["tokens"] == 5 * 11
+    assert res["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)

@@ -18,11 +18,15 @@ def smollm2():
     return load_model(None, progress=False)
 
 
-def test_default_cli_job_small(tmp_path, capsys):
-    """`flap-llm prune` on the embedded defaults, with fewer calibration windows and eval windows."""
+def test_default_cli_job_small(tmp_path, monkeypatch):
+    """`flap-llm prune` on the embedded defaults, with fewer calibration windows and eval windows,
+    converting the GGUF into a fresh cache named by FLAP_LLM_CACHE."""
+    monkeypatch.setenv("FLAP_LLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     rc = main(["prune", "--quiet", "--nsamples", "64", "--eval-limit", "48", "--batch-size", "16", "--out", str(out)])
     assert rc == 0
+    converted = list((tmp_path / "cache").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    assert len(converted) == 1 and converted[0].stat().st_size > 500e6  # fp32 safetensors, ~538 MB
     report = json.loads((out / "report.json").read_text())
     ppl = report["perplexity"]
     # dense SmolLM2 (4-bit GGUF) on held-out Wikipedia windows of 128 tokens

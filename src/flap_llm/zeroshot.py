@@ -96,15 +96,9 @@ ACC_ONLY = ("boolq", "winogrande")
 
 
 def _yaml(task: str, data_file: Path) -> str:
-    if task == "winogrande":
-        prompt = 'doc_to_text: "{{gold}}"\ndoc_to_target: "{{continuation}}"\ndoc_to_choice: "{{contexts}}"\n'
-    else:
-        prompt = 'doc_to_text: "{{query}}"\ndoc_to_target: "{{gold}}"\ndoc_to_choice: "{{choices}}"\n'
-    metrics = "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    if task not in ACC_ONLY:
-        metrics += "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-    return (f"task: {PREFIX}{task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
-            f"output_type: multiple_choice\ntest_split: test\n{prompt}metric_list:\n{metrics}metadata:\n  version: 1.0\n")
+    """The shipped task YAML (flap_llm/tasks/<task>.yaml.in) pointed at the converted data."""
+    template = (Path(__file__).parent / "tasks" / f"{task}.yaml.in").read_text()
+    return template.replace("{data_file}", str(data_file))
 
 
 def prepare_tasks(folder: Path | None = None) -> Path:
