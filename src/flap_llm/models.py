@@ -125,7 +125,9 @@ def load_model(name: str | None, dtype: str | torch.dtype | None = None, device:
         if not any(a.endswith("ForCausalLM") for a in archs):
             raise FlapError(f"{path} is not a causal language model (architectures: {archs or 'none'})")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32)
+            # "auto" keeps the checkpoint's own dtype; the default is float32
+            load_dtype = torch_dtype if torch_dtype is not None else ("auto" if dtype == "auto" else torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
         except Exception as e:
             raise FlapError(f"could not load the model at {path} ({type(e).__name__}: {e})") from e
         model = model.to(device).eval()
