@@ -293,3 +293,18 @@ def test_reusing_statistics_gives_the_same_result():
     torch.testing.assert_close(logits(fresh, ids), logits(reused, ids))
     with pytest.raises(flap_llm.FlapError, match="statistics do not match"):
         flap_llm.prune(tiny_model("qwen2", layers=3), ids, flap_llm.PruneConfig(), statistics=first.stats)
+
+
+def test_statistics_merge_like_one_pass():
+    """Statistics of two halves of the windows, merged, equal those of one pass over all windows."""
+    model = tiny_model("llama-gqa")
+    spec = spec_of(model)
+    ids = calibration(n=9)
+    whole = collect_statistics(model, spec, as_batches(ids, 4, VOCAB))
+    first = collect_statistics(model, spec, as_batches(ids[:5], 2, VOCAB))
+    second = collect_statistics(model, spec, as_batches(ids[5:], 3, VOCAB))
+    for a, b, w in zip(first, second, whole):
+        a.merge(b)
+        assert a.attn.n == w.attn.n and a.mlp.n == w.mlp.n
+        torch.testing.assert_close(a.mlp.var, w.mlp.var, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a.attn.mean, w.attn.mean, rtol=1e-9, atol=1e-12)

@@ -47,12 +47,6 @@ class PrunePlan:
             layers.append(LayerPlan(tuple(heads), tuple(kv), tuple(sorted(int(c) for c in channels))))
         return cls(tuple(layers))
 
-    @classmethod
-    def dense(cls, dims: Dims) -> "PrunePlan":
-        return cls.from_groups(
-            [torch.arange(dims.n_kv_heads)] * dims.n_layers, [torch.arange(dims.d_ff)] * dims.n_layers, dims
-        )
-
     def validate(self, dims: Dims) -> None:
         """Check the plan fits the model and keeps whole KV groups."""
         if len(self.layers) != dims.n_layers:

@@ -40,9 +40,6 @@ class ChannelStats:
         self.sum += other.sum.to(self.sum.device)
         self.sumsq += other.sumsq.to(self.sumsq.device)
 
-    def to(self, device: torch.device | str) -> "ChannelStats":
-        return ChannelStats(self.dim, self.n, self.sum.to(device), self.sumsq.to(device))
-
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n, 1)

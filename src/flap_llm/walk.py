@@ -55,10 +55,6 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: i
     return list(ids.split(batch_size))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def check_window_masks(model: nn.Module, seqlen: int) -> None:
     """Layer inputs are captured once for all layers; that is exact unless layers use different masks."""
     c = model.config
