@@ -53,7 +53,7 @@ def render(results: Path) -> str:
         out.append(f"Calibration: {first['nsamples']} windows x {first['seqlen']} tokens of builtin:wiki (seed "
                    f"{first['seed']}); perplexity on {first['ppl_windows']} held-out windows of 128 tokens; zero-shot "
                    f"acc (%) on the first {first['zs_limit']} examples of each task (`--limit`), lm-eval 0.4.13.\n")
-        head = "| method | ratio | removed (decoder / model) | ppl | " + " | ".join(zs_tasks) + " | avg | time (s) |"
+        head = "| method | ratio | removed (decoder / model) | ppl | " + " | ".join(zs_tasks) + " | avg | prune (s) |"
         out += [head, "|---|---:|---:|---:|" + "---:|" * len(zs_tasks) + "---:|---:|"]
         for r in mine:
             zs = r.get("zeroshot") or {}
@@ -61,6 +61,8 @@ def render(results: Path) -> str:
             avg = f"{100 * zs['average']:.2f}" if zs else "–"
             out.append(f"| {r['name']} | {r['ratio']:.0%} | {r['removed_decoder']:.1%} / {r['removed_model']:.1%} | "
                        f"{r['ppl']:.2f} | " + " | ".join(cells) + f" | {avg} | {r['prune_s']:.0f} |")
+        out.append("\nprune (s): wall time of pruning alone; FLAP rows after the first reuse its dense statistics "
+                   "(`prune(..., statistics=...)`), so they show only planning and slicing.")
         out.append(f"\nCommand: `{first['command']}`  \nVersions: `{json.dumps(first['versions'])}`\n")
     return "\n".join(out)
 
