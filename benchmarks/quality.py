@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-lsq", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated row names to run")
+    ap.add_argument("--ratios", default=None, help="comma-separated ratios to run (dense always qualifies)")
     ap.add_argument("--results", default="benchmarks/results/quality.jsonl")
     ap.add_argument("--render", action="store_true", help="print the markdown tables of the results and exit")
     args = ap.parse_args()
@@ -91,8 +92,11 @@ def main() -> None:
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed)
     stats = None
     only = set(args.only.split(",")) if args.only else None
+    ratios = {float(r) for r in args.ratios.split(",")} if args.ratios else None
     for row in rows_to_run(not args.no_lsq):
         if (args.model, row["name"], row["ratio"]) in done or (only and row["name"] not in only):
+            continue
+        if ratios and row["name"] != "dense" and row["ratio"] not in ratios:
             continue
         t0 = time.perf_counter()
         cfg = {k: v for k, v in row.items() if k != "name"}
