@@ -126,14 +126,17 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str,
         raise FlapError(f"unknown task(s) {', '.join(unknown)}; choose from: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise FlapError("--limit must be at least 1")
+    from .models import cache_dir
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # datasets' own cache of the task data goes into ours (read when datasets is first imported)
+    os.environ.setdefault("HF_DATASETS_CACHE", str(cache_dir() / "hf-datasets"))
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise FlapError("zero-shot evaluation needs lm-evaluation-harness: pip install 'flap-llm[eval]'") from e
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = prepare_tasks()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
