@@ -62,7 +62,11 @@ def render(results: Path) -> str:
             out.append(f"| {r['name']} | {r['ratio']:.0%} | {r['removed_decoder']:.1%} / {r['removed_model']:.1%} | "
                        f"{r['ppl']:.2f} | " + " | ".join(cells) + f" | {avg} | {r['prune_s']:.0f} |")
         out.append("\nprune (s): wall time of pruning alone; FLAP rows after the first reuse its dense statistics "
-                   "(`prune(..., statistics=...)`), so they show only planning and slicing.")
+                   "(`prune(..., statistics=...)`), so they show only planning and slicing. A row whose zero-shot "
+                   "cells read – was measured for perplexity only (`--zs-limit 0`).")
+        commands = dict.fromkeys(r["command"] for r in mine)
+        if len(commands) > 1:
+            out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
         out.append(f"\nCommand: `{first['command']}`  \nVersions: `{json.dumps(first['versions'])}`\n")
     return "\n".join(out)
 
