@@ -65,9 +65,8 @@ def render(results: Path) -> str:
                    "(`prune(..., statistics=...)`), so they show only planning and slicing. A row whose zero-shot "
                    "cells read – was measured for perplexity only (`--zs-limit 0`).")
         commands = dict.fromkeys(r["command"] for r in mine)
-        if len(commands) > 1:
-            out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
-        out.append(f"\nCommand: `{first['command']}`  \nVersions: `{json.dumps(first['versions'])}`\n")
+        out.append("\nCommand" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
+                   + f"  \nVersions: `{json.dumps(first['versions'])}`\n")
     return "\n".join(out)
 
 
