@@ -41,8 +41,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, bos: int | None, limit: int | N
 
 
 @torch.no_grad()
-def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False,
-                          skip_first: bool = False) -> dict:
+def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                          progress: bool = False) -> dict:
     """Mean NLL over every predicted token of every window (the BOS is never a target)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
