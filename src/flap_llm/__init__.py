@@ -5,7 +5,8 @@ from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .engine import PruneResult, prune
 from .checkpoint import load_pruned, save_pruned
+from .export import save_gguf
 
 __version__ = "0.1.0"
 
-__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "load_pruned", "prune", "save_pruned", "__version__"]
+__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]

@@ -26,13 +26,21 @@ class ArchSpec:
     down: str = "down_proj"
     qkv_bias: bool = False  # q/k/v carry biases that must be sliced with their rows
     qk_norm: bool = False  # per-head RMSNorm on q and k (weights of size head_dim, shared by heads)
+    embed: str = "model.embed_tokens"
+    attn_norm: str = "input_layernorm"  # inside a decoder layer
+    mlp_norm: str = "post_attention_layernorm"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # Why llama.cpp's `deci` architecture cannot compute this family exactly (None: it can).
+    gguf_unsupported: str | None = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(),
     "MistralForCausalLM": ArchSpec(),
     "Qwen2ForCausalLM": ArchSpec(qkv_bias=True),
-    "Qwen3ForCausalLM": ArchSpec(qk_norm=True),
+    "Qwen3ForCausalLM": ArchSpec(qk_norm=True, gguf_unsupported="llama.cpp's deci architecture has no per-head "
+                                 "q/k norms (Qwen3)"),
 }
 
 

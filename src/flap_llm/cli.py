@@ -13,6 +13,8 @@ from pathlib import Path
 from .config import COMPENSATIONS, METHODS, METRICS, MODES, STRUCTURES, PruneConfig
 from .errors import FlapError
 
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # flap_llm.export.GGUF_DTYPES, without importing gguf here
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16, auto")
@@ -57,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream the model layer by layer from its safetensors files (models larger than memory)")
     p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
                    help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
+    p.add_argument("--gguf", nargs="?", const="f16", default=None, choices=GGUF_DTYPES, metavar="DTYPE",
+                   help="also write model-DTYPE.gguf for llama.cpp into --out (DTYPE: f32, f16 (default), bf16, q8_0)")
     _common(p)
+
+    x = sub.add_parser("export", help="write a GGUF file for llama.cpp (pruned checkpoint, dense model or .gguf)")
+    x.add_argument("--model", default=None, help="pruned checkpoint, local HF folder, .gguf file (default: builtin:smollm2)")
+    x.add_argument("--out", required=True, help="the GGUF file to write (name ending in .gguf)")
+    x.add_argument("--dtype", default="f16", choices=GGUF_DTYPES, help="weight type: f32, f16 (default), bf16, q8_0")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
 
     e = sub.add_parser("eval", help="perplexity of any model, dense or pruned")
     e.add_argument("--model", default=None, help="local HF folder, pruned checkpoint, .gguf file, or hub id")
@@ -79,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.disable_progress_bar()
         if args.command == "prune":
             return _prune(args)
+        if args.command == "export":
+            return _export(args)
         return _eval(args)
     except FlapError as e:
         if args.debug:
@@ -113,6 +127,9 @@ def _prune(args) -> int:
     from .models import load_model, load_tokenizer, pick_device, resolve_model
 
     config, out = _validate_prune_args(args)
+    if args.gguf and (args.offload or config.mode == "mask"):
+        raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
+                        "export the checkpoint afterwards with `flap-llm export`")
     tasks = _tasks(args)
     device = pick_device(args.device)
     if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
@@ -140,6 +157,9 @@ def _prune(args) -> int:
         check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
         if getattr(model.config, "flap_layers", None):
             raise FlapError(f"{path} is already pruned; prune the original dense model instead")
+        if args.gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
+            from .export.gguf_file import check_exportable
+            check_exportable(model, args.gguf)
     load_s = time.perf_counter() - t0
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
         if config.needs_data else None
@@ -175,10 +195,31 @@ def _prune(args) -> int:
         extra["metrics"] = {"perplexity": evaluation, "zeroshot": zeroshot}
         if not lead:
             return 0
+        def before_commit(folder: Path) -> None:
+            _write_reports(folder, report, result)
+            if args.gguf:
+                from .export import save_gguf
+                save_gguf(model, folder / f"model-{args.gguf}.gguf", tokenizer, args.gguf, progress=progress)
+
         save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
-                    extra=extra, before_commit=lambda folder: _write_reports(folder, report, result))
+                    extra=extra, before_commit=before_commit)
     _say(args, summary_table(report))
     _say(args, f"saved the pruned model and reports to {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import save_gguf
+    from .models import load_model
+    out = Path(args.out).expanduser()
+    if out.suffix != ".gguf" or out.is_dir():
+        raise FlapError(f"--out {out}: give a file name ending in .gguf")
+    if out.exists() and not args.overwrite:
+        raise FlapError(f"{out} exists; choose another name or pass --overwrite")
+    model, tokenizer, path = load_model(args.model, "float32", "cpu", not args.quiet)
+    save_gguf(model, out, tokenizer, args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}) from {path}")
     return 0
 
 

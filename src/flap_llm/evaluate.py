@@ -63,3 +63,27 @@ def perplexity(model: nn.Module, tokenizer, spec: str = "builtin:wiki", seqlen: 
     windows = eval_windows(ids, seqlen, bos_id(tokenizer), limit)
     out = perplexity_of_windows(model, windows, batch_size, progress)
     return {"spec": spec, "seqlen": seqlen, **out}
+
+
+@torch.no_grad()
+def chunked_perplexity(model: nn.Module, ids: torch.Tensor, n_ctx: int, chunks: int, bos: int | None = None,
+                       batch_size: int = 4) -> float:
+    """llama-perplexity's number, computed in transformers: the token stream cut into n_ctx-token chunks,
+    the first token of each replaced by BOS when the vocabulary adds one, and only the second half of each
+    chunk scored (logits at n_ctx/2 .. n_ctx-2 predict tokens n_ctx/2+1 .. n_ctx-1)."""
+    n = min(ids.numel() // n_ctx, chunks)
+    if n < 1:
+        raise FlapError(f"{ids.numel()} tokens make no chunk of {n_ctx}")
+    windows = ids[: n * n_ctx].reshape(n, n_ctx).clone()
+    if bos is not None:
+        windows[:, 0] = bos
+    first = n_ctx // 2
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        logits = model(batch, use_cache=False).logits[:, first:n_ctx - 1].double()
+        targets = batch[:, first + 1:]
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+    return math.exp(nll / count)

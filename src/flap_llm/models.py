@@ -53,9 +53,32 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# 2: the tokenizer keeps the GGUF's pre-tokenizer (SmolLM2 splits digits one by one, as llama.cpp does)
+_CONVERSION_VERSION = 2
+
+
+def _pre_tokenizer_name(gguf: Path) -> str | None:
+    import gguf as gguf_lib
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    return None if field is None else str(field.contents())
+
+
+def _match_gguf_pre_tokenizer(tokenizer, gguf: Path) -> None:
+    """transformers builds a SmolLM GGUF's tokenizer with plain GPT-2 pre-tokenization, dropping the
+    single-digit split that the model (and llama.cpp's `smollm` pre-tokenizer) uses; put it back."""
+    from tokenizers import pre_tokenizers
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or _pre_tokenizer_name(gguf) != "smollm":
+        return
+    if type(backend.pre_tokenizer).__name__ == "ByteLevel":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
 def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once into a safetensors folder in the cache; return that folder."""
-    out = cache_dir() / f"{gguf.stem}-{_file_key(gguf)}"
+    out = cache_dir() / f"{gguf.stem}-{_file_key(gguf)}-v{_CONVERSION_VERSION}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +88,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _match_gguf_pre_tokenizer(tokenizer, gguf)
     except Exception as e:
         raise FlapError(f"could not load the GGUF file {gguf} ({type(e).__name__}: {e}); is it a complete GGUF of a "
                         "supported causal LM? (needs the packages gguf and accelerate)") from e

@@ -1,0 +1,279 @@
+"""GGUF export for llama.cpp: any plan flap-llm produces, with each layer's own widths, as the `deci`
+architecture (per-layer head, KV-head and FFN arrays, optional attn_output / ffn_down biases).
+
+    flap_llm.save_gguf(model, "model.gguf", tokenizer, dtype="f16")
+
+The file computes what the pruned model computes: see layout.py for the layers deci cannot run as they
+are. Anything that cannot be expressed exactly is refused before a byte is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
+from ..errors import FlapError
+from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
+from .layout import DeciLayer, deci_layout
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+ARCH = "deci"
+_Q8_BLOCK = 32
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def rope_interleave(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Reorder q/k rows (or biases) from transformers' rotate-half layout to llama.cpp's interleaved pairs,
+    per head: rows [0..d/2) and [d/2..d) of a head become pairs (0, d/2), (1, d/2+1), ..."""
+    shape = w.shape
+    return w.reshape(n_heads, 2, head_dim // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _rope_parameters(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
+    """Llama 3.1's frequency divisors per rotary pair (what `rope_freqs.weight` holds)."""
+    base, factor = float(params["rope_theta"]), float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_ctx = float(params["original_max_position_embeddings"])
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def check_exportable(model: nn.Module, dtype: str) -> None:
+    """Everything that makes a GGUF inexact is refused here, before anything is written."""
+    if dtype not in GGUF_DTYPES:
+        raise FlapError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
+    spec = spec_of(model)
+    if spec.gguf_unsupported:
+        raise FlapError(f"cannot export {architecture_of(model)} to GGUF: {spec.gguf_unsupported}; use the flap "
+                        "checkpoint (load_pruned / trust_remote_code) instead")
+    config = model.config
+    if getattr(config, "flap_mode", None) == "mask":
+        raise FlapError("this model was pruned with mode 'mask' (zeroed, full shapes); prune with mode 'prune' "
+                        "to export a smaller GGUF")
+    window = getattr(config, "sliding_window", None)
+    uses_window = architecture_of(model) == "MistralForCausalLM" or getattr(config, "use_sliding_window", False)
+    if uses_window and window is not None and window < getattr(config, "max_position_embeddings", 0):
+        raise FlapError(f"this model attends through a sliding window of {window} tokens, which llama.cpp's deci "
+                        "architecture does not apply; use the flap checkpoint (or --export hf-uniform) instead")
+    rope = _rope_parameters(config)
+    if rope["rope_type"] not in ("default", "linear", "llama3"):
+        raise FlapError(f"rope scaling {rope['rope_type']!r} is not supported in GGUF export (default, linear and "
+                        "llama3 are); use the flap checkpoint instead")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise FlapError(f"GGUF export needs a SiLU-gated MLP, this model uses {act!r}")
+
+
+def layer_widths(model: nn.Module, spec: ArchSpec, head_dim: int) -> list[tuple[int, int, int]]:
+    """Per layer (query heads, KV heads, MLP channels), read from the modules themselves."""
+    widths = []
+    for layer in decoder_layers(model, spec):
+        q, k, _, _ = attention_parts(layer, spec)
+        gate, _, _ = mlp_parts(layer, spec)
+        widths.append((q.out_features // head_dim, k.out_features // head_dim, gate.out_features))
+    return widths
+
+
+class _Tensors:
+    """Collects named tensors in GGUF encoding: 1-D in f32; 2-D in the chosen dtype (q8_0 only where the
+    row width is a multiple of its 32-value block, else f16, as llama-quantize does)."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.items: list[tuple[str, np.ndarray, object]] = []
+        self.fallbacks = 0
+
+    def add(self, name: str, w: np.ndarray) -> None:
+        import gguf
+
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim == 1 or self.dtype == "f32":
+            self.items.append((name, w, None))
+        elif self.dtype == "q8_0" and w.shape[-1] % _Q8_BLOCK == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            self.items.append((name, gguf.quants.quantize(w, q), q))
+        elif self.dtype == "bf16":
+            q = gguf.GGMLQuantizationType.BF16
+            self.items.append((name, gguf.quants.quantize(w, q), q))
+        else:
+            self.fallbacks += self.dtype == "q8_0"
+            self.items.append((name, w.astype(np.float16), None))
+
+
+def _layer_tensors(out: _Tensors, i: int, layer: nn.Module, spec: ArchSpec, lay: DeciLayer, head_dim: int,
+                   hidden: int, fold: torch.Tensor | None) -> None:
+    q, k, v, o = attention_parts(layer, spec)
+    gate, up, down = mlp_parts(layer, spec)
+    p = f"blk.{i}."
+    if lay.n_head and not lay.fold_attn_bias:  # deci computes attention here (a real or an all-zero head)
+        out.add(p + "attn_norm.weight", _np(getattr(layer, spec.attn_norm).weight))
+        if lay.pad_head:
+            zeros = np.zeros((head_dim, hidden), np.float32)
+            for name in ("attn_q", "attn_k", "attn_v"):
+                out.add(p + name + ".weight", zeros)
+            out.add(p + "attn_output.weight", np.zeros((hidden, head_dim), np.float32))
+        else:
+            n_head, n_kv = q.out_features // head_dim, k.out_features // head_dim
+            out.add(p + "attn_q.weight", rope_interleave(_np(q.weight), n_head, head_dim))
+            out.add(p + "attn_k.weight", rope_interleave(_np(k.weight), n_kv, head_dim))
+            out.add(p + "attn_v.weight", _np(v.weight))
+            out.add(p + "attn_output.weight", _np(o.weight))
+            for name, lin, heads in (("attn_q", q, n_head), ("attn_k", k, n_kv), ("attn_v", v, None)):
+                if lin.bias is not None:
+                    b = _np(lin.bias)
+                    out.add(p + name + ".bias", b if heads is None else rope_interleave(b, heads, head_dim))
+        if o.bias is not None:
+            out.add(p + "attn_output.bias", _np(o.bias))
+    out.add(p + "ffn_norm.weight", _np(getattr(layer, spec.mlp_norm).weight))
+    if lay.pad_ff:
+        out.add(p + "ffn_gate.weight", np.zeros((1, hidden), np.float32))
+        out.add(p + "ffn_up.weight", np.zeros((1, hidden), np.float32))
+        out.add(p + "ffn_down.weight", np.zeros((hidden, 1), np.float32))
+    else:
+        out.add(p + "ffn_gate.weight", _np(gate.weight))
+        out.add(p + "ffn_up.weight", _np(up.weight))
+        out.add(p + "ffn_down.weight", _np(down.weight))
+        for name, lin in (("ffn_gate", gate), ("ffn_up", up)):
+            if lin.bias is not None:
+                out.add(p + name + ".bias", _np(lin.bias))
+    bias = down.bias.detach().to("cpu", torch.float64) if down.bias is not None else None
+    if fold is not None:
+        bias = fold if bias is None else bias + fold
+    if bias is not None:
+        out.add(p + "ffn_down.bias", bias.numpy())
+
+
+def _folds(model: nn.Module, spec: ArchSpec, layout: list[DeciLayer]) -> list[torch.Tensor | None]:
+    """For each layer, the constants of later pass-through layers that its ffn_down.bias must add."""
+    folds: list[torch.Tensor | None] = [None] * len(layout)
+    for i, (layer, lay) in enumerate(zip(decoder_layers(model, spec), layout)):
+        o = attention_parts(layer, spec)[3]
+        if lay.fold_attn_bias and o.bias is not None:
+            b = o.bias.detach().to("cpu", torch.float64)
+            folds[i - 1] = b if folds[i - 1] is None else folds[i - 1] + b
+    return folds
+
+
+def _source_gguf(model: nn.Module) -> Path | None:
+    src = getattr(model.config, "flap_source", None)
+    return Path(src) if src and str(src).endswith(".gguf") and Path(src).is_file() else None
+
+
+def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: int, dtype: str, n_vocab: int) -> None:
+    import gguf
+
+    c = model.config
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(Path(str(getattr(c, "flap_source", None) or c.name_or_path or "model")).stem + "-flap")
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_block_count(len(layout))
+    writer.add_context_length(int(getattr(c, "max_position_embeddings", 4096)))
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length([lay.n_ff for lay in layout])
+    writer.add_head_count([lay.n_head for lay in layout])
+    writer.add_head_count_kv([lay.n_head_kv for lay in layout])
+    writer.add_key_length(head_dim)  # explicit: never derived from layer 0's head count
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    rope = _rope_parameters(c)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    writer.add_vocab_size(n_vocab)
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str = "f16", *,
+              overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a pruned (or dense) model as a GGUF file that llama.cpp runs with each layer's own widths.
+
+    dtype: "f32", "f16" (default), "bf16" or "q8_0" for the 2-D weights (norms and biases stay f32).
+    tokenizer: the model's Hugging Face tokenizer; when the model came from a .gguf file, that file's
+        tokenizer is carried over instead. The file appears under its name only once complete.
+    """
+    import gguf
+
+    check_exportable(model, dtype)
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise FlapError(f"{path}: a GGUF file name must end in .gguf")
+    if path.is_dir():
+        raise FlapError(f"{path} is a folder; give a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise FlapError(f"{path} exists; choose another name or pass overwrite=True (--overwrite)")
+    source = _source_gguf(model)
+    if source is not None and source.resolve() == path.resolve():
+        raise FlapError(f"refusing to overwrite the source model {path}; choose another output name")
+    if source is None and tokenizer is None:
+        raise FlapError("GGUF export needs the model's tokenizer (or a model loaded from a .gguf file)")
+    spec, dims = spec_of(model), dims_of(model)
+    hd, hidden = dims.head_dim, dims.hidden
+    layout = deci_layout(layer_widths(model, spec, hd))
+    embed = get_module(model, spec.embed).weight
+    n_vocab = embed.shape[0]
+
+    tensors = _Tensors(dtype)
+    tensors.add("token_embd.weight", _np(embed))
+    folds = _folds(model, spec, layout)
+    layers = decoder_layers(model, spec)
+    for i in tqdm(range(len(layout)), desc="gguf tensors", disable=not progress, unit="layer"):
+        _layer_tensors(tensors, i, layers[i], spec, layout[i], hd, hidden, folds[i])
+    tensors.add("output_norm.weight", _np(get_module(model, spec.final_norm).weight))
+    lm_head = get_module(model, spec.lm_head).weight
+    if lm_head.data_ptr() != embed.data_ptr():
+        tensors.add("output.weight", _np(lm_head))
+    rope = _rope_parameters(model.config)
+    if rope["rope_type"] == "llama3":
+        tensors.add("rope_freqs.weight", llama3_rope_factors(rope, hd))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        _write_header(writer, model, layout, hd, dtype, n_vocab)
+        if source is not None:
+            copy_gguf_vocab(source, writer, n_vocab)
+        else:
+            write_hf_vocab(tokenizer, writer, n_vocab)
+        for name, data, raw in tensors.items:
+            writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
