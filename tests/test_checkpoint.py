@@ -158,6 +158,21 @@ def test_hf_uniform_refuses_non_uniform_plans(tmp_path):
         save_pruned(model, tmp_path / "u", result=result, format="pickle")
 
 
+def test_hf_uniform_refuses_head_counts_stock_transformers_cannot_hold(tmp_path):
+    """8 heads -> 6 with hidden 64: a uniform plan, but transformers validates hidden % heads == 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=8, head_dim=8)).eval()
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.25, structure="UL-MM", remove_heads=4))
+    assert [c["heads"] for c in result.plan.kept_counts()] == [6, 6]
+    with pytest.raises(FlapError, match="format='flap' or export a GGUF"):
+        save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
+    assert list(tmp_path.iterdir()) == []
+    save_pruned(model, tmp_path / "f", result=result)  # the flap format holds it
+    assert load_pruned(tmp_path / "f").model.layers[0].self_attn.q_proj.out_features == 48
+
+
 def test_refuses_non_empty_destination_and_overwrites_only_when_complete(tmp_path):
     model, result = _pruned("llama-gqa")
     dest = tmp_path / "out"

@@ -116,6 +116,10 @@ def _uniform_export(model: nn.Module) -> nn.Module:
     if s is not None:
         if s["num_attention_heads"] == 0:
             raise FlapError("format='hf-uniform' cannot express layers without attention heads; use format='flap'")
+        if model.config.hidden_size % s["num_attention_heads"]:
+            raise FlapError(f"format='hf-uniform': stock transformers refuses {s['num_attention_heads']} attention heads "
+                            f"with hidden_size {model.config.hidden_size} (not a multiple), so no stock checkpoint can "
+                            "hold this plan; save with format='flap' or export a GGUF (flap_llm.save_gguf)")
         cfg.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
                    intermediate_size=s["intermediate_size"], head_dim=dims_head)
     o_bias = bool(s and s["o_proj_bias"])
