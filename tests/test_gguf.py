@@ -105,7 +105,7 @@ def test_f32_file_holds_each_layer_width_and_the_model_weights(tmp_path):
     assert fields["deci.attention.head_count_kv"] == [layer.self_attn.k_proj.out_features // 16 for layer in layers]
     assert fields["deci.feed_forward_length"] == [layer.mlp.gate_proj.out_features for layer in layers]
     assert fields["deci.attention.key_length"] == 16 and fields["deci.rope.dimension_count"] == 16
-    assert fields["tokenizer.ggml.pre"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == len(tok)
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and len(fields["tokenizer.ggml.tokens"]) == len(tok)
     for i, layer in enumerate(layers):
         att = layer.self_attn
         n_head = att.q_proj.out_features // 16
@@ -178,7 +178,7 @@ def test_refusals_before_writing(tmp_path):
 
 def test_unknown_pre_tokenizer_is_an_error():
     from flap_llm.export.gguf_vocab import pre_tokenizer_name
-    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt2"
+    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
     with pytest.raises(FlapError, match="unknown pre-tokenizer"):
         pre_tokenizer_name({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x+"}},
                                                                   {"type": "ByteLevel", "use_regex": False}]})

@@ -69,12 +69,32 @@ def check_destination(path: Path, overwrite: bool, sources: list[str | Path] = (
         raise FlapError(f"{path} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_sibling(path: Path) -> Path:
+    """A temporary name beside `path` that records our pid; temporaries of `path` left by a killed run
+    (their pid no longer alive) are removed first."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 @contextmanager
 def atomic_folder(path: Path):
     """Yield a temporary sibling folder; on success it replaces `path`, on error nothing is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
         yield tmp

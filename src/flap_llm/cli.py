@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,8 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that temporary output is removed on the way out (as for Ctrl-C)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("flap-llm: interrupted; temporary output removed, nothing was changed", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("flap-llm: terminated; temporary output removed, nothing was changed", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     try:
         if args.quiet:
             os.environ.setdefault("TQDM_DISABLE", "1")

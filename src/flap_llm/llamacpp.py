@@ -38,16 +38,25 @@ def binary(name: str) -> Path:
     return folder / name
 
 
-def run(name: str, args: list[str], timeout: float = 1800, threads: int | None = None) -> tuple[str, str]:
-    """Run one llama.cpp tool; return (stdout, stderr), or raise FlapError with the end of its log."""
+def run(name: str, args: list[str], timeout: float = 1800, threads: int | None = None,
+        done: str | None = None, tries: int = 5) -> tuple[str, str]:
+    """Run one llama.cpp tool; return (stdout, stderr), or raise FlapError with the end of its log.
+
+    llama.cpp prints results through an asynchronous logger that can lose its last lines at exit (a known
+    upstream limitation); with `done`, a pattern its complete output contains, the run is repeated until
+    the output is whole (the tools are deterministic)."""
     cmd = [str(binary(name)), *args]
     if threads is not None:
         cmd += ["-t", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise FlapError(f"{name} failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return proc.stdout, proc.stderr
+    for _ in range(tries):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace",
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise FlapError(f"{name} failed (exit {proc.returncode}): {' | '.join(tail)}")
+        if done is None or re.search(done, proc.stdout + proc.stderr):
+            return proc.stdout, proc.stderr
+    raise FlapError(f"{name} did not print its result in {tries} runs: {(proc.stdout + proc.stderr).strip()[-300:]}")
 
 
 def tokenize(gguf: Path, text_file: Path) -> list[int]:
@@ -60,12 +69,8 @@ def tokenize(gguf: Path, text_file: Path) -> list[int]:
 def perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int, threads: int = 2) -> float:
     """llama-perplexity's final estimate on the first `chunks` chunks of n_ctx tokens."""
     out, err = run("llama-perplexity", ["-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
-                                        "--chunks", str(chunks)], threads=threads)
-    out = out + err
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    if m is None:
-        raise FlapError(f"llama-perplexity printed no estimate: {out.strip().splitlines()[-3:]}")
-    return float(m.group(1))
+                                        "--chunks", str(chunks)], threads=threads, done=r"Final estimate: PPL = ")
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out + err).group(1))
 
 
 def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> Path:
@@ -77,6 +82,8 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> Path:
 def complete(gguf: Path, prompt: str, n_predict: int, threads: int = 2) -> str:
     """Greedy continuation of a prompt (top-k 1), the generated text only."""
     out, _ = run("llama-completion", ["-m", str(gguf), "-p", prompt, "-n", str(n_predict), "--top-k", "1",
-                                   "--temp", "0", "--seed", "0", "-no-cnv", "--no-display-prompt",
-                                   "--log-disable"], threads=threads)
-    return out
+                                      "--temp", "0", "--seed", "0", "-no-cnv", "--no-warmup"], threads=threads,
+                 done=r"common_perf_print: +total time", tries=20)
+    if not out.startswith(prompt):
+        raise FlapError(f"llama-completion's output does not start with the prompt: {out[:80]!r}")
+    return out[len(prompt):]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
+from ..checkpoint import temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
 from .layout import DeciLayer, deci_layout
@@ -258,7 +258,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
         tensors.add("rope_freqs.weight", llama3_rope_factors(rope, hd))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(path)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _write_header(writer, model, layout, hd, dtype, n_vocab)

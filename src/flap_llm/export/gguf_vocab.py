@@ -32,7 +32,7 @@ def pre_tokenizer_name(pre: dict | None) -> str:
     kinds = [s.get("type") for s in steps]
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
     if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level[0].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not byte_level[0].get("use_regex", True):

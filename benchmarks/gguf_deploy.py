@@ -1,0 +1,99 @@
+"""Deployed in llama.cpp: dense / FLAP 20% / FLAP 50% as GGUF (f16, and Q4_K_M made by llama-quantize),
+with file size, llama-perplexity on held-out Wikipedia, and llama-bench tokens/s (pp512, tg128, 2 threads;
+the models interleaved, one repetition each per round, medians over rounds). Also the same perplexity
+computed by transformers on the fp32 model (the numbers the GGUF should reproduce) and the FLOP-ideal speedup.
+
+  .venv/bin/python benchmarks/gguf_deploy.py --models smollm2,qwen0.5b --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flap_llm  # noqa: E402
+from common import append_jsonl, load  # noqa: E402
+from flap_llm import llamacpp  # noqa: E402
+from flap_llm.data import calibration_windows, load_texts  # noqa: E402
+from flap_llm.evaluate import chunked_perplexity  # noqa: E402
+from flap_llm.report import versions  # noqa: E402
+from inference_speed import flops_per_token  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gguf_deploy.jsonl"
+
+
+def bench(path: Path, threads: int) -> dict:
+    """One llama-bench repetition of pp512 and tg128: tokens/s of each."""
+    out, _ = llamacpp.run("llama-bench", ["-m", str(path), "-p", "512", "-n", "128", "-t", str(threads), "-r", "1",
+                                          "-o", "json"])
+    rows = json.loads(out)
+    return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,qwen0.5b")
+    ap.add_argument("--ratios", default="0,0.2,0.5")
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of 128 tokens")
+    ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity chunk length")
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quants", default="Q4_K_M")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="flap-gguf-"))
+    text_file = work / "wiki_eval.txt"
+    text_file.write_text("\n\n".join(load_texts("builtin:wiki", "eval")))
+    for name in args.models.split(","):
+        dense, tok, _ = load(name)
+        ids = tok(text_file.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
+        files: dict[str, Path] = {}
+        rows: dict[str, dict] = {}
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            model = copy.deepcopy(dense)
+            if ratio > 0:
+                flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio), batch_size=16)
+            ref = chunked_perplexity(model, ids, args.ctx, args.chunks)
+            ideal = flops_per_token(dense, 256) / flops_per_token(model, 256)
+            label = f"{ratio:.0%}"
+            f16 = flap_llm.save_gguf(model, work / f"{name}-{ratio}-f16.gguf", tok, "f16")
+            variants = {"f16": f16}
+            for q in args.quants.split(","):
+                variants[q] = llamacpp.quantize(f16, work / f"{name}-{ratio}-{q}.gguf", q, args.threads)
+            for dtype, path in variants.items():
+                key = f"{label} {dtype}"
+                files[key] = path
+                rows[key] = {"model": name, "ratio": ratio, "dtype": dtype, "bytes": path.stat().st_size,
+                             "ppl_llama_cpp": llamacpp.perplexity(path, text_file, args.ctx, args.chunks, args.threads),
+                             "ppl_transformers_fp32": ref, "ideal_speedup_pp": ideal}
+                print(key, rows[key], flush=True)
+            del model
+        samples: dict[str, list[dict]] = {k: [] for k in files}
+        for r in range(args.rounds):  # interleaved: every model once per round
+            for key, path in files.items():
+                samples[key].append(bench(path, args.threads))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        for key, row in rows.items():
+            for test in ("pp512", "tg128"):
+                row[test] = statistics.median(s[test] for s in samples[key])
+            base = rows[f"0% {row['dtype']}"]
+            row["speedup_pp512"] = row["pp512"] / base["pp512"]
+            row["speedup_tg128"] = row["tg128"] / base["tg128"]
+            row.update(ctx=args.ctx, chunks=args.chunks, nsamples=args.nsamples, rounds=args.rounds,
+                       threads=args.threads, versions=versions())
+            append_jsonl(RESULTS, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
