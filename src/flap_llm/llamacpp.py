@@ -79,8 +79,9 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> Path:
     return dst
 
 
-def complete(gguf: Path, prompt: str, n_predict: int, threads: int = 2) -> str:
-    """Greedy continuation of a prompt (top-k 1), the generated text only."""
+def complete(gguf: Path, prompt: str, n_predict: int, threads: int = 1) -> str:
+    """Greedy continuation of a prompt (top-k 1), the generated text only. One thread by default: with every
+    core spinning in the compute threads, llama.cpp's logger thread rarely gets to print before exit."""
     out, _ = run("llama-completion", ["-m", str(gguf), "-p", prompt, "-n", str(n_predict), "--top-k", "1",
                                       "--temp", "0", "--seed", "0", "-no-cnv", "--no-warmup"], threads=threads,
                  done=r"common_perf_print: +total time", tries=20)
