@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quants", default="Q4_K_M")
+    ap.add_argument("--aligns", default="none", help="comma list of --align values for the pruned rows, 'none' = exact")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flap-gguf-"))
     text_file = work / "wiki_eval.txt"
@@ -58,21 +59,24 @@ def main() -> None:
         calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
         files: dict[str, Path] = {}
         rows: dict[str, dict] = {}
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+        aligns = [None if a == "none" else int(a) for a in args.aligns.split(",")]
+        jobs = [(float(r), a) for r in args.ratios.split(",") for a in (aligns if float(r) > 0 else [None])]
+        for ratio, align in jobs:
             model = copy.deepcopy(dense)
             if ratio > 0:
-                flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio), batch_size=16)
+                flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio, align=align), batch_size=16)
             ref = chunked_perplexity(model, ids, args.ctx, args.chunks)
             ideal = flops_per_token(dense, 256) / flops_per_token(model, 256)
-            label = f"{ratio:.0%}"
-            f16 = flap_llm.save_gguf(model, work / f"{name}-{ratio}-f16.gguf", tok, "f16")
+            label = f"{ratio:.0%}" + (f" align{align}" if align else "")
+            stem = f"{name}-{ratio}-{align or 0}"
+            f16 = flap_llm.save_gguf(model, work / f"{stem}-f16.gguf", tok, "f16")
             variants = {"f16": f16}
             for q in args.quants.split(","):
-                variants[q] = llamacpp.quantize(f16, work / f"{name}-{ratio}-{q}.gguf", q, args.threads)
+                variants[q] = llamacpp.quantize(f16, work / f"{stem}-{q}.gguf", q, args.threads)
             for dtype, path in variants.items():
                 key = f"{label} {dtype}"
                 files[key] = path
-                rows[key] = {"model": name, "ratio": ratio, "dtype": dtype, "bytes": path.stat().st_size,
+                rows[key] = {"model": name, "ratio": ratio, "align": align, "dtype": dtype, "bytes": path.stat().st_size,
                              "ppl_llama_cpp": llamacpp.perplexity(path, text_file, args.ctx, args.chunks, args.threads),
                              "ppl_transformers_fp32": ref, "ideal_speedup_pp": ideal}
                 print(key, rows[key], flush=True)

@@ -267,3 +267,27 @@ def test_llama_cpp_greedy_generation_matches(tmp_path):
     text = llamacpp.complete(path, prompt, 12)
     agrees, gap = greedy_agrees(model, tok, prompt, text, 12)
     assert agrees or gap < 1e-3, (text, gap)
+
+
+def test_cli_prune_gguf_and_export(tmp_path):
+    from flap_llm.cli import main
+    from conftest import tiny_checkpoint
+    src = tiny_checkpoint(tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    out = tmp_path / "out"
+    assert main(["prune", "--quiet", "--model", str(src), "--calib", str(text), "--nsamples", "8", "--seqlen", "16",
+                 "--no-eval", "--ratio", "0.5", "--out", str(out), "--gguf", "q8_0", "--device", "cpu"]) == 0
+    fields, _ = _read(out / "model-q8_0.gguf")
+    model = flap_llm.load_pruned(out)
+    heads = [layer.self_attn.q_proj.out_features // 16 for layer in model.model.layers]
+    assert fields["deci.attention.head_count"] == [max(h, 1) if i == 0 else h for i, h in enumerate(heads)]
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    # export of the saved checkpoint: the same tensors as exporting the model in memory
+    assert main(["export", "--quiet", "--model", str(out), "--out", str(tmp_path / "x.gguf"), "--dtype", "f32"]) == 0
+    save_gguf(model, tmp_path / "y.gguf", tiny_tokenizer(), "f32")
+    _, a = _read(tmp_path / "x.gguf")
+    _, b = _read(tmp_path / "y.gguf")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(_f32(a[name]), _f32(b[name]))

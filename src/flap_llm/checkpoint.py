@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -63,10 +64,26 @@ def check_destination(path: Path, overwrite: bool, sources: list[str | Path] = (
         s = Path(src).resolve()
         if s.exists() and (dest == s or (s.is_file() and dest == s.parent) or s.is_relative_to(dest)):
             raise FlapError(f"refusing to write into {path}: it holds the source model; choose another output folder")
+        if s.is_dir() and dest.is_relative_to(s):
+            raise FlapError(f"refusing to write {path} inside the source model's folder {s}; choose a folder outside it")
+    if Path.cwd().resolve().is_relative_to(dest):
+        raise FlapError(f"{path} is the current folder (or holds it) and cannot be replaced; choose a new output folder")
     if path.exists() and not path.is_dir():
         raise FlapError(f"{path} exists and is not a folder; choose another output folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FlapError(f"{path} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    check_writable_parent(dest)
+
+
+def check_writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a folder we can write into (checked before any work)."""
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FlapError(f"cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FlapError(f"cannot write {path}: no write permission in {parent}")
 
 
 def _alive(pid: int) -> bool:
@@ -89,6 +106,17 @@ def temp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def pause_before_commit() -> None:
+    """For the signal tests: with $FLAP_LLM_TEST_PAUSE set to a file name, touch that file and wait to be
+    signalled, at the point where a complete temporary output is about to be renamed into place."""
+    marker = os.environ.get("FLAP_LLM_TEST_PAUSE")
+    if not marker:
+        return
+    Path(marker).touch()
+    for _ in range(1200):  # at most a minute, then carry on
+        time.sleep(0.05)
+
+
 @contextmanager
 def atomic_folder(path: Path):
     """Yield a temporary sibling folder; on success it replaces `path`, on error nothing is left."""
@@ -98,7 +126,8 @@ def atomic_folder(path: Path):
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        pause_before_commit()
+    except BaseException:  # errors, Ctrl-C and (through the CLI's handler) SIGTERM: no temporary output left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
@@ -112,6 +141,18 @@ def atomic_folder(path: Path):
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it: a reader never sees half of it."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_uniform(shapes: list[dict]) -> bool:
@@ -262,6 +303,10 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """Load a checkpoint written by `save_pruned`, with each layer's own shapes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .models import check_device, parse_dtype
+    dtype = parse_dtype(dtype)
+    if device is not None:
+        check_device(str(device))
     path = Path(path)
     if not path.is_dir():
         raise FlapError(f"no checkpoint folder at {path}")

@@ -123,7 +123,8 @@ def _run(args) -> int:
     except FlapError as e:
         if args.debug:
             raise
-        print(f"flap-llm: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"flap-llm: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -133,9 +134,13 @@ def _say(args, msg: str) -> None:
 
 
 def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
-    for name in ("nsamples", "seqlen", "batch_size", "eval_seqlen"):
+    for name in ("nsamples", "seqlen", "batch_size"):
         if getattr(args, name) < 1:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_eval_args(args)
+    if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
+        raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "
+                        f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          sequential=args.sequential, align=args.align)
@@ -144,6 +149,28 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []
     check_destination(out, args.overwrite, sources)
     return config, out
+
+
+def _check_eval_args(args) -> None:
+    if args.eval_seqlen < 2:
+        raise FlapError("--eval-seqlen must be at least 2 (one token predicts the next)")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise FlapError("--eval-limit must be at least 1 (or leave it out to evaluate every window)")
+    if args.batch_size < 1:
+        raise FlapError("--batch-size must be at least 1")
+
+
+def _check_report_file(name: str | None, flag: str) -> None:
+    """An output file named on the command line must be writable before the evaluation starts."""
+    if name is None:
+        return
+    from .checkpoint import check_writable_parent
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise FlapError(f"{flag} {path} is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        raise FlapError(f"{flag} {path}: the folder {path.resolve().parent} does not exist")
+    check_writable_parent(path)
 
 
 def _prune(args) -> int:
@@ -183,6 +210,12 @@ def _prune(args) -> int:
         check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
         if getattr(model.config, "flap_layers", None):
             raise FlapError(f"{path} is already pruned; prune the original dense model instead")
+        from .engine import check_model
+        check_model(model, config)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos and max(args.seqlen, args.eval_seqlen) > max_pos:
+            print(f"flap-llm: warning: windows of {max(args.seqlen, args.eval_seqlen)} tokens are longer than the "
+                  f"model's {max_pos} positions; its outputs there are not meaningful", file=sys.stderr)
         if args.gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
             from .export.gguf_file import check_exportable
             check_exportable(model, args.gguf)
@@ -242,6 +275,8 @@ def _export(args) -> int:
         raise FlapError(f"--out {out}: give a file name ending in .gguf")
     if out.exists() and not args.overwrite:
         raise FlapError(f"{out} exists; choose another name or pass --overwrite")
+    from .checkpoint import check_writable_parent
+    check_writable_parent(out)
     model, tokenizer, path = load_model(args.model, "float32", "cpu", not args.quiet)
     save_gguf(model, out, tokenizer, args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     if not args.quiet:
@@ -293,13 +328,14 @@ def _zeroshot(args, model, tokenizer, tasks: list[str] | None) -> dict | None:
 
 
 def _eval(args) -> int:
-    from .checkpoint import write_json
+    from .checkpoint import write_text_atomic
     from .evaluate import perplexity
     from .models import load_model, pick_device
     from .report import versions
 
-    if args.eval_seqlen < 1 or args.batch_size < 1:
-        raise FlapError("--eval-seqlen and --batch-size must be at least 1")
+    _check_eval_args(args)
+    _check_report_file(args.json, "--json")
+    _check_report_file(args.md, "--md")
     tasks = _tasks(args)
     if args.no_ppl and not tasks:
         raise FlapError("nothing to evaluate: give --tasks or drop --no-ppl")
@@ -315,9 +351,9 @@ def _eval(args) -> int:
         res["zeroshot"] = zs
         print(zeroshot_markdown({"model": zs}))
     if args.json:
-        write_json(Path(args.json), res)
+        write_text_atomic(Path(args.json).expanduser(), json.dumps(res, indent=2, default=str) + "\n")
     if args.md:
-        Path(args.md).write_text(f"# flap-llm evaluation of `{path}`\n\n" + (
+        write_text_atomic(Path(args.md).expanduser(), f"# flap-llm evaluation of `{path}`\n\n" + (
             f"Perplexity {res['perplexity']['ppl']:.3f} on {args.ppl}\n\n" if "perplexity" in res else "")
             + (zeroshot_markdown({"model": zs}) if zs else "") + "\n")
     return 0

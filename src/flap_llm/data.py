@@ -93,21 +93,27 @@ def _hub(name: str, split: str) -> list[str]:
 def _file(path: Path) -> list[str]:
     if not path.is_file():
         raise FlapError(f"text file {path} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FlapError(f"{path} is not UTF-8 text; convert it to UTF-8 first") from e
     if path.suffix == ".jsonl":
         texts = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise FlapError(f"{path}:{n} is not a JSON object with a \"text\" field") from e
-        return texts
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError as e:
-        raise FlapError(f"{path} is not UTF-8 text") from e
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FlapError(f"{path}:{n} is not a JSON object with a \"text\" field") from e
+            if not isinstance(text, str):
+                raise FlapError(f"{path}:{n}: \"text\" is {type(text).__name__}, not a string")
+            texts.append(text)
+    else:
+        texts = [raw]
+    if not any(t.replace("\x00", "").strip() for t in texts):
+        raise FlapError(f"{path} holds no text (empty, whitespace or NUL bytes only); give a file with real text")
+    return texts
 
 
 def load_texts(spec: str, split: str = "calib") -> list[str]:
@@ -139,7 +145,7 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, spe
         raise FlapError("--nsamples and --seqlen must be at least 1")
     if ids.numel() <= seqlen:
         raise FlapError(f"{spec} has only {ids.numel()} tokens, too short for windows of {seqlen} tokens; "
-                        f"use --seqlen {max(1, ids.numel() - 1)} or less, or more text")
+                        + (f"use --seqlen {ids.numel() - 1} or less, or more text" if ids.numel() > 1 else "give more text"))
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -65,16 +65,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
     layers: a layer provider; the default works on the model in memory (see offload.py for the other).
     Everything is validated before the first weight changes.
     """
-    if not isinstance(config, PruneConfig):
-        raise FlapError("config must be a flap_llm.PruneConfig")
     timer = Timer()
-    spec = spec_of(model)
-    dims = dims_of(model)
-    check_dense(model, spec, dims)
-    max_groups = dims.n_layers * dims.n_kv_heads
-    if config.remove_heads is not None and config.remove_heads > max_groups:
-        raise FlapError(f"remove_heads={config.remove_heads} but the model has only {max_groups} KV groups "
-                        f"({dims.n_layers} layers x {dims.n_kv_heads})")
+    spec, dims = check_model(model, config)
     batches, n_windows = None, 0
     if calibration is not None or config.needs_data:
         if calibration is None:
@@ -83,6 +75,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         n_windows = sum(b.shape[0] for b in batches)
         if distributed.active():  # each rank takes its share of the windows; statistics are all-reduced
             batches = list(distributed.shard(torch.cat(batches)).split(batch_size))
+    if statistics is not None and (not isinstance(statistics, list)
+                                   or not all(isinstance(s, LayerStats) for s in statistics)):
+        raise FlapError("statistics must be the `stats` of an earlier PruneResult (a list of LayerStats)")
     if statistics is not None and (len(statistics) != dims.n_layers or statistics[0].mlp.dim != dims.d_ff):
         raise FlapError("statistics do not match this model; pass the `stats` of a result for the same dense model")
     decoder_before, model_before = decoder_weight_params(model, spec), model_params(model)
@@ -117,6 +112,23 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         "versions": versions(),
     }
     return PruneResult(plan=plan, config=config, report=report, stats=stats)
+
+
+def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:
+    """Everything about the model and config that can be refused before any pass (or any evaluation) runs."""
+    if not isinstance(config, PruneConfig):
+        raise FlapError("config must be a flap_llm.PruneConfig")
+    spec = spec_of(model)
+    dims = dims_of(model)
+    check_dense(model, spec, dims)
+    max_groups = dims.n_layers * dims.n_kv_heads
+    if config.remove_heads is not None and config.remove_heads > max_groups:
+        raise FlapError(f"remove_heads={config.remove_heads} but the model has only {max_groups} KV groups "
+                        f"({dims.n_layers} layers x {dims.n_kv_heads})")
+    if config.align is not None and config.align > dims.d_ff:
+        raise FlapError(f"align={config.align} is larger than the model's MLP width {dims.d_ff}: every channel would "
+                        "go; use a multiple such as 32, 64 or 128")
+    return spec, dims
 
 
 def _flap_channel_scores(layer: nn.Module, spec: ArchSpec, s: LayerStats, metric: str):

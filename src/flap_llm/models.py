@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def builtin_gguf() -> Path:
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype) or name == "auto":
         return None if name == "auto" else name
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise FlapError(f"unknown dtype {name!r}; choose one of: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
@@ -90,7 +91,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _match_gguf_pre_tokenizer(tokenizer, gguf)
     except Exception as e:
-        raise FlapError(f"could not load the GGUF file {gguf} ({type(e).__name__}: {e}); is it a complete GGUF of a "
+        raise FlapError(f"could not load the GGUF file {gguf} ({_brief(e)}); is it a complete GGUF of a "
                         "supported causal LM? (needs the packages gguf and accelerate)") from e
     config = model.config
     config.quantization_config = None
@@ -143,7 +144,7 @@ def load_model(name: str | None, dtype: str | torch.dtype | None = None, device:
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as e:
-            raise FlapError(f"could not read a model config from {path} ({type(e).__name__}: {e}); give a local "
+            raise FlapError(f"could not read a model config from {path} ({_brief(e)}); give a local "
                             "model folder, a .gguf file, or a hub id while online") from e
         archs = getattr(config, "architectures", None) or []
         if not any(a.endswith("ForCausalLM") for a in archs):
@@ -153,7 +154,7 @@ def load_model(name: str | None, dtype: str | torch.dtype | None = None, device:
             load_dtype = torch_dtype if torch_dtype is not None else ("auto" if dtype == "auto" else torch.float32)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
         except Exception as e:
-            raise FlapError(f"could not load the model at {path} ({type(e).__name__}: {e})") from e
+            raise FlapError(f"could not load the model at {path} ({_brief(e)})") from e
         model = model.to(device).eval()
         if Path(path).exists():
             model.config.flap_source = getattr(model.config, "flap_source", None) or str(Path(path).resolve())
@@ -165,15 +166,31 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise FlapError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e}); the model folder must "
+        raise FlapError(f"could not load a tokenizer from {path} ({_brief(e)}); the model folder must "
                         "hold its tokenizer files") from e
+
+
+def _brief(e: Exception) -> str:
+    """An underlying error in one short line: its type and the first line of its message."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def check_device(name: str) -> None:
+    """A device we can use: cpu, or cuda / cuda:N when that GPU exists here."""
+    if name == "cpu":
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise FlapError(f"unknown device {name!r}; use cpu, cuda (or cuda:N) or auto")
+    if not torch.cuda.is_available():
+        raise FlapError(f"device {name} was asked for but there is no CUDA GPU here; use cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise FlapError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FlapError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise FlapError(f"unknown device {name!r}; use cpu, cuda or auto")
+    check_device(name)
     return name

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
-from ..checkpoint import temp_sibling
+from ..checkpoint import pause_before_commit, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
 from .layout import DeciLayer, deci_layout
@@ -272,6 +272,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
+        pause_before_commit()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

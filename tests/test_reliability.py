@@ -1,0 +1,242 @@
+"""Bad input is refused before the expensive work (exit 2, one line), signals leave no temporary output,
+and nothing outside the output is ever changed. One test (or more) per case found by trying the CLI as a
+new user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import flap_llm
+from flap_llm import FlapError
+from flap_llm.cli import main
+from conftest import calibration, tiny_checkpoint, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = " ".join(f"Sentence number {i} says that the quick brown fox jumps over the lazy dog." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _args(model_dir, text_file, *extra) -> list[str]:
+    return ["prune", "--quiet", "--model", str(model_dir), "--calib", str(text_file), "--eval", str(text_file),
+            "--nsamples", "8", "--seqlen", "16", "--eval-seqlen", "16", "--device", "cpu", *map(str, extra)]
+
+
+@pytest.fixture
+def no_expensive_work(monkeypatch):
+    """Fail the test if a calibration pass or a perplexity evaluation starts."""
+    def forbidden(*a, **k):
+        raise AssertionError("expensive work started before the refusal")
+    monkeypatch.setattr("flap_llm.evaluate.perplexity", forbidden)
+    monkeypatch.setattr("flap_llm.prune", forbidden)
+
+
+def _refused(capsys, argv, *words) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.count("\n") == 0 and err.startswith("flap-llm: error:"), err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1 ------------------------------------------------------------------------------------------------
+def test_align_larger_than_the_mlp_is_refused_up_front(tmp_path, model_dir, text_file, capsys, no_expensive_work):
+    _refused(capsys, _args(model_dir, text_file, "--align", 1000, "--out", tmp_path / "o"), "align=1000", "MLP width")
+    assert not (tmp_path / "o").exists()
+
+
+def test_align_changes_each_layer_by_at_most_half_a_multiple():
+    plain = tiny_model("llama-gqa", layers=4)
+    aligned = tiny_model("llama-gqa", layers=4)
+    a = flap_llm.prune(plain, calibration(), flap_llm.PruneConfig(ratio=0.3))
+    b = flap_llm.prune(aligned, calibration(), flap_llm.PruneConfig(ratio=0.3, align=32))
+    for x, y in zip(a.plan.kept_counts(), b.plan.kept_counts()):
+        assert y["channels"] % 32 == 0 and abs(y["channels"] - x["channels"]) <= 16
+    removed = [r.report["params"]["decoder_removed_fraction"] for r in (a, b)]
+    per_layer_unit = 3 * 64 * 16 / a.report["params"]["decoder_before"]  # half a multiple of channels, one layer
+    assert abs(removed[1] - removed[0]) <= 4 * per_layer_unit
+
+
+# 2, 8 ---------------------------------------------------------------------------------------------
+def _run_until_paused(tmp_path, argv: list[str]) -> subprocess.Popen:
+    marker = tmp_path / "paused"
+    env = {**os.environ, "FLAP_LLM_TEST_PAUSE": str(marker), "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "flap_llm", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"never reached the save point: {proc.stderr.read()}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_while_saving_leaves_nothing(tmp_path, model_dir, text_file, sig, code):
+    before = _snapshot(model_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an existing --out stays as it was")
+    proc = _run_until_paused(tmp_path, _args(model_dir, text_file, "--out", out, "--overwrite", "--no-eval"))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out", "paused"]  # no .out.tmp-*
+    assert _snapshot(out) == {Path("keep.txt"): b"an existing --out stays as it was"}
+    assert _snapshot(model_dir) == before
+
+
+def test_signal_while_writing_a_gguf_leaves_nothing(tmp_path, model_dir):
+    proc = _run_until_paused(tmp_path, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")])
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused"]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, model_dir, text_file):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.tmp-{dead.stdout.strip()}-abcd1234"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    assert main(_args(model_dir, text_file, "--out", tmp_path / "out", "--no-eval")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out"]
+
+
+# 3, 4 ---------------------------------------------------------------------------------------------
+def test_out_is_the_current_folder(tmp_path, model_dir, text_file, capsys, monkeypatch, no_expensive_work):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _refused(capsys, _args(model_dir, text_file, "--out", ".", "--overwrite"), "current folder")
+    assert list(work.iterdir()) == []
+
+
+def test_out_under_a_file_is_refused_up_front(tmp_path, model_dir, text_file, capsys, no_expensive_work):
+    (tmp_path / "afile").write_text("x")
+    _refused(capsys, _args(model_dir, text_file, "--out", tmp_path / "afile" / "sub"), "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_read_only_folder_is_refused_up_front(tmp_path, model_dir, text_file, capsys, no_expensive_work):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    _refused(capsys, _args(model_dir, text_file, "--out", ro / "out"), "permission")
+
+
+def test_eval_report_files_are_checked_before_evaluating(tmp_path, model_dir, text_file, capsys, no_expensive_work):
+    base = ["eval", "--quiet", "--model", str(model_dir), "--ppl", str(text_file), "--eval-seqlen", "16"]
+    _refused(capsys, base + ["--json", str(tmp_path / "missing" / "x.json")], "does not exist")
+    _refused(capsys, base + ["--md", str(tmp_path)], "is a folder")
+
+
+# 5, 6 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value,words", [("--eval-seqlen", 1, "at least 2"), ("--eval-limit", 0, "at least 1"),
+                                              ("--eval-limit", -1, "at least 1")])
+def test_bad_evaluation_windows(tmp_path, model_dir, text_file, capsys, no_expensive_work, flag, value, words):
+    _refused(capsys, _args(model_dir, text_file, flag, value, "--out", tmp_path / "o"), words)
+
+
+@pytest.mark.parametrize("content,words", [(b'{"text": "caf\xe9"}\n', "UTF-8"), (b'{"text": null}\n', "not a string"),
+                                           (b"\x00" * 500, "no text")])
+def test_bad_text_files(tmp_path, model_dir, capsys, no_expensive_work, content, words):
+    bad = tmp_path / ("bad.txt" if content.startswith(b"\x00") else "bad.jsonl")
+    bad.write_bytes(content)
+    _refused(capsys, _args(model_dir, bad, "--out", tmp_path / "o"), words)
+
+
+# 7 ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(tmp_path, model_dir, text_file, capsys):
+    argv = _args(model_dir, text_file, "--out", tmp_path / "o")
+    argv[argv.index("--device") + 1] = "cuda:0"
+    _refused(capsys, argv, "no CUDA GPU")
+    model, result = _pruned()
+    flap_llm.save_pruned(model, tmp_path / "ck", result=result)
+    with pytest.raises(FlapError, match="no CUDA GPU"):
+        flap_llm.load_pruned(tmp_path / "ck", device="cuda")
+
+
+def _pruned():
+    model = tiny_model("llama-gqa")
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.3))
+    return model, result
+
+
+# 9 ------------------------------------------------------------------------------------------------
+def test_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys, no_expensive_work, text_file):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer()
+    folder = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    _refused(capsys, _args(folder, text_file, "--out", tmp_path / "o"), "unsupported architecture")
+
+
+def test_hf_uniform_with_an_adaptive_structure_is_refused_before_loading(tmp_path, model_dir, text_file, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setattr("flap_llm.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    _refused(capsys, _args(model_dir, text_file, "--export", "hf-uniform", "--out", tmp_path / "o"), "UL-UM")
+
+
+# 10 -----------------------------------------------------------------------------------------------
+def test_out_inside_the_source_model_folder(tmp_path, model_dir, text_file, capsys, no_expensive_work):
+    before = _snapshot(model_dir)
+    _refused(capsys, _args(model_dir, text_file, "--out", model_dir / "pruned"), "inside the source model")
+    assert _snapshot(model_dir) == before
+
+
+def test_windows_longer_than_the_model_warns(tmp_path, model_dir, text_file, capsys):
+    assert main(_args(model_dir, text_file, "--seqlen", 300, "--nsamples", 2, "--no-eval", "--out", tmp_path / "o")) == 0
+    assert "longer than the model's 256 positions" in capsys.readouterr().err
+
+
+# 11 -----------------------------------------------------------------------------------------------
+def test_messages_that_used_to_mislead(tmp_path):
+    from flap_llm.data import sample_windows
+    with pytest.raises(FlapError) as e:
+        sample_windows(torch.tensor([5]), 4, 16, 0, "tiny.txt")
+    assert "--seqlen" not in str(e.value) and "more text" in str(e.value)
+    with pytest.raises(FlapError, match="unknown dtype"):
+        flap_llm.load_pruned(tmp_path, dtype="nonsense")
+    with pytest.raises(FlapError, match="stats"):
+        flap_llm.prune(tiny_model(), calibration(), flap_llm.PruneConfig(), statistics=[1, 2, 3, 4])
+
+
+def test_export_refuses_before_loading(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("flap_llm.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.bin")], ".gguf")
+    (tmp_path / "m.gguf").write_text("x")
+    _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")], "exists")
+    _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf" / "x.gguf")],
+             "is a file")
+    assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == '["m.gguf"]'
