@@ -38,6 +38,26 @@ def bench(path: Path, threads: int) -> dict:
     return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in rows}
 
 
+def render(path: Path = RESULTS) -> str:
+    """BENCHMARKS.md rows from the results file (the newest run of each model/ratio/align/dtype)."""
+    from common import read_jsonl
+    # runs: rows without an "align" key come from the first run (exact widths only); speedups are always
+    # relative to the dense model of the same run
+    rows = {(r["model"], r["ratio"], r.get("align"), r["dtype"], "align" in r): r for r in read_jsonl(path)}
+    out = ["| model | FLAP | align | GGUF | size MiB | ppl llama.cpp | ppl transformers fp32 | pp512 t/s | tg128 t/s "
+           "| pp speedup (FLOP ideal) | speedup / ideal | tg speedup |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, ratio, align, dtype, _), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][4],
+                                                                                    kv[0][1], kv[0][2] or 0)):
+        out.append(f"| {model} | {ratio:.0%} | {align or '-'} | {dtype} | {r['bytes'] / 2**20:.0f} | "
+                   f"{r['ppl_llama_cpp']:.2f} | {r['ppl_transformers_fp32']:.2f} | {r['pp512']:.0f} | {r['tg128']:.1f} | "
+                   f"{r['speedup_pp512']:.2f} ({r['ideal_speedup_pp']:.2f}) | "
+                   f"{100 * r['speedup_pp512'] / r['ideal_speedup_pp']:.0f}% | "
+                   f"{r['speedup_tg128']:.2f} |" if ratio else
+                   f"| {model} | dense | - | {dtype} | {r['bytes'] / 2**20:.0f} | {r['ppl_llama_cpp']:.2f} | "
+                   f"{r['ppl_transformers_fp32']:.2f} | {r['pp512']:.0f} | {r['tg128']:.1f} | 1 | | 1 |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,qwen0.5b")
@@ -100,4 +120,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    main()
+    if sys.argv[1:] == ["--render"]:
+        print(render())
+    else:
+        main()

@@ -81,3 +81,19 @@ def tiny_checkpoint(folder, arch: str = "llama-gqa"):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+CLI_TEXT = " ".join(f"Sentence number {i} says that the quick brown fox jumps over the lazy dog." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama model folder with its tokenizer, as a user's local model."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(CLI_TEXT)
+    return p

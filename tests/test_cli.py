@@ -11,21 +11,8 @@ import pytest
 import torch
 
 from flap_llm.cli import main
-from conftest import tiny_checkpoint
+from conftest import CLI_TEXT as TEXT
 
-TEXT = " ".join(f"Sentence number {i} says that the quick brown fox jumps over the lazy dog." for i in range(300))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT)
-    return p
 
 
 def _snapshot(folder: Path) -> dict:

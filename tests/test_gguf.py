@@ -291,3 +291,17 @@ def test_cli_prune_gguf_and_export(tmp_path):
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(_f32(a[name]), _f32(b[name]))
+
+
+@needs_llama
+def test_llama_quantize_works_on_our_files(tmp_path):
+    model, tok = _pruned_tiny()
+    f16 = save_gguf(model, tmp_path / "f16.gguf", tok, "f16")
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ours = chunked_perplexity(model, ids, 32, 6)
+    for qtype, tol in (("Q8_0", 0.02), ("Q4_K_M", 0.25)):
+        q = llamacpp.quantize(f16, tmp_path / f"{qtype}.gguf", qtype)
+        assert q.stat().st_size < f16.stat().st_size
+        assert llamacpp.perplexity(q, text_file, 32, 6) == pytest.approx(ours, rel=tol)

@@ -18,22 +18,9 @@ import torch
 import flap_llm
 from flap_llm import FlapError
 from flap_llm.cli import main
-from conftest import calibration, tiny_checkpoint, tiny_model
+from conftest import calibration, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = " ".join(f"Sentence number {i} says that the quick brown fox jumps over the lazy dog." for i in range(300))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT)
-    return p
 
 
 def _args(model_dir, text_file, *extra) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import FlapError
 from .stats import ChannelStats
 
 
@@ -21,7 +22,7 @@ def fluctuation(metric: str, stats: ChannelStats, weight: torch.Tensor) -> torch
         return stats.var.to(dev) * (w * w).sum(0)
     if metric == "WIFN":
         return w.abs().mean(0) * stats.mean_sq.to(dev).sqrt()
-    raise ValueError(f"unknown metric {metric!r}")
+    raise FlapError(f"unknown metric {metric!r}; choose one of: IFV, WIFV, WIFN")
 
 
 def wanda_sp(stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:
