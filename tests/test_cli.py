@@ -111,7 +111,7 @@ def test_empty_calibration_text(tmp_path, model_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert run_cli("--model", model_dir, "--calib", empty, "--no-eval", "--out", tmp_path / "o") == 2
-    assert "has only 0 tokens" in capsys.readouterr().err
+    assert "holds no text" in capsys.readouterr().err
 
 
 def test_not_a_causal_lm(tmp_path, capsys):

@@ -137,7 +137,12 @@ def test_folding_and_padding_in_the_file(tmp_path):
 @pytest.mark.parametrize("dtype,bytes_per_weight", [("f16", 2), ("bf16", 2), ("q8_0", 34 / 32)])
 def test_dtypes_encode_2d_weights_and_keep_1d_in_f32(tmp_path, dtype, bytes_per_weight):
     model, tok = _pruned_tiny()
-    _, tensors = _read(save_gguf(model, tmp_path / "m.gguf", tok, dtype=dtype))
+    if dtype == "q8_0":  # the pruned widths are not multiples of 32: said, not silent
+        with pytest.warns(UserWarning, match="not q8_0"):
+            path = save_gguf(model, tmp_path / "m.gguf", tok, dtype=dtype)
+    else:
+        path = save_gguf(model, tmp_path / "m.gguf", tok, dtype=dtype)
+    _, tensors = _read(path)
     emb = tensors["token_embd.weight"]
     assert emb.n_bytes == pytest.approx(emb.n_elements * bytes_per_weight)
     assert tensors["blk.0.ffn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32

@@ -64,7 +64,7 @@ def check_destination(path: Path, overwrite: bool, sources: list[str | Path] = (
         s = Path(src).resolve()
         if s.exists() and (dest == s or (s.is_file() and dest == s.parent) or s.is_relative_to(dest)):
             raise FlapError(f"refusing to write into {path}: it holds the source model; choose another output folder")
-        if s.is_dir() and dest.is_relative_to(s):
+        if s.is_dir() and (s / "config.json").is_file() and dest.is_relative_to(s):
             raise FlapError(f"refusing to write {path} inside the source model's folder {s}; choose a folder outside it")
     if Path.cwd().resolve().is_relative_to(dest):
         raise FlapError(f"{path} is the current folder (or holds it) and cannot be replaced; choose a new output folder")

@@ -212,16 +212,16 @@ def _prune(args) -> int:
             raise FlapError(f"{path} is already pruned; prune the original dense model instead")
         from .engine import check_model
         check_model(model, config)
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        if max_pos and max(args.seqlen, args.eval_seqlen) > max_pos:
-            print(f"flap-llm: warning: windows of {max(args.seqlen, args.eval_seqlen)} tokens are longer than the "
-                  f"model's {max_pos} positions; its outputs there are not meaningful", file=sys.stderr)
         if args.gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
             from .export.gguf_file import check_exportable
             check_exportable(model, args.gguf)
     load_s = time.perf_counter() - t0
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
         if config.needs_data else None
+    max_pos = getattr(model.config if model is not None else tokenizer, "max_position_embeddings", None)
+    if max_pos and max(args.seqlen, args.eval_seqlen) > max_pos:
+        print(f"flap-llm: warning: windows of {max(args.seqlen, args.eval_seqlen)} tokens are longer than the "
+              f"model's {max_pos} positions; its outputs there are not meaningful", file=sys.stderr)
     ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
     zs_before = _zeroshot(args, model, tokenizer, tasks)
     _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -277,4 +278,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if tensors.fallbacks:
+        warnings.warn(f"{tensors.fallbacks} weight matrices were written in f16, not q8_0: their rows are not "
+                      "multiples of 32 values; prune with align=32 (--align 32) to quantize them all", stacklevel=2)
     return path
