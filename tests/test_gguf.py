@@ -238,6 +238,35 @@ def test_llama_cpp_perplexity_equals_transformers(tmp_path, case):
         assert theirs == pytest.approx(ours, rel=tol), (dtype, ours, theirs)
 
 
+ROPES = {"llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+         "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}
+
+
+@needs_llama
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_llama_cpp_rope_scaling_equals_transformers(tmp_path, rope):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=256, rope_parameters=ROPES[rope])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    flap_llm.prune(model, calibration(length=32), flap_llm.PruneConfig(ratio=0.3))
+    ours, theirs = _llama_vs_transformers(model, tok, save_gguf(model, tmp_path / "m.gguf", tok, "f32"), tmp_path,
+                                          n_ctx=64, chunks=3)
+    assert theirs == pytest.approx(ours, rel=0.005)
+    # and the scaling matters: the same weights without it give another number
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    _, plain = _llama_vs_transformers(model, tok, save_gguf(model, tmp_path / "p.gguf", tok, "f32"), tmp_path,
+                                      n_ctx=64, chunks=3)
+    assert abs(plain / theirs - 1) > 0.005
+
+
 @needs_llama
 @pytest.mark.parametrize("layer0_heads", [False, True])
 def test_llama_cpp_runs_emptied_layers_exactly(tmp_path, layer0_heads, monkeypatch):

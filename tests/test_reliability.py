@@ -178,7 +178,8 @@ def _pruned():
 
 
 # 9 ------------------------------------------------------------------------------------------------
-def test_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys, no_expensive_work, text_file):
+def test_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, capsys, no_expensive_work, text_file,
+                                                                   monkeypatch):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     from conftest import tiny_tokenizer
     tok = tiny_tokenizer()
@@ -186,7 +187,20 @@ def test_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, cap
     GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64)).save_pretrained(folder)
     tok.save_pretrained(folder)
-    _refused(capsys, _args(folder, text_file, "--out", tmp_path / "o"), "unsupported architecture")
+    capsys.readouterr()
+    # from the config alone: no weight is read
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    _refused(capsys, _args(folder, text_file, "--out", tmp_path / "o"), "unsupported architecture", "GPTNeoX")
+
+
+def test_underlying_errors_are_one_short_line(tmp_path, capsys):
+    from flap_llm.models import _brief
+    assert _brief(OSError("first line\nsecond line\nthird")) == "OSError: first line"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"')  # cut short
+    _refused(capsys, ["eval", "--quiet", "--model", str(folder)], "could not read a model config")
 
 
 def test_hf_uniform_with_an_adaptive_structure_is_refused_before_loading(tmp_path, model_dir, text_file, capsys,

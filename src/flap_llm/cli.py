@@ -206,7 +206,7 @@ def _prune(args) -> int:
         check_destination(out, args.overwrite, [path])
         tokenizer, model = load_tokenizer(path), None
     else:
-        model, tokenizer, path = load_model(args.model, args.dtype, device, progress)
+        model, tokenizer, path = load_model(args.model, args.dtype, device, progress, prunable=True)
         check_destination(out, args.overwrite, [path, getattr(model.config, "flap_source", None)])
         if getattr(model.config, "flap_layers", None):
             raise FlapError(f"{path} is already pruned; prune the original dense model instead")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import ARCHITECTURES
 from .checkpoint import MANIFEST, atomic_folder, load_pruned
 from .errors import FlapError
 
@@ -132,8 +133,9 @@ def resolve_model(name: str | None, progress: bool = True) -> tuple[str, bool]:
 
 
 def load_model(name: str | None, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               progress: bool = True) -> tuple[nn.Module, object, str]:
-    """Load (model, tokenizer, resolved path). Pruned flap-llm checkpoints load through load_pruned."""
+               progress: bool = True, prunable: bool = False) -> tuple[nn.Module, object, str]:
+    """Load (model, tokenizer, resolved path). Pruned flap-llm checkpoints load through load_pruned.
+    prunable: refuse, from the config alone (before any weight is read), an architecture flap-llm cannot prune."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path, pruned = resolve_model(name, progress)
@@ -149,6 +151,8 @@ def load_model(name: str | None, dtype: str | torch.dtype | None = None, device:
         archs = getattr(config, "architectures", None) or []
         if not any(a.endswith("ForCausalLM") for a in archs):
             raise FlapError(f"{path} is not a causal language model (architectures: {archs or 'none'})")
+        if prunable and not any(a in ARCHITECTURES for a in archs):
+            raise FlapError(f"unsupported architecture {', '.join(archs)}; supported: {', '.join(ARCHITECTURES)}")
         try:
             # "auto" keeps the checkpoint's own dtype; the default is float32
             load_dtype = torch_dtype if torch_dtype is not None else ("auto" if dtype == "auto" else torch.float32)
