@@ -273,6 +273,8 @@ def _export(args) -> int:
     out = Path(args.out).expanduser()
     if out.suffix != ".gguf" or out.is_dir():
         raise FlapError(f"--out {out}: give a file name ending in .gguf")
+    if args.model and Path(args.model).expanduser().resolve() == out.resolve():
+        raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")
     if out.exists() and not args.overwrite:
         raise FlapError(f"{out} exists; choose another name or pass --overwrite")
     from .checkpoint import check_writable_parent
