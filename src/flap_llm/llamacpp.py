@@ -39,7 +39,7 @@ def binary(name: str) -> Path:
 
 
 def run(name: str, args: list[str], timeout: float = 1800, threads: int | None = None,
-        done: str | None = None, tries: int = 5) -> tuple[str, str]:
+        done: str | None = None, tries: int = 10) -> tuple[str, str]:
     """Run one llama.cpp tool; return (stdout, stderr), or raise FlapError with the end of its log.
 
     llama.cpp prints results through an asynchronous logger that can lose its last lines at exit (a known
