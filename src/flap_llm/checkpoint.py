@@ -143,16 +143,26 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file under a temporary name and rename it: a reader never sees half of it."""
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary name beside `path`; once the block has written it, it is renamed to `path`.
+    On any error or interruption the temporary file is removed and `path` is left as it was."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        tmp.write_text(text)
+        yield tmp
+        pause_before_commit()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it: a reader never sees half of it."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _is_uniform(shapes: list[dict]) -> bool:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .config import COMPENSATIONS, METHODS, METRICS, MODES, STRUCTURES, PruneConfig
 from .errors import FlapError
-
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # flap_llm.export.GGUF_DTYPES, without importing gguf here
+from .export import GGUF_DTYPES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -218,7 +217,7 @@ def _prune(args) -> int:
     load_s = time.perf_counter() - t0
     calib = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed) \
         if config.needs_data else None
-    max_pos = getattr(model.config if model is not None else tokenizer, "max_position_embeddings", None)
+    max_pos = None if model is None else getattr(model.config, "max_position_embeddings", None)
     if max_pos and max(args.seqlen, args.eval_seqlen) > max_pos:
         print(f"flap-llm: warning: windows of {max(args.seqlen, args.eval_seqlen)} tokens are longer than the "
               f"model's {max_pos} positions; its outputs there are not meaningful", file=sys.stderr)
@@ -270,15 +269,11 @@ def _prune(args) -> int:
 def _export(args) -> int:
     from .export import save_gguf
     from .models import load_model
+    from .export.gguf_file import check_gguf_destination
     out = Path(args.out).expanduser()
-    if out.suffix != ".gguf" or out.is_dir():
-        raise FlapError(f"--out {out}: give a file name ending in .gguf")
     if args.model and Path(args.model).expanduser().resolve() == out.resolve():
         raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")
-    if out.exists() and not args.overwrite:
-        raise FlapError(f"{out} exists; choose another name or pass --overwrite")
-    from .checkpoint import check_writable_parent
-    check_writable_parent(out)
+    check_gguf_destination(out, args.overwrite)  # before loading; save_gguf checks again, cheaply
     model, tokenizer, path = load_model(args.model, "float32", "cpu", not args.quiet)
     save_gguf(model, out, tokenizer, args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     if not args.quiet:

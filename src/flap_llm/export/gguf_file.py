@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
-from ..checkpoint import pause_before_commit, temp_sibling
+from ..checkpoint import atomic_file, check_writable_parent
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
 from .layout import DeciLayer, deci_layout
@@ -187,7 +187,19 @@ def _source_gguf(model: nn.Module) -> Path | None:
     return Path(src) if src and str(src).endswith(".gguf") and Path(src).is_file() else None
 
 
-def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: int, dtype: str, n_vocab: int) -> None:
+def check_gguf_destination(path: Path, overwrite: bool) -> None:
+    """A .gguf file name we may write: not a folder, not an existing file unless overwriting, a writable parent."""
+    if path.suffix != ".gguf":
+        raise FlapError(f"{path}: a GGUF file name must end in .gguf")
+    if path.is_dir():
+        raise FlapError(f"{path} is a folder; give a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise FlapError(f"{path} exists; choose another name or pass overwrite=True (--overwrite)")
+    check_writable_parent(path)
+
+
+def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: int, dtype: str, n_vocab: int,
+                  rope: dict) -> None:
     import gguf
 
     c = model.config
@@ -206,7 +218,6 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: i
     writer.add_key_length(head_dim)  # explicit: never derived from layer 0's head count
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    rope = _rope_parameters(c)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -227,12 +238,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
 
     check_exportable(model, dtype)
     path = Path(path)
-    if path.suffix != ".gguf":
-        raise FlapError(f"{path}: a GGUF file name must end in .gguf")
-    if path.is_dir():
-        raise FlapError(f"{path} is a folder; give a file name ending in .gguf")
-    if path.exists() and not overwrite:
-        raise FlapError(f"{path} exists; choose another name or pass overwrite=True (--overwrite)")
+    check_gguf_destination(path, overwrite)
     source = _source_gguf(model)
     if source is not None and source.resolve() == path.resolve():
         raise FlapError(f"refusing to overwrite the source model {path}; choose another output name")
@@ -258,11 +264,9 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
     if rope["rope_type"] == "llama3":
         tensors.add("rope_freqs.weight", llama3_rope_factors(rope, hd))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        _write_header(writer, model, layout, hd, dtype, n_vocab)
+        _write_header(writer, model, layout, hd, dtype, n_vocab, rope)
         if source is not None:
             copy_gguf_vocab(source, writer, n_vocab)
         else:
@@ -273,11 +277,6 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        pause_before_commit()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if tensors.fallbacks:
         warnings.warn(f"{tensors.fallbacks} weight matrices were written in f16, not q8_0: their rows are not "
                       "multiples of 32 values; prune with align=32 (--align 32) to quantize them all", stacklevel=2)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import FlapError
+from ..evaluate import bos_id
 
 # llama.cpp names its pre-tokenizers (`tokenizer.ggml.pre`); we recognise a Hugging Face pre-tokenizer by
 # its structure and regular expression. The expressions are the published ones of each family.
@@ -82,11 +83,10 @@ def _merges(model: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
-def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
-    if token_id is None:
-        return False
+def _adds_eos(tokenizer) -> bool:
+    eos = tokenizer.eos_token_id
     ids = tokenizer("a", add_special_tokens=True).input_ids
-    return bool(ids) and ids[0 if first else -1] == token_id
+    return eos is not None and bool(ids) and ids[-1] == eos
 
 
 def write_hf_vocab(tokenizer, writer, n_vocab: int) -> None:
@@ -113,8 +113,8 @@ def write_hf_vocab(tokenizer, writer, n_vocab: int) -> None:
                           (tokenizer.pad_token_id, writer.add_pad_token_id)):
         if token_id is not None:
             add(int(token_id))
-    writer.add_add_bos_token(_adds(tokenizer, tokenizer.bos_token_id, first=True))
-    writer.add_add_eos_token(_adds(tokenizer, tokenizer.eos_token_id, first=False))
+    writer.add_add_bos_token(bos_id(tokenizer) is not None)
+    writer.add_add_eos_token(_adds_eos(tokenizer))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
