@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -339,3 +340,89 @@ def test_llama_quantize_works_on_our_files(tmp_path):
         q = llamacpp.quantize(f16, tmp_path / f"{qtype}.gguf", qtype)
         assert q.stat().st_size < f16.stat().st_size
         assert llamacpp.perplexity(q, text_file, 32, 6) == pytest.approx(ours, rel=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece-style tokenizers (Llama-2, Mistral, TinyLlama): llama.cpp's `llama` vocabulary
+
+SPM_TEXT = ("Hello world, this is  a test\n\nof the 1234 tokenizer: ünïcödé 🦙 and\ttabs.   Three spaces. "
+            "The quick brown fox jumps over the lazy dog; pruning removes heads and channels.\n") * 4
+
+
+def _sentencepiece_tokenizer(folder: Path, form: str):
+    """A real SentencePiece BPE model trained here, converted by transformers as a Llama-2 folder is;
+    `legacy` rewrites its tokenizer.json into the older normalizer form (Prepend + Replace)."""
+    spm = pytest.importorskip("sentencepiece")
+    import json
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from flap_llm.data import load_texts
+
+    folder.mkdir()
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in load_texts("builtin:wiki")[:150]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.99,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    hf = folder / "hf"
+    hf.mkdir()
+    (folder / "sp.model").rename(hf / "tokenizer.model")
+    (hf / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    tok = AutoTokenizer.from_pretrained(hf)
+    if form == "legacy":
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec["pre_tokenizer"] = None
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                      bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tok
+
+
+@pytest.mark.parametrize("form", ["metaspace", "legacy"])
+def test_sentencepiece_vocab_fields(tmp_path, form):
+    tok = _sentencepiece_tokenizer(tmp_path / "sp", form)
+    model = tiny_model("llama-gqa")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    fields, _ = _read(save_gguf(model, tmp_path / "m.gguf", tok, "f32"))
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is True
+    tokens, types, scores = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3]
+    assert tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)] and set(types[3:259]) == {6}
+    # merged pieces score by their merge rank: the first merge scores 0, later ones lower; characters lowest
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    first = "".join(merges[0])
+    assert scores[tokens.index(first)] == 0.0
+    assert scores[tokens.index("".join(merges[10]))] < 0.0
+    assert scores[tokens.index("e")] == -(len(merges) + 1)
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_sentencepiece_tokenizer_llama_cpp_cannot_match_is_refused():
+    from flap_llm.export.gguf_vocab import _space_prefix
+    split = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                                                   "prepend_scheme": "first", "split": True}}
+    with pytest.raises(FlapError, match="SentencePiece-style"):
+        _space_prefix(split)
+    never = {"normalizer": None, "pre_tokenizer": {**split["pre_tokenizer"], "split": False, "prepend_scheme": "never"}}
+    assert _space_prefix(never) is False
+
+
+@needs_llama
+@pytest.mark.parametrize("form", ["metaspace", "legacy"])
+def test_llama_cpp_sentencepiece_tokenizes_and_scores_as_transformers(tmp_path, form):
+    tok = _sentencepiece_tokenizer(tmp_path / "sp", form)
+    model = tiny_model("llama-gqa")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.5))
+    path = save_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(SPM_TEXT)
+    ids = tok(SPM_TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert any(tok.convert_ids_to_tokens(int(i)).startswith("<0x") for i in ids)  # byte fallback exercised
+    assert llamacpp.tokenize(path, text_file) == ids.tolist()
+    ours = chunked_perplexity(model, ids, 32, 6, bos=tok.bos_token_id)
+    assert llamacpp.perplexity(path, text_file, 32, 6) == pytest.approx(ours, rel=0.005)

@@ -68,9 +68,11 @@ def perplexity(model: nn.Module, tokenizer, spec: str = "builtin:wiki", seqlen: 
 @torch.no_grad()
 def chunked_perplexity(model: nn.Module, ids: torch.Tensor, n_ctx: int, chunks: int, bos: int | None = None,
                        batch_size: int = 4) -> float:
-    """llama-perplexity's number, computed in transformers: the token stream cut into n_ctx-token chunks,
-    the first token of each replaced by BOS when the vocabulary adds one, and only the second half of each
-    chunk scored (logits at n_ctx/2 .. n_ctx-2 predict tokens n_ctx/2+1 .. n_ctx-1)."""
+    """llama-perplexity's number, computed in transformers: the token stream (with BOS in front when the
+    vocabulary adds one) cut into n_ctx-token chunks, the first token of each replaced by BOS, and only the
+    second half of each chunk scored (logits at n_ctx/2 .. n_ctx-2 predict tokens n_ctx/2+1 .. n_ctx-1)."""
+    if bos is not None:
+        ids = torch.cat([ids.new_tensor([bos]), ids])
     n = min(ids.numel() // n_ctx, chunks)
     if n < 1:
         raise FlapError(f"{ids.numel()} tokens make no chunk of {n_ctx}")

@@ -1,5 +1,6 @@
 """The tokenizer part of a GGUF file: carried over from the source GGUF, or built from a Hugging Face
-byte-level BPE tokenizer (tokenizer.json), so that llama.cpp tokenizes exactly as transformers does."""
+tokenizer.json (byte-level BPE, or SentencePiece-style BPE with byte fallback), so that llama.cpp tokenizes
+exactly as transformers does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 _SPLIT_REGEX = {_QWEN2: "qwen2", _LLAMA3: "llama-bpe"}
 
 # GGUF token types (llama.cpp's llama_token_type)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = 1, 2, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _steps(pre: dict | None) -> list[dict]:
@@ -89,24 +90,82 @@ def _adds_eos(tokenizer) -> bool:
     return eos is not None and bool(ids) and ids[-1] == eos
 
 
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that make llama.cpp's SPM tokenizer merge in the order of tokenizer.json's merges.
+
+    llama.cpp repeatedly merges the adjacent pair whose concatenation has the highest score; transformers the
+    pair with the lowest merge rank. A token scores minus the first rank that produces it; tokens no merge
+    produces (single characters, bytes, specials) score below every merge and never decide one. Converted
+    SentencePiece models list all merges of one token together, so both orders agree exactly.
+    """
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        first_rank.setdefault(merge.replace(" ", ""), rank)
+    floor = -float(len(merges) + 1)
+    return [-float(first_rank[t]) if t in first_rank else floor for t in tokens]
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts '▁' before the text, as llama.cpp's add_space_prefix."""
+    pre, norm = spec.get("pre_tokenizer"), spec.get("normalizer")
+    norm_steps = (norm or {}).get("normalizers", [norm] if norm else [])
+    kinds = [n.get("type") for n in norm_steps]
+    if pre is None and kinds in (["Prepend", "Replace"], ["Replace"]):
+        # the older Llama form: prepend '▁' (optional), then spaces become '▁'
+        replace = norm_steps[-1]
+        if (replace.get("pattern") or {}).get("String") == " " and replace.get("content") == "\u2581":
+            return kinds[0] == "Prepend" and norm_steps[0].get("prepend") == "\u2581"
+    if norm is None and (pre or {}).get("type") == "Metaspace" and not pre.get("split", True) \
+            and pre.get("replacement") == "\u2581" and pre.get("prepend_scheme") in ("first", "always", "never"):
+        return pre["prepend_scheme"] != "never"
+    raise FlapError(f"unsupported SentencePiece-style tokenizer (normalizer {json.dumps(norm)[:120]}, pre_tokenizer "
+                    f"{json.dumps(pre)[:120]}): llama.cpp would split the text differently; export from the model's "
+                    "original .gguf file, whose tokenizer is carried over")
+
+
+def _is_byte_token(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _write_bpe(writer, spec: dict, model: dict, tokens: list[str], types: list[int]) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(model))
+
+
+def _write_spm(writer, spec: dict, model: dict, tokens: list[str], types: list[int], unk_id: int | None) -> None:
+    space_prefix = _space_prefix(spec)
+    types = [BYTE if t == NORMAL and _is_byte_token(tok) else t for tok, t in zip(tokens, types)]
+    if unk_id is not None:
+        types[unk_id] = UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(_merge_scores(tokens, _merges(model)))
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(space_prefix)
+
+
 def write_hf_vocab(tokenizer, writer, n_vocab: int) -> None:
-    """Vocabulary, merges, special tokens, BOS/EOS flags and chat template of a byte-level BPE tokenizer."""
+    """Vocabulary, merges or scores, special tokens, BOS/EOS flags and chat template of a BPE tokenizer:
+    byte-level (GPT-2, Llama-3, Qwen2, SmolLM) as llama.cpp's `gpt2` model, SentencePiece-style (byte
+    fallback, '▁' for spaces: Llama-2, Mistral, TinyLlama) as its `llama` model."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise FlapError("GGUF export needs a fast (tokenizer.json) tokenizer, or the model's original .gguf file")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise FlapError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2, SmolLM); this one "
-                        f"is {model.get('type')}{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
-                        "export from the model's original .gguf file, whose tokenizer is carried over")
-    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE":
+        raise FlapError(f"GGUF export supports BPE tokenizers (byte-level or SentencePiece-style); this one is "
+                        f"{model.get('type')}: export from the model's original .gguf file, whose tokenizer is "
+                        "carried over")
     tokens, types = _tokens_and_types(tokenizer, n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(model))
+    if model.get("byte_fallback"):
+        _write_spm(writer, spec, model, tokens, types, tokenizer.unk_token_id)
+    else:
+        _write_bpe(writer, spec, model, tokens, types)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
                           (tokenizer.eos_token_id, writer.add_eos_token_id),
                           (tokenizer.unk_token_id, writer.add_unk_token_id),
