@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 VOCAB = 96
 
@@ -33,6 +34,18 @@ def tiny_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 2, dtype=to
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    elif arch == "gemma3":
+        # one sliding-window layer (window 6, shorter than the calibration windows) and one global layer,
+        # each with its own rotary base: the walk must hand each layer its own inputs
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            num_key_value_heads=2, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+            sliding_window=6, query_pre_attn_scalar=16, pad_token_id=0, **{**common, "tie_word_embeddings": True}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(-0.5, 0.5)  # Gemma's norms scale by (1 + weight)
+    elif arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
     else:
         raise ValueError(arch)
     # Random init is tiny (std 0.02); widen it so activations fluctuate like a trained model's.
@@ -48,7 +61,7 @@ def calibration(n: int = 12, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length), generator=g)
 
 
-ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
 @pytest.fixture(params=ARCHS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flap_llm
-from flap_llm.arch import decoder_weight_params, dims_of, spec_of
+from flap_llm.arch import decoder_layers, decoder_weight_params, dims_of, output_proj, spec_of
 from flap_llm.walk import as_batches, collect_statistics
 from conftest import VOCAB, calibration, tiny_model
 
@@ -109,19 +109,49 @@ def test_statistics_independent_of_batching(dtype):
                     torch.testing.assert_close(a.mean_sq, b.mean_sq, rtol=1e-9, atol=1e-12)
 
 
-def test_statistics_are_true_statistics():
-    """Mean and population variance equal torch's over every token of every window."""
-    model = tiny_model("llama-mha")
-    ids = calibration(n=5)
-    captured = []
-    h = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+def _model_inputs(model, ids) -> list[dict[str, torch.Tensor]]:
+    """The inputs of every layer's o_proj and down_proj in one ordinary forward of the whole model."""
+    spec = spec_of(model)
+    captured = [{} for _ in decoder_layers(model, spec)]
+    handles = [output_proj(layer, spec, m).register_forward_pre_hook(
+                   lambda mod, a, i=i, m=m: captured[i].__setitem__(m, a[0].reshape(-1, a[0].shape[-1]).double()))
+               for i, layer in enumerate(decoder_layers(model, spec)) for m in ("attn", "mlp")]
     with torch.no_grad():
         model(ids)
-    h.remove()
-    x = captured[0].reshape(-1, 96).double()
-    stats = collect_statistics(model, spec_of(model), as_batches(ids, 2, VOCAB))[1].mlp
-    torch.testing.assert_close(stats.mean, x.mean(0), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(stats.var, x.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def test_statistics_are_true_statistics(arch):
+    """Mean and population variance of every layer's o_proj/down_proj inputs equal torch's over every token
+    of an ordinary forward of the whole model (Gemma 3: each layer type gets its own mask and rotary table)."""
+    model = tiny_model(arch, layers=3)
+    ids = calibration(n=5)
+    ref = _model_inputs(model, ids)
+    stats = collect_statistics(model, spec_of(model), as_batches(ids, 2, VOCAB))
+    for s, r in zip(stats, ref):
+        for got, x in ((s.attn, r["attn"]), (s.mlp, r["mlp"])):
+            torch.testing.assert_close(got.mean, x.mean(0), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got.var, x.var(0, unbiased=False), rtol=1e-4, atol=1e-7)
+
+
+def test_layer_zero_inputs_for_every_layer_would_be_wrong_for_gemma3(monkeypatch):
+    """Negative control: handing every layer what layer 0 receives (the old walk) changes Gemma 3's statistics."""
+    from flap_llm import walk as walk_mod
+    model = tiny_model("gemma3", layers=3)
+    ids = calibration(n=5)
+    ref = _model_inputs(model, ids)
+    real = walk_mod.capture_inputs
+
+    def layer0_for_all(*args):
+        first, per_layer = real(*args)
+        return first, [per_layer[0]] * len(per_layer)
+
+    monkeypatch.setattr(walk_mod, "capture_inputs", layer0_for_all)
+    stats = collect_statistics(model, spec_of(model), as_batches(ids, 2, VOCAB))
+    gap = (stats[1].attn.mean - ref[1]["attn"].mean(0)).abs().max()
+    assert gap > 1e-3
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5, 0.7])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .arch import ArchSpec, Dims, attention_parts, decoder_layers, mlp_parts
+from .arch import ArchSpec, Dims, attention_block, decoder_layers, input_projs, output_proj
 from .modeling_flap import ConstantAttention
 from .plan import LayerPlan, PrunePlan
 
@@ -72,40 +73,53 @@ def _update_output(lin: nn.Linear, kept: torch.Tensor, removed: torch.Tensor, up
         lin.bias = _param(upd.bias, w)
 
 
+def _input_rows(spec: ArchSpec, dims: Dims, lp: LayerPlan, module: str) -> list[torch.Tensor]:
+    """Kept rows of each input projection of a dense layer, in the order of `input_projs` (for a fused
+    matrix, the kept rows of each part offset by the parts before it)."""
+    if module == "attn":
+        hd = dims.head_dim
+        q, kv = head_rows(lp.heads, hd), head_rows(lp.kv_heads, hd)
+        parts = [q, kv, kv]
+        sizes = [dims.n_heads * hd, dims.n_kv_heads * hd, dims.n_kv_heads * hd]
+        fused = spec.qkv
+    else:
+        c = torch.as_tensor(lp.channels, dtype=torch.long)
+        parts, sizes, fused = [c, c], [dims.d_ff, dims.d_ff], spec.gate_up
+    if not fused:
+        return parts
+    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    return [torch.cat([rows + int(off) for rows, off in zip(parts, offsets)])]
+
+
+def _per_layer_config(attn: nn.Module, n_heads: int, n_kv: int) -> None:
+    """A family whose attention reads head counts from its config at run time gets a per-layer copy."""
+    attn.config = copy.copy(attn.config)
+    attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = n_kv
+
+
 def apply_layer(layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: Dims, lp: LayerPlan,
                 update: LayerUpdate, mode: str) -> None:
-    q, k, v, o = attention_parts(layer, spec)
-    hd = dims.head_dim
-    kept_q = head_rows(lp.heads, hd)
-    kept_kv = head_rows(lp.kv_heads, hd)
-    if mode == "prune":
-        _keep_rows(q, kept_q)
-        _keep_rows(k, kept_kv)
-        _keep_rows(v, kept_kv)
-    else:
-        _mask_rows(q, complement(kept_q, q.out_features))
-        _mask_rows(k, complement(kept_kv, k.out_features))
-        _mask_rows(v, complement(kept_kv, v.out_features))
-    _update_output(o, kept_q, complement(kept_q, dims.n_heads * hd), update.attn, mode)
+    kept_in = {"attn": head_rows(lp.heads, dims.head_dim), "mlp": torch.as_tensor(lp.channels, dtype=torch.long)}
+    width = {"attn": dims.n_heads * dims.head_dim, "mlp": dims.d_ff}
+    for module, upd in (("attn", update.attn), ("mlp", update.mlp)):
+        for lin, rows in zip(input_projs(layer, spec, module), _input_rows(spec, dims, lp, module)):
+            if mode == "prune":
+                _keep_rows(lin, rows)
+            else:
+                _mask_rows(lin, complement(rows, lin.out_features))
+        kept = kept_in[module]
+        _update_output(output_proj(layer, spec, module), kept, complement(kept, width[module]), upd, mode)
+    if mode == "prune" and spec.attn_reads_config:
+        _per_layer_config(attention_block(layer, spec), len(lp.heads), len(lp.kv_heads))
     if mode == "prune" and not lp.heads:
-        setattr(layer, spec.attn, ConstantAttention(getattr(layer, spec.attn), layer_idx, spec.o))
-
-    gate, up, down = mlp_parts(layer, spec)
-    kept_c = torch.as_tensor(lp.channels, dtype=torch.long)
-    removed_c = complement(kept_c, dims.d_ff)
-    if mode == "prune":
-        _keep_rows(gate, kept_c)
-        _keep_rows(up, kept_c)
-    else:
-        _mask_rows(gate, removed_c)
-        _mask_rows(up, removed_c)
-    _update_output(down, kept_c, removed_c, update.mlp, mode)
+        setattr(layer, spec.attn, ConstantAttention(attention_block(layer, spec), layer_idx, spec.o))
 
 
 def layer_shape(layer: nn.Module, spec: ArchSpec, dims: Dims, lp: LayerPlan, mode: str) -> dict:
     """The shapes and bias flags a pruned layer needs to be rebuilt when loading."""
-    _, _, _, o = attention_parts(layer, spec)
-    _, _, down = mlp_parts(layer, spec)
+    o, down = output_proj(layer, spec, "attn"), output_proj(layer, spec, "mlp")
     if mode == "prune":
         n_heads, n_kv, d_ff = len(lp.heads), len(lp.kv_heads), len(lp.channels)
     else:

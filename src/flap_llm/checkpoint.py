@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from . import modeling_flap
-from .arch import ARCHITECTURES, architecture_of, model_params, spec_of
+from .arch import (ARCHITECTURES, architecture_of, config_head_dim, decoder_layers, dims_of, input_projs,
+                   model_params, spec_of)
 from .errors import FlapError
 from .report import versions
 
@@ -182,7 +183,7 @@ def _uniform_export(model: nn.Module) -> nn.Module:
     cfg = model.config.to_dict()
     for key in ("flap_layers", "flap_mode", "flap_source", "auto_map", "architectures", "_name_or_path"):
         cfg.pop(key, None)
-    dims_head = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    spec = spec_of(model)
     s = shapes[0] if shapes else None
     if s is not None:
         if s["num_attention_heads"] == 0:
@@ -192,28 +193,29 @@ def _uniform_export(model: nn.Module) -> nn.Module:
                             f"with hidden_size {model.config.hidden_size} (not a multiple), so no stock checkpoint can "
                             "hold this plan; save with format='flap' or export a GGUF (flap_llm.save_gguf)")
         cfg.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
-                   intermediate_size=s["intermediate_size"], head_dim=dims_head)
-    o_bias = bool(s and s["o_proj_bias"])
-    down_bias = bool(s and s["down_proj_bias"])
-    target = arch
-    if arch == "Qwen3ForCausalLM":
-        if down_bias:
-            raise FlapError("Qwen3's stock MLP has no bias, so the compensation cannot be stored in format "
-                            "'hf-uniform'; use format='flap' or compensation='none'")
-        cfg["attention_bias"] = cfg.get("attention_bias") or o_bias
-    elif arch in ("Qwen2ForCausalLM", "MistralForCausalLM"):
-        window = cfg.get("sliding_window") if arch == "MistralForCausalLM" or cfg.get("use_sliding_window") else None
+                   intermediate_size=s["intermediate_size"], head_dim=config_head_dim(model.config))
+    target = spec.uniform_class or arch
+    if target != arch:
+        # the stock class holds the same computation with biases (LLaMA for Qwen2 and Mistral), but no window
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
         if window is not None and window < cfg.get("max_position_embeddings", 0):
-            raise FlapError(f"{arch} with a sliding window cannot be exported as a biased LLaMA; use format='flap'")
-        target = "LlamaForCausalLM"  # LLaMA holds q/k/v/o and MLP biases; the rest is the same computation
-        cfg["attention_bias"] = arch == "Qwen2ForCausalLM" or o_bias
-        cfg["mlp_bias"] = down_bias
-        cfg["model_type"] = "llama"
+            raise FlapError(f"{arch} with a sliding window cannot be exported as a biased {target}; use format='flap'")
+        import transformers
+
+        target_spec = ARCHITECTURES[target]
+        q_bias = input_projs(decoder_layers(model, spec)[0], spec, "attn")[0].bias is not None  # Qwen2's q/k/v
+        cfg[target_spec.uniform_bias_keys[0]] = q_bias
+        cfg["model_type"] = getattr(transformers, target).config_class.model_type
     else:
-        cfg["attention_bias"] = cfg.get("attention_bias") or o_bias
-        cfg["mlp_bias"] = cfg.get("mlp_bias") or down_bias
-    model_type = "llama" if target == "LlamaForCausalLM" else cfg["model_type"]
-    cfg.pop("model_type", None)
+        target_spec = spec
+    for key, flag, what in zip(target_spec.uniform_bias_keys, ("o_proj_bias", "down_proj_bias"), ("attention", "MLP")):
+        if not (s and s[flag]):
+            continue
+        if key is None:
+            raise FlapError(f"the stock {target} has no {what} output bias, so the compensation cannot be stored in "
+                            "format 'hf-uniform'; use format='flap' or compensation='none'")
+        cfg[key] = True
+    model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     config.architectures = [target]
     out = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
@@ -283,11 +285,10 @@ def _write_flap_config(config_path: Path, model: nn.Module, spec) -> None:
     arch = architecture_of(model)
     if not cfg.get("flap_layers"):
         raise FlapError("this model has not been pruned by flap_llm.prune; nothing to save in format 'flap'")
-    cls = modeling_flap.FLAP_CLASSES[arch].__name__
+    cls = modeling_flap.flap_class(arch).__name__
     cfg["architectures"] = [cls]
     cfg["flap_base_architecture"] = arch
-    cfg["flap_modules"] = {"layers": spec.layers, "attn": spec.attn, "q": spec.q, "k": spec.k, "v": spec.v,
-                           "o": spec.o, "mlp": spec.mlp, "gate": spec.gate, "up": spec.up, "down": spec.down}
+    cfg["flap_modules"] = {**spec.modules(), "head_dim": dims_of(model).head_dim}
     cfg["auto_map"] = {"AutoModelForCausalLM": f"modeling_flap.{cls}"}
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
@@ -331,7 +332,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             base = getattr(config, "flap_base_architecture", None)
             if base not in ARCHITECTURES or not getattr(config, "flap_layers", None):
                 raise FlapError(f"{path}/config.json lacks flap_base_architecture/flap_layers; re-save the checkpoint")
-            cls = modeling_flap.FLAP_CLASSES[base]
+            cls = modeling_flap.flap_class(base)
             model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     except FlapError:
         raise

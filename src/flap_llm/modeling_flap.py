@@ -3,6 +3,8 @@ checkpoint and imported by stock transformers without flap_llm installed."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -35,11 +37,8 @@ class ConstantAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Rebuilding a pruned model from its config. config.flap_layers lists, per decoder layer,
 # num_attention_heads, num_key_value_heads, intermediate_size and whether o_proj/down_proj carry
-# the compensation bias; config.flap_modules names the submodules.
-
-_DEFAULT_MODULES = {"layers": "model.layers", "attn": "self_attn", "q": "q_proj", "k": "k_proj", "v": "v_proj",
-                    "o": "o_proj", "mlp": "mlp", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
+# the compensation bias; config.flap_modules names the submodules (written from flap-llm's architecture
+# table, so this file holds no family knowledge of its own).
 
 def _get(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
@@ -51,56 +50,66 @@ def _linear_like(old: nn.Linear, d_in: int, d_out: int, bias: bool) -> nn.Linear
     return nn.Linear(d_in, d_out, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
 
 
+def _resize_inputs(block: nn.Module, names: list[str], fused: str | None, d_in: int, widths: list[int]) -> None:
+    """Separate projections get one width each; a fused one the sum of its parts."""
+    parts = [fused] if fused else names
+    sizes = [sum(widths)] if fused else widths
+    for name, d_out in zip(parts, sizes):
+        old = getattr(block, name)
+        setattr(block, name, _linear_like(old, d_in, d_out, old.bias is not None))
+
+
 def resize_to_flap_layers(model: nn.Module, config) -> None:
     """Give every decoder layer the shapes recorded in config.flap_layers (weights come from the checkpoint)."""
-    names = {**_DEFAULT_MODULES, **(getattr(config, "flap_modules", None) or {})}
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    names = config.flap_modules
+    # checkpoints written before head_dim was recorded: the families' own definition
+    head_dim = names.get("head_dim") or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
     for idx, (layer, shape) in enumerate(zip(_get(model, names["layers"]), config.flap_layers)):
         attn, mlp = getattr(layer, names["attn"]), getattr(layer, names["mlp"])
-        q_out = shape["num_attention_heads"] * head_dim
-        kv_out = shape["num_key_value_heads"] * head_dim
-        for key, d_in, d_out in (("q", hidden, q_out), ("k", hidden, kv_out), ("v", hidden, kv_out)):
-            old = getattr(attn, names[key])
-            setattr(attn, names[key], _linear_like(old, d_in, d_out, old.bias is not None))
+        n_heads, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        q_out, kv_out = n_heads * head_dim, n_kv * head_dim
+        _resize_inputs(attn, [names["q"], names["k"], names["v"]], names.get("qkv"), hidden, [q_out, kv_out, kv_out])
         old = getattr(attn, names["o"])
         setattr(attn, names["o"], _linear_like(old, q_out, hidden, shape["o_proj_bias"]))
         d_ff = shape["intermediate_size"]
-        for key in ("gate", "up"):
-            old = getattr(mlp, names[key])
-            setattr(mlp, names[key], _linear_like(old, hidden, d_ff, old.bias is not None))
+        _resize_inputs(mlp, [names["gate"], names["up"]], names.get("gate_up"), hidden, [d_ff, d_ff])
         old = getattr(mlp, names["down"])
         setattr(mlp, names["down"], _linear_like(old, d_ff, hidden, shape["down_proj_bias"]))
-        if shape["num_attention_heads"] == 0:
+        if names.get("attn_reads_config"):
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
+            if hasattr(attn, "num_key_value_heads"):
+                attn.num_key_value_heads = n_kv
+        if n_heads == 0:
             setattr(layer, names["attn"], ConstantAttention(attn, idx, names["o"]))
 
 
-def _flap_class(base: type) -> type:
-    class FlapPruned(base):
-        def __init__(self, config):
-            super().__init__(config)
-            resize_to_flap_layers(self, config)
-
-    FlapPruned.__name__ = FlapPruned.__qualname__ = "Flap" + base.__name__
-    return FlapPruned
+_CLASSES: dict[str, type] = {}
 
 
-def _base_classes() -> dict[str, type]:
-    import transformers
+def flap_class(base_name: str) -> type:
+    """The pruned-model class for a transformers causal-LM class name (FlapLlamaForCausalLM, ...)."""
+    if base_name not in _CLASSES:
+        import transformers
 
-    names = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-    return {n: getattr(transformers, n) for n in names}
+        base = getattr(transformers, base_name)
+
+        class FlapPruned(base):
+            def __init__(self, config):
+                super().__init__(config)
+                resize_to_flap_layers(self, config)
+
+        FlapPruned.__name__ = FlapPruned.__qualname__ = "Flap" + base_name
+        _CLASSES[base_name] = FlapPruned
+    return _CLASSES[base_name]
 
 
-_BASES = _base_classes()
-FlapLlamaForCausalLM = _flap_class(_BASES["LlamaForCausalLM"])
-FlapMistralForCausalLM = _flap_class(_BASES["MistralForCausalLM"])
-FlapQwen2ForCausalLM = _flap_class(_BASES["Qwen2ForCausalLM"])
-FlapQwen3ForCausalLM = _flap_class(_BASES["Qwen3ForCausalLM"])
-FLAP_CLASSES = {
-    "LlamaForCausalLM": FlapLlamaForCausalLM,
-    "MistralForCausalLM": FlapMistralForCausalLM,
-    "Qwen2ForCausalLM": FlapQwen2ForCausalLM,
-    "Qwen3ForCausalLM": FlapQwen3ForCausalLM,
-}
+def __getattr__(name: str) -> type:
+    # transformers' auto_map imports "modeling_flap.Flap<Base>": built on demand from the stock class
+    if name.startswith("Flap") and name.endswith("ForCausalLM"):
+        try:
+            return flap_class(name[len("Flap"):])
+        except AttributeError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

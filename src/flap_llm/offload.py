@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import ArchSpec, decoder_layers, model_params, spec_of
+from .arch import ArchSpec, architecture_of, decoder_layers, get_module, model_params, spec_of
 from .checkpoint import atomic_folder, base_model_info, check_destination, finish_checkpoint
 from .config import PruneConfig
 from .engine import PruneResult, prune
@@ -117,26 +117,41 @@ class OffloadedLayers:
         self.writer.write({p + k: v for k, v in layer.state_dict().items()})
 
 
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        get_module(model, path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _skeleton(source: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module, WeightStore, torch.dtype]:
     """The model with every decoder layer on the meta device, embeddings and rotary tables on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     store = WeightStore(source)
     config = AutoConfig.from_pretrained(source)
-    embed_name = next((n for n in store.names() if n.endswith("embed_tokens.weight")), None)
-    if embed_name is None:
-        raise FlapError(f"{source} has no embed_tokens weights; is it a supported causal LM?")
-    embed = store.load([embed_name], device, dtype)[embed_name]
-    dtype = dtype or embed.dtype
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    spec_of(model)  # fails clearly for unsupported architectures
-    model.get_input_embeddings().load_state_dict({"weight": embed}, assign=True)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is not None:
-        with torch.device(device):
-            base.rotary_emb = type(rotary)(config=model.config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    spec = spec_of(model)  # fails clearly for unsupported architectures
+    embed_name = spec.embed + ".weight"
+    if embed_name not in store.names():
+        raise FlapError(f"{source} has no {embed_name}; is it a {architecture_of(model)} checkpoint?")
+    embed = store.load([embed_name], device, dtype)[embed_name]
+    if dtype is None:  # the checkpoint's own dtype; rebuilt so that float32 buffers stay float32
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=embed.dtype)
+    dtype = embed.dtype
+    # The walk runs the embeddings and the rotary tables; their non-persistent buffers (inverse frequencies,
+    # Gemma's embedding scale) are computed by transformers' own initialisation, on the device.
+    for path in (spec.embed, spec.rotary):
+        if path is None or not _has(model, path):
+            continue
+        module = get_module(model, path)
+        module.to_empty(device=device)
+        for sub in module.modules():
+            model._init_weights(sub)
+    get_module(model, spec.embed).load_state_dict({"weight": embed}, assign=True)
     model.config.flap_source = str(source)
     return model, store, dtype
 

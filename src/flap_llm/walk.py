@@ -1,5 +1,7 @@
-"""The calibration walk: capture the inputs of layer 0, then run one decoder layer at a time over
-batched windows. Activation memory is one layer's inputs/outputs, never a full-model graph."""
+"""The calibration walk: capture what every decoder layer receives besides its hidden states (position
+embeddings, masks: families such as Gemma 3 give each layer type its own), and layer 0's hidden states; then
+run one decoder layer at a time over batched windows. Activation memory is one layer's inputs/outputs, never
+a full-model graph."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, attention_parts, decoder_layers, mlp_parts
+from .arch import ArchSpec, decoder_layers, output_proj
 from .errors import FlapError
 from .stats import ChannelStats, Covariance, LayerStats
 
-# One batch of layer inputs: hidden states [B, L, D] and the keyword arguments the model passed
-# to its decoder layers (position embeddings, mask, ...), shared by every layer.
+# One batch of layer inputs: hidden states [B, L, D] and the keyword arguments the model passes to the
+# current decoder layer (position embeddings, mask, ...).
 LayerInput = tuple[torch.Tensor, dict]
 
 
@@ -55,29 +57,32 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: i
     return list(ids.split(batch_size))
 
 
-def check_window_masks(model: nn.Module, seqlen: int) -> None:
-    """Layer inputs are captured once for all layers; that is exact unless layers use different masks."""
-    c = model.config
-    types = set(getattr(c, "layer_types", None) or [])
-    window = getattr(c, "sliding_window", None)
-    if len(types) > 1 and window is not None and seqlen > window:
-        raise FlapError(f"this model mixes attention types {sorted(types)}; use calibration windows of at most "
-                        f"{window} tokens (its sliding window)")
-
-
 @torch.no_grad()
-def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> list[LayerInput]:
-    """Run the model up to layer 0 for each batch and keep what layer 0 receives."""
-    first = decoder_layers(model, spec)[0]
-    captured: list[LayerInput] = []
+def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> tuple[list[LayerInput], list[list[dict]]]:
+    """Layer 0's inputs per batch, and the keyword arguments each layer receives per batch ([layer][batch]).
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _Captured
+    Every decoder layer's forward is replaced for one pass by a recorder that passes the hidden states
+    through unchanged, so the model builds each layer's real arguments (a layer type's own rotary table and
+    mask) at the cost of the embeddings; the pass stops after the last layer, before the head.
+    """
+    layers = decoder_layers(model, spec)
+    first: list[LayerInput] = []
+    per_layer: list[list[dict]] = [[] for _ in layers]
+
+    def recorder(idx: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            per_layer[idx].append(kwargs)
+            if idx == 0:
+                first.append((hidden, kwargs))
+            if idx == len(layers) - 1:
+                raise _Captured
+            return hidden
+        return forward
 
     device = model.get_input_embeddings().weight.device
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    for idx, layer in enumerate(layers):
+        layer.forward = recorder(idx)
     try:
         for ids in batches:
             try:
@@ -85,8 +90,12 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for layer in layers:
+            del layer.forward
+    if any(len(k) != len(batches) for k in per_layer):
+        raise FlapError("the model did not call each decoder layer once per forward; this architecture is not "
+                        "supported by the layer walk")
+    return first, per_layer
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -117,7 +126,7 @@ def record_inputs(modules: dict[str, nn.Module], sinks: dict[str, ChannelStats |
 
 
 def output_projections(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
-    return {"attn": attention_parts(layer, spec)[3], "mlp": mlp_parts(layer, spec)[2]}
+    return {"attn": output_proj(layer, spec, "attn"), "mlp": output_proj(layer, spec, "mlp")}
 
 
 def layer_stats(layer: nn.Module, spec: ArchSpec, inputs: list[LayerInput], keep: bool, layer_idx: int) -> LayerStats:
@@ -158,10 +167,10 @@ def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
          progress: bool = False, desc: str = "layers", layers: InMemoryLayers | None = None) -> None:
     """Drive the layer-by-layer walk: for each layer, `visit` does its work on the layer's inputs
     and returns None once it has already propagated them, or the module to propagate them with."""
-    check_window_masks(model, batches[0].shape[1])
-    inputs = capture_inputs(model, spec, batches)
+    inputs, layer_kwargs = capture_inputs(model, spec, batches)
     layers = layers if layers is not None else InMemoryLayers(model, spec)
     for idx in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
+        inputs[:] = [(hidden, kwargs) for (hidden, _), kwargs in zip(inputs, layer_kwargs[idx])]
         with layers.open(idx) as layer:
             runner = visit(idx, layer, inputs)
             if runner is not None:
