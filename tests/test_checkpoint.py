@@ -19,7 +19,7 @@ from flap_llm.apply import apply_plan
 from flap_llm.arch import dims_of, spec_of
 from flap_llm.checkpoint import MANIFEST, load_pruned, save_pruned
 from flap_llm.plan import LayerPlan, PrunePlan
-from conftest import calibration, tiny_model
+from conftest import ARCHS, calibration, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,10 @@ CASES = {
     "llama-mha": lambda: _pruned("llama-mha"),
     "llama-gqa": lambda: _pruned("llama-gqa"),
     "qwen2": lambda: _pruned("qwen2"),
+    "mistral": lambda: _pruned("mistral"),
+    "qwen3": lambda: _pruned("qwen3"),
+    "gemma3": lambda: _pruned("gemma3", ratio=0.6),
+    "phi3": lambda: _pruned("phi3", ratio=0.6),
     "no-attention-layer": lambda: (_no_attention_model(), None),
 }
 
@@ -133,9 +137,9 @@ def test_base_model_sha256_recorded(tmp_path):
         save_pruned(model, tmp_path / "dense", result=result, overwrite=True)
 
 
-@pytest.mark.parametrize("arch", ["llama-mha", "llama-gqa", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_hf_uniform_loads_in_stock_transformers(tmp_path, arch):
-    compensation = "none" if arch == "qwen3" else "bias"
+    compensation = "none" if arch in ("qwen3", "gemma3", "phi3") else "bias"  # their stock MLPs have no bias
     model, result = _pruned(arch, structure="UL-UM", compensation=compensation)
     ckpt = save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
     cfg = json.loads((ckpt / "config.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flap_llm
-from conftest import calibration, tiny_model
+from conftest import ARCHS, calibration, tiny_model
 
 TESTS = Path(__file__).resolve().parent
 
@@ -24,7 +24,7 @@ WORKER = textwrap.dedent("""
     from conftest import calibration, tiny_model
     dist.init_process_group("gloo")
     cfg = flap_llm.PruneConfig(**{cfg!r})
-    result = flap_llm.prune(tiny_model("llama-gqa", layers=3), calibration(n=13), cfg, batch_size=2)
+    result = flap_llm.prune(tiny_model({arch!r}, layers=3), calibration(n=13), cfg, batch_size=2)
     if dist.get_rank() == 0:
         torch.save({{"plan": result.plan.to_dict(), "stats": result.stats, "report": result.report}}, {out!r})
     dist.destroy_process_group()
@@ -37,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(tmp_path: Path, cfg: dict) -> dict:
+def _run_two(tmp_path: Path, cfg: dict, arch: str = "llama-gqa") -> dict:
     out = tmp_path / "rank0.pt"
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out)))
+    script.write_text(WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out), arch=arch))
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -55,8 +55,17 @@ def _run_two(tmp_path: Path, cfg: dict) -> dict:
 @pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
                                  dict(ratio=0.4, compensation="lsq")])
 def test_two_processes_same_plan_as_one(tmp_path, cfg):
-    two = _run_two(tmp_path, cfg)
-    one = flap_llm.prune(tiny_model("llama-gqa", layers=3), calibration(n=13), flap_llm.PruneConfig(**cfg),
+    _two_equals_one(tmp_path, cfg, "llama-gqa")
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama-gqa"])
+def test_every_family_two_processes_same_plan_as_one(tmp_path, arch):
+    _two_equals_one(tmp_path, dict(ratio=0.4), arch)
+
+
+def _two_equals_one(tmp_path, cfg, arch):
+    two = _run_two(tmp_path, cfg, arch)
+    one = flap_llm.prune(tiny_model(arch, layers=3), calibration(n=13), flap_llm.PruneConfig(**cfg),
                          batch_size=2)
     assert two["plan"] == one.plan.to_dict()
     assert two["report"]["calibration"]["world_size"] == 2

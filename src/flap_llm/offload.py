@@ -152,6 +152,7 @@ def _skeleton(source: Path, dtype: torch.dtype | None, device) -> tuple[nn.Modul
         for sub in module.modules():
             model._init_weights(sub)
     get_module(model, spec.embed).load_state_dict({"weight": embed}, assign=True)
+    model.tie_weights()  # a tied head (Gemma) shares the loaded embedding again
     model.config.flap_source = str(source)
     return model, store, dtype
 
