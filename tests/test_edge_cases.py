@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 import flap_llm
-from flap_llm.apply import apply_plan
 from flap_llm.arch import dims_of, spec_of
 from flap_llm.modeling_flap import ConstantAttention
 from flap_llm.plan import LayerPlan, PrunePlan
@@ -39,8 +38,8 @@ def test_empty_attention_and_mlp_layers_run_and_generate(arch):
         spec, dims = spec_of(model), dims_of(model)
         plan = _plan_without(model, empty_attn_layer=empty_layer, empty_mlp_layer=1 - empty_layer)
         masked = tiny_model(arch)
-        apply_plan(model, spec, dims, plan, None, "prune")
-        apply_plan(masked, spec, dims, plan, None, "mask")
+        flap_llm.apply_plan(model, plan)
+        flap_llm.apply_plan(masked, plan, mode="mask")
         assert isinstance(model.model.layers[empty_layer].self_attn, ConstantAttention)
         assert model.model.layers[1 - empty_layer].mlp.down_proj.in_features == 0
         ids = calibration(n=2, length=6)
@@ -59,18 +58,18 @@ def test_empty_attention_output_is_compensated_bias():
     model = tiny_model("llama-mha")
     ids = calibration()
     spec, dims = spec_of(model), dims_of(model)
-    from flap_llm.engine import _bias_updates
+    from flap_llm.flap import bias_updates
     from flap_llm.walk import as_batches, collect_statistics
     stats = collect_statistics(model, spec, as_batches(ids, 4, 96))
     plan = _plan_without(model, empty_attn_layer=0, empty_mlp_layer=None)
-    updates = _bias_updates(model, spec, dims, plan, stats)
+    updates = bias_updates(model, spec, dims, plan, stats)
     x = []
     h = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: x.append(o))
     with torch.no_grad():
         model(ids)
     h.remove()
     dense_mean = x[0].reshape(-1, 64).double().mean(0)
-    apply_plan(model, spec, dims, plan, updates, "prune")
+    flap_llm.apply_plan(model, plan, updates)
     attn = model.model.layers[0].self_attn
     out, _ = attn(torch.zeros(1, 3, 64))
     torch.testing.assert_close(out[0, 0].double(), dense_mean, rtol=1e-4, atol=1e-5)

@@ -278,10 +278,8 @@ def test_half_precision_models(dtype):
     out = logits(model, ids)
     assert out.dtype == dtype and torch.isfinite(out).all()
     ref = tiny_model("qwen2")
-    from flap_llm.apply import apply_plan
-    from flap_llm.engine import _bias_updates
-    apply_plan(ref, spec_of(ref), dims_of(ref), result.plan,
-               _bias_updates(ref, spec_of(ref), dims_of(ref), result.plan, result.stats), "prune")
+    from flap_llm.flap import bias_updates
+    flap_llm.apply_plan(ref, result.plan, bias_updates(ref, spec_of(ref), dims_of(ref), result.plan, result.stats))
     err = (out.float() - logits(ref, ids)).abs().mean() / logits(ref, ids).abs().mean()
     assert err < 0.05
 

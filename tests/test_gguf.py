@@ -13,7 +13,7 @@ import torch
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.apply import LayerUpdate, OutputUpdate, apply_plan
+from flap_llm.apply import LayerUpdate, OutputUpdate
 from flap_llm.arch import dims_of, spec_of
 from flap_llm.evaluate import chunked_perplexity
 from flap_llm.export import gguf_file, save_gguf
@@ -80,7 +80,7 @@ def _emptied_tiny(layer0_heads: bool):
     updates = [LayerUpdate(OutputUpdate(bias=torch.randn(64, generator=g, dtype=torch.float64)),
                            OutputUpdate(bias=torch.randn(64, generator=g, dtype=torch.float64)))
                for _ in range(3)]
-    apply_plan(model, spec_of(model), dims_of(model), plan, updates, "prune")
+    flap_llm.apply_plan(model, plan, updates)
     return model, tok
 
 

@@ -4,9 +4,12 @@ from .config import PruneConfig
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .engine import PruneResult, prune
+from .apply import LayerUpdate, OutputUpdate, apply_plan
+from .report import PruneReport
 from .checkpoint import load_pruned, save_pruned
 from .export import save_gguf
 
 __version__ = "0.1.0"
 
-__all__ = ["FlapError", "LayerPlan", "PruneConfig", "PrunePlan", "PruneResult", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]
+__all__ = ["FlapError", "LayerPlan", "LayerUpdate", "OutputUpdate", "PruneConfig", "PrunePlan", "PruneReport", "PruneResult",
+           "apply_plan", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .arch import ArchSpec, Dims, attention_block, decoder_layers, input_projs, output_proj
+from .arch import (ArchSpec, Dims, attention_block, check_dense, dims_of, input_projs, output_proj,
+                   spec_of)
+from .errors import FlapError
 from .modeling_flap import ConstantAttention
 from .plan import LayerPlan, PrunePlan
 
@@ -134,13 +137,41 @@ def record_shapes(model: nn.Module, shapes: list[dict], mode: str) -> None:
     model.config.flap_mode = mode
 
 
-def apply_plan(model: nn.Module, spec: ArchSpec, dims: Dims, plan: PrunePlan,
-               updates: list[LayerUpdate] | None, mode: str) -> None:
-    """Apply the plan to every decoder layer of an in-memory model and record the new shapes."""
+UpdateFn = Callable[[int, nn.Module, LayerPlan], LayerUpdate]
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan | dict, updates: list[LayerUpdate] | UpdateFn | None = None, *,
+               mode: str = "prune", layers=None) -> None:
+    """Apply a plan to a dense model, in place: slice the weights ("prune") or zero them ("mask").
+
+    plan: a PrunePlan or its dict form (`PrunePlan.to_dict()`, as a checkpoint's manifest stores it), so a
+        saved plan can be applied again to the dense model it came from.
+    updates: what the output projections get for the kept inputs: None keeps their kept columns and biases
+        (no compensation); a list with one LayerUpdate per layer; or a function (index, layer, LayerPlan)
+        -> LayerUpdate, called while the layer is loaded (the engine's compensation).
+    layers: a walk.LayerProvider (default: the model's layers in memory).
+    The plan and the model are checked before the first weight changes.
+    """
+    from .walk import InMemoryLayers
+
+    if mode not in ("prune", "mask"):
+        raise FlapError(f"unknown mode {mode!r}; choose prune or mask")
+    spec, dims = spec_of(model), dims_of(model)
+    if isinstance(plan, dict):
+        plan = PrunePlan.from_dict(plan)
     plan.validate(dims)
+    check_dense(model, spec, dims)
+    if isinstance(updates, list) and len(updates) != dims.n_layers:
+        raise FlapError(f"updates has {len(updates)} entries, the model {dims.n_layers} layers")
+    layers = layers if layers is not None else InMemoryLayers(model, spec)
     shapes = []
-    for i, (layer, lp) in enumerate(zip(decoder_layers(model, spec), plan.layers)):
-        upd = updates[i] if updates is not None else LayerUpdate(OutputUpdate(), OutputUpdate())
-        apply_layer(layer, i, spec, dims, lp, upd, mode)
-        shapes.append(layer_shape(layer, spec, dims, lp, mode))
+    for i, lp in enumerate(plan.layers):
+        with layers.open(i) as layer:
+            if updates is None:
+                upd = LayerUpdate(OutputUpdate(), OutputUpdate())
+            else:
+                upd = updates[i] if isinstance(updates, list) else updates(i, layer, lp)
+            apply_layer(layer, i, spec, dims, lp, upd, mode)
+            shapes.append(layer_shape(layer, spec, dims, lp, mode))
+            layers.commit(i, layer)
     record_shapes(model, shapes, mode)

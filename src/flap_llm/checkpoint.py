@@ -273,7 +273,7 @@ def finish_checkpoint(folder: Path, model: nn.Module, format: str, tokenizer, re
     }
     if result is not None:
         manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
-                        report={k: v for k, v in result.report.items() if k != "versions"})
+                        report={k: v for k, v in result.report.to_dict().items() if k != "versions"})
     manifest.update(extra or {})
     write_json(folder / MANIFEST, manifest)
     if before_commit is not None:

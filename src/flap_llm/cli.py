@@ -12,7 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import COMPENSATIONS, METHODS, METRICS, MODES, STRUCTURES, PruneConfig
+from .config import COMPENSATIONS, METHODS, MODES, STRUCTURES, PruneConfig
+from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
 from .export import GGUF_DTYPES
 
@@ -43,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=128, help="calibration window length in tokens (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of attention+MLP parameters to remove (default 0.2)")
-    p.add_argument("--method", default="flap", choices=METHODS)
-    p.add_argument("--metric", default="WIFV", choices=METRICS)
-    p.add_argument("--structure", default="AL-AM", choices=STRUCTURES)
+    p.add_argument("--method", default="flap", choices=list(METHODS))
+    p.add_argument("--metric", default="WIFV", choices=list(FLUCTUATION_METRICS))
+    p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
     p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
-    p.add_argument("--compensation", default="bias", choices=COMPENSATIONS)
+    p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
     p.add_argument("--sequential", action="store_true", help="lsq: statistics from the already-pruned layers")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
@@ -261,7 +262,7 @@ def _prune(args) -> int:
 
         save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
                     extra=extra, before_commit=before_commit)
-    _say(args, summary_table(report))
+    _say(args, report.summary())
     _say(args, f"saved the pruned model and reports to {out}")
     return 0
 
@@ -281,19 +282,18 @@ def _export(args) -> int:
     return 0
 
 
-def _report(context: dict, result, evaluation: dict | None, zeroshot: dict | None) -> dict:
-    from .report import versions
-    summary = {k: v for k, v in context.items() if k not in ("load_s", "title")}
-    summary.update(perplexity=evaluation, zeroshot=zeroshot, title=context["title"],
-                   timings_s={"load": context["load_s"], **result.report["timings_s"]})
-    return {**result.report, **summary, "plan": result.plan.to_dict(), "versions": versions()}
+def _report(context: dict, result, evaluation: dict | None, zeroshot: dict | None):
+    fields = {k: v for k, v in context.items() if k != "load_s"}
+    fields["calibration"] = {**(result.report.calibration or {}), **context["calibration"]}  # source and windows
+    return result.report.with_evaluation(**fields, perplexity=evaluation, zeroshot=zeroshot, plan=result.plan.to_dict(),
+                                         timings_s={"load": context["load_s"], **result.report.timings_s})
 
 
-def _write_reports(folder: Path, report: dict, result) -> None:
+def _write_reports(folder: Path, report, result) -> None:
     from .checkpoint import write_json
     from .plot import plot_plan
-    write_json(folder / "report.json", report)
-    (folder / "report.md").write_text(render_markdown(report))
+    write_json(folder / "report.json", report.to_dict())
+    (folder / "report.md").write_text(report.to_markdown())
     cfg = report["dense_shape"]
     plot_plan(result.plan.kept_counts(), cfg["num_attention_heads"], cfg["intermediate_size"], folder / "plan.png",
               report["title"])
@@ -328,7 +328,7 @@ def _eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import perplexity
     from .models import load_model, pick_device
-    from .report import versions
+    from .report import versions, zeroshot_markdown
 
     _check_eval_args(args)
     _check_report_file(args.json, "--json")
@@ -354,69 +354,6 @@ def _eval(args) -> int:
             f"Perplexity {res['perplexity']['ppl']:.3f} on {args.ppl}\n\n" if "perplexity" in res else "")
             + (zeroshot_markdown({"model": zs}) if zs else "") + "\n")
     return 0
-
-
-def zeroshot_markdown(columns: dict[str, dict]) -> str:
-    """A table of zero-shot accuracy (acc, with acc_norm where the task reports it), one column per model."""
-    names = list(columns)
-    tasks = [t for t in next(iter(columns.values())) if isinstance(next(iter(columns.values()))[t], dict)]
-    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-
-    def cell(r: dict) -> str:
-        txt = f"{100 * r['acc']:.1f} ± {100 * (r['acc_stderr'] or 0):.1f}"
-        if "acc_norm" in r:
-            txt += f" (norm {100 * r['acc_norm']:.1f})"
-        return txt
-
-    for t in tasks:
-        lines.append(f"| {t} (n={columns[names[0]][t]['n']}) | " + " | ".join(cell(columns[n][t]) for n in names) + " |")
-    lines.append("| average acc | " + " | ".join(f"{100 * columns[n]['average']:.2f}" for n in names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_markdown(report: dict) -> str:
-    p, layers = report["params"], report["layers"]
-    ppl = report.get("perplexity") or {}
-    lines = [
-        "# flap-llm pruning report", "",
-        f"- model: `{report['model']}` ({report['architecture']})",
-        f"- config: `{json.dumps(report['config'])}`",
-        f"- calibration: `{json.dumps(report['calibration'])}`",
-        f"- versions: `{json.dumps(report['versions'])}`", "",
-        "| | before | after | removed |", "|---|---:|---:|---:|",
-        f"| decoder attention+MLP params | {p['decoder_before']:,} | {p['decoder_after']:,} | {p['decoder_removed_fraction']:.2%} |",
-        f"| whole-model params | {p['model_before']:,} | {p['model_after']:,} | {p['model_removed_fraction']:.2%} |",
-        f"| KV groups | {layers['kv_groups_total']} | {layers['kv_groups_kept']} | |",
-        f"| MLP channels | {layers['channels_total']:,} | {layers['channels_kept']:,} | |",
-    ]
-    if ppl:
-        lines.append(f"| perplexity ({ppl['spec']}, {ppl['seqlen']} tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} | |")
-    if report.get("zeroshot"):
-        lines += ["", "Zero-shot accuracy (%, lm-evaluation-harness):", "",
-                  zeroshot_markdown({"dense": report["zeroshot"]["before"], "pruned": report["zeroshot"]["after"]})]
-    lines += ["", "| layer | heads | KV heads | channels |", "|---:|---:|---:|---:|"]
-    lines += [f"| {i} | {c['heads']} | {c['kv_heads']} | {c['channels']} |" for i, c in enumerate(layers["per_layer"])]
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
-    return "\n".join(lines)
-
-
-def summary_table(report: dict) -> str:
-    p, layers = report["params"], report["layers"]
-    ppl = report.get("perplexity") or {}
-    rows = [("decoder params", f"{p['decoder_before']:,}", f"{p['decoder_after']:,} (-{p['decoder_removed_fraction']:.1%})"),
-            ("model params", f"{p['model_before']:,}", f"{p['model_after']:,} (-{p['model_removed_fraction']:.1%})"),
-            ("KV groups", str(layers["kv_groups_total"]), str(layers["kv_groups_kept"])),
-            ("MLP channels", f"{layers['channels_total']:,}", f"{layers['channels_kept']:,}")]
-    if ppl:
-        rows.append((f"perplexity ({ppl['spec']})", f"{ppl['ppl_before']:.2f}", f"{ppl['ppl_after']:.2f}"))
-    if report.get("zeroshot"):
-        rows.append(("zero-shot avg acc", f"{100 * report['zeroshot']['before']['average']:.2f}",
-                     f"{100 * report['zeroshot']['after']['average']:.2f}"))
-    rows.append(("time (s)", "", f"{report['timings_s']['total']:.1f} pruning"))
-    w = max(len(r[0]) for r in rows)
-    out = [f"{'':{w}}  {'dense':>14}  {'pruned':>24}"]
-    out += [f"{a:{w}}  {b:>14}  {c:>24}" for a, b, c in rows]
-    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import FlapError
+from .flap import COMPENSATIONS
+from .methods import DATA_FREE, METHODS
+from .metrics import FLUCTUATION_METRICS
+from .select import MANUAL_STRUCTURES, STRUCTURES
 
-METHODS = ("flap", "wanda-sp", "mag-sp")
-METRICS = ("IFV", "WIFV", "WIFN")
-STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
-COMPENSATIONS = ("bias", "lsq", "none")
 MODES = ("prune", "mask")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise FlapError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
@@ -54,11 +54,11 @@ class PruneConfig:
         if not 0.0 <= float(self.ratio) < 1.0:
             raise FlapError(f"ratio must be in [0, 1) (the fraction of parameters to remove), got {self.ratio}")
         _check_choice("method", self.method, METHODS)
-        _check_choice("metric", self.metric, METRICS)
+        _check_choice("metric", self.metric, FLUCTUATION_METRICS)
         _check_choice("structure", self.structure, STRUCTURES)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("mode", self.mode, MODES)
-        if self.method == "flap" and self.structure in ("UL-MM", "AL-MM"):
+        if self.method == "flap" and self.structure in MANUAL_STRUCTURES:
             if self.remove_heads is None:
                 raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
         if self.remove_heads is not None:
@@ -76,7 +76,7 @@ class PruneConfig:
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "mag-sp"
+        return self.method not in DATA_FREE
 
     def to_dict(self) -> dict:
         return asdict(self)

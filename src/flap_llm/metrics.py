@@ -12,17 +12,30 @@ from .errors import FlapError
 from .stats import ChannelStats
 
 
+def ifv(stats: ChannelStats, w: torch.Tensor) -> torch.Tensor:
+    """Input feature variance: Var(x_j) over the calibration tokens."""
+    return stats.var.to(w.device)
+
+
+def wifv(stats: ChannelStats, w: torch.Tensor) -> torch.Tensor:
+    """Weighted IFV (FLAP's default): Var(x_j) * ||W_:,j||^2."""
+    return stats.var.to(w.device) * (w * w).sum(0)
+
+
+def wifn(stats: ChannelStats, w: torch.Tensor) -> torch.Tensor:
+    """Weighted input feature norm: mean_i |W_ij| * sqrt(E[x_j^2])."""
+    return w.abs().mean(0) * stats.mean_sq.to(w.device).sqrt()
+
+
+# FLAP's fluctuation metrics by name (PruneConfig.metric)
+FLUCTUATION_METRICS = {"IFV": ifv, "WIFV": wifv, "WIFN": wifn}
+
+
 def fluctuation(metric: str, stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:
-    """FLAP's metrics: IFV, WIFV (default) or WIFN."""
-    w = weight.detach().to(torch.float64)
-    dev = w.device
-    if metric == "IFV":
-        return stats.var.to(dev)
-    if metric == "WIFV":
-        return stats.var.to(dev) * (w * w).sum(0)
-    if metric == "WIFN":
-        return w.abs().mean(0) * stats.mean_sq.to(dev).sqrt()
-    raise FlapError(f"unknown metric {metric!r}; choose one of: IFV, WIFV, WIFN")
+    """FLAP's metric `metric` of every input channel of an output projection with weight `weight`."""
+    if metric not in FLUCTUATION_METRICS:
+        raise FlapError(f"unknown metric {metric!r}; choose one of: {', '.join(FLUCTUATION_METRICS)}")
+    return FLUCTUATION_METRICS[metric](stats, weight.detach().to(torch.float64))
 
 
 def wanda_sp(stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:

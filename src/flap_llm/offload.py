@@ -116,6 +116,9 @@ class OffloadedLayers:
         p = f"{self.prefix}.{idx}."
         self.writer.write({p + k: v for k, v in layer.state_dict().items()})
 
+    def info(self) -> dict | None:
+        return {"peak_layer_bytes": self.peak_layer_bytes, "device": str(self.device)}
+
 
 def _has(model: nn.Module, path: str) -> bool:
     try:
@@ -180,7 +183,6 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
             writer.write(store.load([name], "cpu", dtype))
         writer.finish()
         model.config.save_pretrained(tmp)
-        result.report["offload"] = {"peak_layer_bytes": layers.peak_layer_bytes, "device": str(device)}
         commit = (lambda folder: before_commit(folder, result)) if before_commit is not None else None
         finish_checkpoint(tmp, model, "flap", tokenizer, result, extra, commit, base_model_info(model),
                           model_params(model))

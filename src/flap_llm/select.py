@@ -63,18 +63,15 @@ def select(
     ratio: float,
     remove_heads: int | None = None,
 ) -> Selection:
-    if structure == "UL-UM":
-        return uniform(attn_scores, mlp_scores, dims, ratio)
-    if structure == "AL-AM":
-        return adaptive(attn_scores, mlp_scores, dims, ratio)
+    """The units every layer keeps under `structure` (a key of STRUCTURES)."""
+    if structure not in STRUCTURES:
+        raise FlapError(f"unknown structure {structure!r}; choose one of: {', '.join(STRUCTURES)}")
+    if structure not in MANUAL_STRUCTURES:
+        return STRUCTURES[structure](attn_scores, mlp_scores, dims, ratio)
     max_groups = dims.n_layers * dims.n_kv_heads
     if remove_heads is None or not 0 <= remove_heads <= max_groups:
         raise FlapError(f"remove_heads must be between 0 and {max_groups} (the model's KV groups), got {remove_heads}")
-    if structure == "UL-MM":
-        return uniform_manual(attn_scores, mlp_scores, dims, ratio, remove_heads)
-    if structure == "AL-MM":
-        return adaptive_manual(attn_scores, mlp_scores, dims, ratio, remove_heads)
-    raise FlapError(f"unknown structure {structure!r}")
+    return STRUCTURES[structure](attn_scores, mlp_scores, dims, ratio, remove_heads)
 
 
 def uniform(attn_scores, mlp_scores, dims: Dims, ratio: float) -> Selection:
@@ -141,6 +138,11 @@ def adaptive_manual(attn_scores, mlp_scores, dims: Dims, ratio: float, remove_he
         _unflatten(drop_lowest(groups, remove_heads), dims.n_kv_heads, dims.n_layers),
         _unflatten(drop_lowest(channels, n_channels), dims.d_ff, dims.n_layers),
     )
+
+
+# FLAP's structures by name (PruneConfig.structure); the *-MM ones also take remove_heads
+STRUCTURES = {"UL-UM": uniform, "UL-MM": uniform_manual, "AL-MM": adaptive_manual, "AL-AM": adaptive}
+MANUAL_STRUCTURES = ("UL-MM", "AL-MM")
 
 
 def align_channels(kept: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:

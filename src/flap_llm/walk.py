@@ -6,7 +6,8 @@ a full-model graph."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -144,9 +145,25 @@ def layer_stats(layer: nn.Module, spec: ArchSpec, inputs: list[LayerInput], keep
     return stats
 
 
+@runtime_checkable
+class LayerProvider(Protocol):
+    """How every pass reaches the decoder layers: in memory (InMemoryLayers) or streamed from disk
+    (offload.OffloadedLayers)."""
+
+    def __len__(self) -> int: ...
+
+    def open(self, idx: int) -> AbstractContextManager[nn.Module]:
+        """The layer, with its weights loaded, for the duration of the block."""
+
+    def commit(self, idx: int, layer: nn.Module) -> None:
+        """The layer is final (pruned): keep it (in memory) or write it out (offloaded)."""
+
+    def info(self) -> dict | None:
+        """What the report should say about the provider (None: nothing)."""
+
+
 class InMemoryLayers:
-    """Access to the decoder layers of a model held in memory. The offloaded variant (offload.py) has the
-    same interface but reads each layer from disk on `open` and writes it out on `commit`."""
+    """The decoder layers of a model held in memory."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec):
         self.modules = decoder_layers(model, spec)
@@ -161,10 +178,13 @@ class InMemoryLayers:
     def commit(self, idx: int, layer: nn.Module) -> None:
         """The layer is final (pruned); nothing to do in memory."""
 
+    def info(self) -> dict | None:
+        return None
+
 
 def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
          visit: Callable[[int, nn.Module, list[LayerInput]], nn.Module | None],
-         progress: bool = False, desc: str = "layers", layers: InMemoryLayers | None = None) -> None:
+         progress: bool = False, desc: str = "layers", layers: LayerProvider | None = None) -> None:
     """Drive the layer-by-layer walk: for each layer, `visit` does its work on the layer's inputs
     and returns None once it has already propagated them, or the module to propagate them with."""
     inputs, layer_kwargs = capture_inputs(model, spec, batches)
@@ -178,7 +198,7 @@ def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
 
 
 def collect_statistics(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
-                       progress: bool = False, layers: InMemoryLayers | None = None,
+                       progress: bool = False, layers: LayerProvider | None = None,
                        on_layer: Callable[[int, nn.Module, LayerStats], None] | None = None) -> list[LayerStats]:
     """Statistics of every layer on the dense model, one forward pass over the calibration data;
     `on_layer` sees each layer with its statistics while the layer is loaded."""

@@ -1,0 +1,114 @@
+"""FLAP (the paper): fluctuation statistics on the dense model, a standardized selection, and the
+compensation of the removed inputs (FLAP's bias, or least squares)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import metrics
+from .apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
+from .arch import ArchSpec, Dims, decoder_layers
+from .compensate import bias_compensation, lsq_compensation
+from .job import Job
+from .plan import LayerPlan, PrunePlan
+from .select import select
+from .stats import Covariance, LayerStats
+from .walk import collect_statistics, forward_all, output_projections, record_inputs
+
+
+def channel_scores(layer: nn.Module, spec: ArchSpec, s: LayerStats, metric: str):
+    """FLAP's scores of one layer: attention channels get the metric squared (as the paper's code does)."""
+    proj = output_projections(layer, spec)
+    return (metrics.fluctuation(metric, s.attn, proj["attn"].weight) ** 2,
+            metrics.fluctuation(metric, s.mlp, proj["mlp"].weight))
+
+
+def bias_update(layer: nn.Module, spec: ArchSpec, dims: Dims, lp: LayerPlan, s: LayerStats) -> LayerUpdate:
+    """FLAP's compensation of one layer: the removed inputs' mean contribution folded into the biases."""
+    proj = output_projections(layer, spec)
+    removed_q = complement(head_rows(lp.heads, dims.head_dim), dims.n_heads * dims.head_dim)
+    removed_c = complement(lp.channels, dims.d_ff)
+    return LayerUpdate(
+        OutputUpdate(bias=bias_compensation(proj["attn"].weight, proj["attn"].bias, s.attn.mean, removed_q)),
+        OutputUpdate(bias=bias_compensation(proj["mlp"].weight, proj["mlp"].bias, s.mlp.mean, removed_c)),
+    )
+
+
+def bias_updates(model: nn.Module, spec: ArchSpec, dims: Dims, plan: PrunePlan,
+                 stats: list[LayerStats]) -> list[LayerUpdate]:
+    """Bias compensation of every layer of an in-memory model (for plans built or loaded by hand)."""
+    return [bias_update(layer, spec, dims, lp, s)
+            for layer, lp, s in zip(decoder_layers(model, spec), plan.layers, stats)]
+
+
+def _compensate_bias(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
+    job.apply(plan, lambda i, layer, lp: bias_update(layer, job.spec, job.dims, lp, stats[i]))
+
+
+def _compensate_none(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
+    job.apply(plan, None)
+
+
+def _lsq_update(proj: nn.Linear, cov: Covariance, kept: torch.Tensor, n: int, damp: float) -> OutputUpdate:
+    removed = complement(kept, n)
+    w, b = lsq_compensation(proj.weight, proj.bias, cov.mean, cov.cov, kept, removed, damp)
+    return OutputUpdate(bias=b, weight=w)
+
+
+def _compensate_lsq(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
+    """Second pass: per layer, the full input covariance of o_proj/down_proj, the least-squares refit,
+    and the layer is pruned. Covariances live for one layer only."""
+    plan.validate(job.dims)
+    cfg, dims, shapes = job.config, job.dims, []
+
+    def visit(idx, layer, inputs):
+        lp = plan.layers[idx]
+        proj = output_projections(layer, job.spec)
+        sinks = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
+        with record_inputs(proj, sinks):
+            # sequential: statistics from the pruned earlier layers, then propagate with this layer pruned;
+            # otherwise propagate the dense outputs now and prune afterwards.
+            forward_all(layer, inputs, keep=not cfg.sequential)
+        for sink in sinks.values():
+            sink.all_reduce_()
+        update = LayerUpdate(
+            _lsq_update(proj["attn"], sinks["attn"], head_rows(lp.heads, dims.head_dim), dims.n_heads * dims.head_dim,
+                        cfg.lsq_damp),
+            _lsq_update(proj["mlp"], sinks["mlp"], torch.as_tensor(lp.channels, dtype=torch.long), dims.d_ff,
+                        cfg.lsq_damp),
+        )
+        apply_layer(layer, idx, job.spec, dims, lp, update, cfg.mode)
+        shapes.append(layer_shape(layer, job.spec, dims, lp, cfg.mode))
+        job.layers.commit(idx, layer)
+        return layer if cfg.sequential else None
+
+    job.walk(visit, "lsq compensation")
+    record_shapes(job.model, shapes, cfg.mode)
+
+
+# Compensations by name (PruneConfig.compensation): (job, plan, dense statistics) -> the model is pruned
+COMPENSATIONS = {"bias": _compensate_bias, "lsq": _compensate_lsq, "none": _compensate_none}
+# the timer section each compensation's pass is reported under
+_SECTION = {"bias": "apply", "lsq": "compensation", "none": "apply"}
+
+
+def prune_flap(job: Job, stats: list[LayerStats] | None) -> tuple[PrunePlan, list[LayerStats]]:
+    """FLAP: dense statistics (one calibration pass, or reused), scores, the structure's selection, then the
+    configured compensation applies the plan."""
+    cfg = job.config
+    if stats is None:
+        scores: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with job.timer("statistics"):
+            stats = collect_statistics(job.model, job.spec, job.batches, job.progress, job.layers,
+                                       on_layer=lambda i, layer, s: scores.append(
+                                           channel_scores(layer, job.spec, s, cfg.metric)))
+        attn, mlp = [a for a, _ in scores], [m for _, m in scores]
+    else:
+        with job.timer("plan"):
+            attn, mlp = job.scores_of_each_layer(lambda i, layer: channel_scores(layer, job.spec, stats[i], cfg.metric))
+    with job.timer("plan"):
+        plan = job.plan_of(job.aligned(select(cfg.structure, attn, mlp, job.dims, cfg.ratio, cfg.remove_heads), mlp))
+    with job.timer(_SECTION[cfg.compensation]):
+        COMPENSATIONS[cfg.compensation](job, plan, stats)
+    return plan, stats
