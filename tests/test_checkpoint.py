@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.arch import dims_of, spec_of
 from flap_llm.checkpoint import MANIFEST, load_pruned, save_pruned
 from flap_llm.plan import LayerPlan, PrunePlan
 from conftest import ARCHS, calibration, tiny_model
@@ -32,7 +31,6 @@ def _pruned(arch: str, **cfg):
 def _no_attention_model():
     from flap_llm.apply import LayerUpdate, OutputUpdate
     model = tiny_model("llama-gqa")
-    dims = dims_of(model)
     plan = PrunePlan((LayerPlan((), (), tuple(range(0, 96, 3))), LayerPlan((0, 1), (0,), tuple(range(50)))))
     # the emptied attention carries a compensation-like bias
     updates = [LayerUpdate(OutputUpdate(bias=torch.randn(64, dtype=torch.float64)), OutputUpdate()),
@@ -245,3 +243,27 @@ def test_load_pruned_dtype_and_device(tmp_path):
     half = load_pruned(ckpt, dtype=torch.bfloat16, device="cpu")
     assert next(half.parameters()).dtype == torch.bfloat16
     assert half.model.layers[0].self_attn.o_proj.bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "phi3"])
+def test_a_saved_plan_is_data_and_applies_again(tmp_path, arch):
+    """The plan in a checkpoint's manifest, applied to the dense model with apply_plan, gives the same model
+    (without compensation directly; with FLAP's bias from the dense statistics)."""
+    from flap_llm.arch import dims_of, spec_of
+    from flap_llm.flap import bias_updates
+    ids = calibration(n=3, length=10)
+    for compensation in ("none", "bias"):
+        model, result = _pruned(arch, compensation=compensation)
+        ckpt = save_pruned(model, tmp_path / compensation, result=result)
+        plan = json.loads((ckpt / MANIFEST).read_text())["plan"]
+        dense = tiny_model(arch)
+        updates = None if compensation == "none" else bias_updates(dense, spec_of(dense), dims_of(dense),
+                                                                    flap_llm.PrunePlan.from_dict(plan), result.stats)
+        flap_llm.apply_plan(dense, plan, updates)
+        with torch.no_grad():
+            torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=0, atol=0)
+            torch.testing.assert_close(load_pruned(ckpt)(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+        with pytest.raises(FlapError, match="already pruned"):
+            flap_llm.apply_plan(dense, plan)
+    with pytest.raises(FlapError, match="updates has 1 entries"):
+        flap_llm.apply_plan(tiny_model(arch), plan, updates[:1])

@@ -35,7 +35,6 @@ def _greedy(model, prompt, n):
 def test_empty_attention_and_mlp_layers_run_and_generate(arch):
     for empty_layer in (0, 1):
         model = tiny_model(arch)
-        spec, dims = spec_of(model), dims_of(model)
         plan = _plan_without(model, empty_attn_layer=empty_layer, empty_mlp_layer=1 - empty_layer)
         masked = tiny_model(arch)
         flap_llm.apply_plan(model, plan)

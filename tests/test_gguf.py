@@ -14,7 +14,6 @@ import torch
 import flap_llm
 from flap_llm import FlapError
 from flap_llm.apply import LayerUpdate, OutputUpdate
-from flap_llm.arch import dims_of, spec_of
 from flap_llm.evaluate import chunked_perplexity
 from flap_llm.export import gguf_file, save_gguf
 from flap_llm.export.layout import DeciLayer, deci_layout

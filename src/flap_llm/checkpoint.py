@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from . import modeling_flap
@@ -233,6 +234,104 @@ def _uniform_export(model: nn.Module) -> nn.Module:
     return out
 
 
+class ShardWriter:
+    """Writes a checkpoint's weights as numbered safetensors shards plus the index, one group of tensors at a
+    time (a streamed model's layers)."""
+
+    def __init__(self, folder: Path, n_shards: int):
+        self.folder, self.n_shards, self.count = folder, n_shards, 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        if self.count > self.n_shards:
+            raise RuntimeError("more shards written than announced")
+        name = f"model-{self.count:05d}-of-{self.n_shards:05d}.safetensors"
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(self.folder / name), metadata={"format": "pt"})
+        for k, v in cpu.items():
+            self.weight_map[k] = name
+            self.total_size += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        if self.count != self.n_shards:
+            raise RuntimeError(f"wrote {self.count} of {self.n_shards} shards")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class CheckpointWriter:
+    """The one writer of pruned checkpoints, for a model in memory (`save_pruned`) and for one streamed
+    layer by layer (offload.py). The destination is checked when the writer is made, before any work;
+    everything is written into a temporary sibling folder that replaces the destination only once complete.
+
+        writer = CheckpointWriter(path, model, format, overwrite)   # checks now
+        with writer.open():
+            writer.save_model(model)  # or: shards = writer.shards(n); ...; writer.save_config(config)
+            writer.finish(model, tokenizer, result, extra, before_commit)
+    """
+
+    def __init__(self, path: str | os.PathLike, model: nn.Module, format: str = "flap", overwrite: bool = False,
+                 sources: list[str | Path] = ()):
+        if format not in FORMATS:
+            raise FlapError(f"unknown checkpoint format {format!r}; choose one of: {', '.join(FORMATS)}")
+        self.path, self.format = Path(path), format
+        self.base = base_model_info(model)
+        check_destination(self.path, overwrite, [self.base["name_or_path"], *sources])
+        self.folder: Path | None = None
+        self.parameters: int | None = None
+
+    @contextmanager
+    def open(self):
+        with atomic_folder(self.path) as tmp:
+            self.folder = tmp
+            yield self
+        self.folder = None
+
+    def save_model(self, model: nn.Module) -> None:
+        """Weights and config of a model in memory (a stock-architecture copy for format hf-uniform)."""
+        export = _uniform_export(model) if self.format == "hf-uniform" else model
+        export.save_pretrained(self.folder, safe_serialization=True)
+        self.parameters = model_params(export)
+
+    def shards(self, n_shards: int) -> ShardWriter:
+        """Weights written group by group; call save_config afterwards."""
+        if self.format != "flap":
+            raise FlapError("a streamed model is written in format 'flap'")
+        return ShardWriter(self.folder, n_shards)
+
+    def save_config(self, model: nn.Module) -> None:
+        model.config.save_pretrained(self.folder)
+        self.parameters = model_params(model)
+
+    def finish(self, model: nn.Module, tokenizer=None, result=None, extra: dict | None = None,
+               before_commit: Callable[[Path], None] | None = None) -> None:
+        """Everything beside the weights: flap config and modeling file, tokenizer, manifest, extra files."""
+        folder = self.folder
+        if self.format == "flap":
+            _write_flap_config(folder / "config.json", model, spec_of(model))
+            shutil.copyfile(modeling_flap.__file__, folder / "modeling_flap.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        manifest = {
+            "format": self.format,
+            "format_version": FORMAT_VERSION,
+            "architecture": architecture_of(model),
+            "base_model": self.base,
+            "parameters": self.parameters,
+            "layers": getattr(model.config, "flap_layers", None),
+            "versions": versions(),
+        }
+        if result is not None:
+            manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
+                            report={k: v for k, v in result.report.to_dict().items() if k != "versions"})
+        manifest.update(extra or {})
+        write_json(folder / MANIFEST, manifest)
+        if before_commit is not None:
+            before_commit(folder)
+
+
 def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, result=None, format: str = "flap", *,
                 overwrite: bool = False, extra: dict | None = None,
                 before_commit: Callable[[Path], None] | None = None) -> Path:
@@ -242,42 +341,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer=None, resul
     and with overwrite=True an existing folder is replaced only once the new checkpoint is complete.
     `before_commit(folder)` may add files (reports, plots) to the checkpoint before it is committed.
     """
-    if format not in FORMATS:
-        raise FlapError(f"unknown checkpoint format {format!r}; choose one of: {', '.join(FORMATS)}")
-    path = Path(path)
-    base = base_model_info(model)
-    check_destination(path, overwrite, [base["name_or_path"]])
-    export = _uniform_export(model) if format == "hf-uniform" else model
-    with atomic_folder(path) as tmp:
-        export.save_pretrained(tmp, safe_serialization=True)
-        finish_checkpoint(tmp, model, format, tokenizer, result, extra, before_commit, base, model_params(export))
-    return path
-
-
-def finish_checkpoint(folder: Path, model: nn.Module, format: str, tokenizer, result, extra: dict | None,
-                      before_commit: Callable[[Path], None] | None, base: dict, parameters: int) -> None:
-    """Everything beside the weights: flap config and modeling file, tokenizer, manifest, extra files."""
-    if format == "flap":
-        _write_flap_config(folder / "config.json", model, spec_of(model))
-        shutil.copyfile(modeling_flap.__file__, folder / "modeling_flap.py")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    manifest = {
-        "format": format,
-        "format_version": FORMAT_VERSION,
-        "architecture": architecture_of(model),
-        "base_model": base,
-        "parameters": parameters,
-        "layers": getattr(model.config, "flap_layers", None),
-        "versions": versions(),
-    }
-    if result is not None:
-        manifest.update(prune_config=result.config.to_dict(), plan=result.plan.to_dict(),
-                        report={k: v for k, v in result.report.to_dict().items() if k != "versions"})
-    manifest.update(extra or {})
-    write_json(folder / MANIFEST, manifest)
-    if before_commit is not None:
-        before_commit(folder)
+    writer = CheckpointWriter(path, model, format, overwrite)
+    with writer.open():
+        writer.save_model(model)
+        writer.finish(model, tokenizer, result, extra, before_commit)
+    return Path(path)
 
 
 def _write_flap_config(config_path: Path, model: nn.Module, spec) -> None:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .arch import ArchSpec, architecture_of, decoder_layers, get_module, model_params, spec_of
-from .checkpoint import atomic_folder, base_model_info, check_destination, finish_checkpoint
+from .arch import ArchSpec, architecture_of, decoder_layers, get_module, spec_of
+from .checkpoint import CheckpointWriter, ShardWriter, check_destination
 from .config import PruneConfig
 from .engine import PruneResult, prune
 from .errors import FlapError
@@ -54,32 +53,6 @@ class WeightStore:
                     t = f.get_tensor(k)
                     out[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
         return out
-
-
-class ShardWriter:
-    """Writes a checkpoint as numbered safetensors shards plus the index, one group of tensors at a time."""
-
-    def __init__(self, folder: Path, n_shards: int):
-        self.folder, self.n_shards, self.count = folder, n_shards, 0
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
-
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.count += 1
-        if self.count > self.n_shards:
-            raise RuntimeError("more shards written than announced")
-        name = f"model-{self.count:05d}-of-{self.n_shards:05d}.safetensors"
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(self.folder / name), metadata={"format": "pt"})
-        for k, v in cpu.items():
-            self.weight_map[k] = name
-            self.total_size += v.numel() * v.element_size()
-
-    def finish(self) -> None:
-        if self.count != self.n_shards:
-            raise RuntimeError(f"wrote {self.count} of {self.n_shards} shards")
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 class OffloadedLayers:
@@ -170,20 +143,20 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
         raise FlapError(f"{source} is not a model folder with config.json; --offload needs a local safetensors checkpoint")
-    check_destination(out, overwrite, [source])
+    check_destination(out, overwrite, [source])  # before any weight is read
     model, store, dtype = _skeleton(source, dtype, device)
     spec = spec_of(model)
     layer_prefix = spec.layers + "."
     others = [n for n in store.names() if not n.startswith(layer_prefix)]
-    with atomic_folder(out) as tmp:
-        writer = ShardWriter(tmp, model.config.num_hidden_layers + len(others))
-        layers = OffloadedLayers(model, spec, store, device, dtype, writer)
+    checkpoint = CheckpointWriter(out, model, "flap", overwrite, [source])
+    with checkpoint.open():
+        shards = checkpoint.shards(model.config.num_hidden_layers + len(others))
+        layers = OffloadedLayers(model, spec, store, device, dtype, shards)
         result = prune(model, calibration, config, batch_size=batch_size, progress=progress, layers=layers)
         for name in others:  # embeddings, final norm, lm_head: copied through one at a time
-            writer.write(store.load([name], "cpu", dtype))
-        writer.finish()
-        model.config.save_pretrained(tmp)
+            shards.write(store.load([name], "cpu", dtype))
+        shards.finish()
+        checkpoint.save_config(model)
         commit = (lambda folder: before_commit(folder, result)) if before_commit is not None else None
-        finish_checkpoint(tmp, model, "flap", tokenizer, result, extra, commit, base_model_info(model),
-                          model_params(model))
+        checkpoint.finish(model, tokenizer, result, extra, commit)
     return result
