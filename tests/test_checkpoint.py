@@ -267,3 +267,13 @@ def test_a_saved_plan_is_data_and_applies_again(tmp_path, arch):
             flap_llm.apply_plan(dense, plan)
     with pytest.raises(FlapError, match="updates has 1 entries"):
         flap_llm.apply_plan(tiny_model(arch), plan, updates[:1])
+
+
+def test_hf_uniform_refuses_a_window_the_stock_target_would_drop(tmp_path):
+    """Mistral's window applies whenever set; a biased LLaMA would attend to everything instead."""
+    model, result = _pruned("mistral", structure="UL-UM")
+    model.config.sliding_window = 8
+    with pytest.raises(FlapError, match="sliding window"):
+        save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
+    model.config.sliding_window = None
+    save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")

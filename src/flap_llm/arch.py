@@ -35,6 +35,9 @@ class ArchSpec:
     gate_up: str | None = None
     # The attention reads its head counts from its config at run time: a pruned layer gets its own copy.
     attn_reads_config: bool = False
+    # The config flag that switches config.sliding_window on (None: on whenever it is set, as in Mistral).
+    # Exports that cannot apply a window (GGUF's deci, a biased LLaMA) refuse a model where it applies.
+    window_switch: str | None = "use_sliding_window"
     embed: str = "model.embed_tokens"
     rotary: str | None = "model.rotary_emb"
     attn_norm: str = "input_layernorm"  # the norm feeding the attention (inside a decoder layer)
@@ -57,7 +60,7 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(),
-    "MistralForCausalLM": ArchSpec(uniform_class="LlamaForCausalLM"),
+    "MistralForCausalLM": ArchSpec(uniform_class="LlamaForCausalLM", window_switch=None),
     "Qwen2ForCausalLM": ArchSpec(uniform_class="LlamaForCausalLM"),
     "Qwen3ForCausalLM": ArchSpec(uniform_bias_keys=("attention_bias", None),
                                  gguf_unsupported="llama.cpp's deci architecture has no per-head q/k norms (Qwen3)"),
@@ -122,6 +125,16 @@ class Dims:
     def group_weight(self) -> float:
         """Parameters of one KV group in units of one MLP channel (3*hidden parameters)."""
         return self.head_dim * (2 * self.group_size + 2) / 3
+
+
+def applied_window(model: nn.Module) -> int | None:
+    """The sliding window the model's attention really applies (shorter than its positions), else None."""
+    c = model.config
+    window = getattr(c, "sliding_window", None)
+    switch = spec_of(model).window_switch
+    if window is None or (switch is not None and not getattr(c, switch, False)):
+        return None
+    return window if window < getattr(c, "max_position_embeddings", 0) else None
 
 
 def config_head_dim(config) -> int:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import modeling_flap
-from .arch import (ARCHITECTURES, architecture_of, config_head_dim, decoder_layers, dims_of, input_projs,
+from .arch import (ARCHITECTURES, applied_window, architecture_of, config_head_dim, decoder_layers, dims_of, input_projs,
                    model_params, spec_of)
 from .errors import FlapError
 from .report import versions
@@ -198,8 +198,7 @@ def _uniform_export(model: nn.Module) -> nn.Module:
     target = spec.uniform_class or arch
     if target != arch:
         # the stock class holds the same computation with biases (LLaMA for Qwen2 and Mistral), but no window
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
-        if window is not None and window < cfg.get("max_position_embeddings", 0):
+        if applied_window(model) is not None:
             raise FlapError(f"{arch} with a sliding window cannot be exported as a biased {target}; use format='flap'")
         import transformers
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
+from ..arch import ArchSpec, applied_window, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
 from ..checkpoint import atomic_file, check_writable_parent
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
@@ -78,9 +78,8 @@ def check_exportable(model: nn.Module, dtype: str) -> None:
     if getattr(config, "flap_mode", None) == "mask":
         raise FlapError("this model was pruned with mode 'mask' (zeroed, full shapes); prune with mode 'prune' "
                         "to export a smaller GGUF")
-    window = getattr(config, "sliding_window", None)
-    uses_window = architecture_of(model) == "MistralForCausalLM" or getattr(config, "use_sliding_window", False)
-    if uses_window and window is not None and window < getattr(config, "max_position_embeddings", 0):
+    window = applied_window(model)
+    if window is not None:
         raise FlapError(f"this model attends through a sliding window of {window} tokens, which llama.cpp's deci "
                         "architecture does not apply; use the flap checkpoint (or --export hf-uniform) instead")
     rope = _rope_parameters(config)
