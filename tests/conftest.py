@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
@@ -44,6 +44,9 @@ def tiny_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 2, dtype=to
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.uniform_(-0.5, 0.5)  # Gemma's norms scale by (1 + weight)
+    elif arch == "granite":
+        model = GraniteForCausalLM(GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                 attention_multiplier=0.3, logits_scaling=2.0, **common))
     elif arch == "phi3":
         model = Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
     else:
@@ -61,7 +64,7 @@ def calibration(n: int = 12, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length), generator=g)
 
 
-ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "granite"]
 
 
 @pytest.fixture(params=ARCHS)

@@ -82,3 +82,21 @@ def test_everything_pruned_by_flap_still_generates():
     gen = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 9)
     assert torch.equal(gen, _greedy(model, ids[:1, :4], 5))
+
+
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one(tmp_path):
+    """As the evaluation windows do; a tokenizer without BOS gets plain random windows, as before."""
+    from flap_llm.data import calibration_windows, sample_windows, tokenize_corpus, load_texts
+    from conftest import tiny_tokenizer
+    from transformers import PreTrainedTokenizerFast
+    plain = tiny_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    windows = calibration_windows(str(text), plain, 6, 12, 0)
+    assert torch.equal(windows, sample_windows(tokenize_corpus(load_texts(str(text), "calib"), plain), 6, 12, 0))
+    tok = PreTrainedTokenizerFast(tokenizer_object=plain.backend_tokenizer, eos_token="<eos>", bos_token="<eos>")
+    from tokenizers.processors import TemplateProcessing
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    assert tok("a").input_ids[0] == 0
+    with_bos = calibration_windows(str(text), tok, 6, 12, 0)
+    assert with_bos.shape == (6, 12) and (with_bos[:, 0] == 0).all() and (with_bos[:, 1:] != 0).all()

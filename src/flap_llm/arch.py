@@ -68,6 +68,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Gemma3ForCausalLM": ArchSpec(mlp_norm="pre_feedforward_layernorm", uniform_bias_keys=("attention_bias", None),
                                   gguf_unsupported="llama.cpp's deci architecture has no q/k norms or post-norms "
                                   "(Gemma 3)"),
+    # Granite: LLaMA's layout with embedding, attention, residual and logit multipliers
+    "GraniteForCausalLM": ArchSpec(gguf_unsupported="llama.cpp's deci architecture has no Granite multipliers"),
     # Phi-3: fused q/k/v and gate/up projections
     "Phi3ForCausalLM": ArchSpec(qkv="qkv_proj", gate_up="gate_up_proj", attn_reads_config=True,
                                 uniform_bias_keys=(None, None),

@@ -225,7 +225,9 @@ def _prune(args) -> int:
     ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
     zs_before = _zeroshot(args, model, tokenizer, tasks)
     _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")
-    calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    from .data import bos_id
+    calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                  "bos_first": tokenizer is not None and bos_id(tokenizer) is not None}
     extra = {"seed": args.seed, "calibration": calib_spec}
     context = {"model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
                "load_s": load_s, "title": f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}"}

@@ -139,8 +139,24 @@ def tokenize_corpus(texts: list[str], tokenizer) -> torch.Tensor:
     return ids
 
 
-def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, spec: str = "text") -> torch.Tensor:
-    """nsamples random windows of seqlen tokens (start positions drawn with a seeded generator)."""
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer adds one by default (so the model expects it), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    return bos if probe and probe[0] == bos else None
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, spec: str = "text",
+                   bos: int | None = None) -> torch.Tensor:
+    """nsamples random windows of seqlen tokens (start positions drawn with a seeded generator); with `bos`,
+    each window is BOS + (seqlen - 1) text tokens."""
+    if bos is not None:
+        if seqlen < 2:
+            raise FlapError("--seqlen must be at least 2 when the tokenizer adds BOS")
+        body = sample_windows(ids, nsamples, seqlen - 1, seed, spec)
+        return torch.cat([torch.full((nsamples, 1), bos, dtype=body.dtype), body], 1)
     if nsamples < 1 or seqlen < 1:
         raise FlapError("--nsamples and --seqlen must be at least 1")
     if ids.numel() <= seqlen:
@@ -152,4 +168,8 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, spe
 
 
 def calibration_windows(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    return sample_windows(tokenize_corpus(load_texts(spec, "calib"), tokenizer), nsamples, seqlen, seed, spec)
+    """Random calibration windows of the text `spec`. When the tokenizer adds BOS, every window starts with
+    it, as the evaluation windows and the model's real inputs do: models such as Gemma 3 put large activations
+    on that position, and statistics that never see it remove what the model needs there."""
+    return sample_windows(tokenize_corpus(load_texts(spec, "calib"), tokenizer), nsamples, seqlen, seed, spec,
+                          bos_id(tokenizer))

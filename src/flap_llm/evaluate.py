@@ -10,17 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import load_texts, tokenize_corpus
+from .data import bos_id, load_texts, tokenize_corpus
 from .errors import FlapError
-
-
-def bos_id(tokenizer) -> int | None:
-    """The BOS id when the tokenizer adds one by default (so the model expects it), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    probe = tokenizer("a", add_special_tokens=True).input_ids
-    return bos if probe and probe[0] == bos else None
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, bos: int | None, limit: int | None = None) -> torch.Tensor:
