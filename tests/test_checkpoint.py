@@ -250,7 +250,7 @@ def test_a_saved_plan_is_data_and_applies_again(tmp_path, arch):
     """The plan in a checkpoint's manifest, applied to the dense model with apply_plan, gives the same model
     (without compensation directly; with FLAP's bias from the dense statistics)."""
     from flap_llm.arch import dims_of, spec_of
-    from flap_llm.flap import bias_updates
+    from flap_llm.methods.flap import bias_updates
     ids = calibration(n=3, length=10)
     for compensation in ("none", "bias"):
         model, result = _pruned(arch, compensation=compensation)

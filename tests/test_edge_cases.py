@@ -57,7 +57,7 @@ def test_empty_attention_output_is_compensated_bias():
     model = tiny_model("llama-mha")
     ids = calibration()
     spec, dims = spec_of(model), dims_of(model)
-    from flap_llm.flap import bias_updates
+    from flap_llm.methods.flap import bias_updates
     from flap_llm.walk import as_batches, collect_statistics
     stats = collect_statistics(model, spec, as_batches(ids, 4, 96))
     plan = _plan_without(model, empty_attn_layer=0, empty_mlp_layer=None)

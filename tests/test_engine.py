@@ -278,7 +278,7 @@ def test_half_precision_models(dtype):
     out = logits(model, ids)
     assert out.dtype == dtype and torch.isfinite(out).all()
     ref = tiny_model("qwen2")
-    from flap_llm.flap import bias_updates
+    from flap_llm.methods.flap import bias_updates
     flap_llm.apply_plan(ref, result.plan, bias_updates(ref, spec_of(ref), dims_of(ref), result.plan, result.stats))
     err = (out.float() - logits(ref, ids)).abs().mean() / logits(ref, ids).abs().mean()
     assert err < 0.05

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import FlapError
-from .flap import COMPENSATIONS
+from .methods.flap import COMPENSATIONS
 from .methods import DATA_FREE, METHODS
 from .metrics import FLUCTUATION_METRICS
 from .select import MANUAL_STRUCTURES, STRUCTURES

@@ -16,7 +16,7 @@ from . import distributed
 from .arch import ArchSpec, Dims, architecture_of, check_dense, decoder_weight_params, dims_of, model_params, spec_of
 from .config import PruneConfig
 from .errors import FlapError
-from .job import Job
+from .methods.job import Job
 from .methods import METHODS
 from .plan import PrunePlan
 from .report import PruneReport, Timer, layer_report, param_report, versions

@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import metrics
-from .apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
-from .arch import ArchSpec, Dims, decoder_layers
-from .compensate import bias_compensation, lsq_compensation
+from .. import metrics
+from ..apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
+from ..arch import ArchSpec, Dims, decoder_layers
+from ..compensate import bias_compensation, lsq_compensation
 from .job import Job
-from .plan import LayerPlan, PrunePlan
-from .select import select
-from .stats import Covariance, LayerStats
-from .walk import collect_statistics, forward_all, output_projections, record_inputs
+from ..plan import LayerPlan, PrunePlan
+from ..select import select
+from ..stats import Covariance, LayerStats
+from ..walk import collect_statistics, forward_all, output_projections, record_inputs
 
 
 def channel_scores(layer: nn.Module, spec: ArchSpec, s: LayerStats, metric: str):

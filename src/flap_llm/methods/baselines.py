@@ -7,13 +7,13 @@ import math
 
 import torch
 
-from . import metrics
-from .apply import LayerUpdate, OutputUpdate, apply_layer
-from .arch import Dims
+from .. import metrics
+from ..apply import LayerUpdate, OutputUpdate, apply_layer
+from ..arch import Dims
 from .job import Job
-from .plan import LayerPlan, PrunePlan
-from .select import align_channels, drop_lowest, uniform
-from .walk import layer_stats, output_projections
+from ..plan import LayerPlan, PrunePlan
+from ..select import align_channels, drop_lowest, uniform
+from ..walk import layer_stats, output_projections
 
 
 def _group_sum(scores: torch.Tensor, dims: Dims) -> torch.Tensor:

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .apply import UpdateFn, apply_plan
-from .arch import ArchSpec, Dims
-from .plan import PrunePlan
-from .report import Timer
-from .select import Selection, align_channels
-from .walk import LayerProvider, walk
+from ..apply import UpdateFn, apply_plan
+from ..arch import ArchSpec, Dims
+from ..plan import PrunePlan
+from ..report import Timer
+from ..select import Selection, align_channels
+from ..walk import LayerProvider, walk
 
 if TYPE_CHECKING:
-    from .config import PruneConfig
+    from ..config import PruneConfig
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Pruning methods by name (PruneConfig.method): each is (job, dense statistics or None) -> (plan, statistics).
 
-FLAP is the paper's method and the default; wanda-sp and mag-sp are the paper's baselines.
+FLAP (flap.py) is the paper's method and the default; wanda-sp and mag-sp (baselines.py) are the paper's
+baselines; job.py holds what every pass of a run shares.
 """
 
 from __future__ import annotations
