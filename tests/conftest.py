@@ -48,7 +48,8 @@ def tiny_model(arch: str = "llama-gqa", seed: int = 0, layers: int = 2, dtype=to
         model = GraniteForCausalLM(GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.3, logits_scaling=2.0, **common))
     elif arch == "phi3":
-        model = Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
+        model = Phi3ForCausalLM(Phi3Config(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                           **common))
     else:
         raise ValueError(arch)
     # Random init is tiny (std 0.02); widen it so activations fluctuate like a trained model's.

@@ -1,0 +1,127 @@
+"""Healing by distillation on tiny models: the loss and the KL to the teacher go down, LoRA merges exactly,
+healed checkpoints reload exactly, resume continues the same curve, bad pairs are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import flap_llm
+from flap_llm import FlapError
+from flap_llm.heal import HealConfig, distill_loss, heal
+from conftest import VOCAB, calibration, tiny_model
+
+pytest.importorskip("peft")
+
+
+def _pair(arch="llama-gqa", ratio=0.5, seed=0):
+    teacher = tiny_model(arch, seed=seed)
+    student = copy.deepcopy(teacher)
+    flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=ratio))
+    return student, teacher
+
+
+@torch.no_grad()
+def _kl(student, teacher, ids) -> float:
+    _, kl = distill_loss(student(ids).logits, teacher(ids).logits, ids, 1.0, 1.0)
+    return float(kl)
+
+
+def test_distill_loss_is_the_kl_and_mixes_the_lm_loss():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    want = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    loss, kl = distill_loss(s, t, ids, 1.0, 1.0)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5) and float(kl) == pytest.approx(float(want), rel=1e-5)
+    assert float(distill_loss(t, t, ids, 2.0, 1.0)[0]) == pytest.approx(0.0, abs=1e-6)
+    lm = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1))
+    assert float(distill_loss(s, t, ids, 1.0, 0.25)[0]) == pytest.approx(float(0.25 * want + 0.75 * lm), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_heal_lowers_loss_and_kl_to_the_teacher(arch, method):
+    student, teacher = _pair(arch)
+    data = calibration(n=32, length=16, seed=5)
+    held_out = calibration(n=8, length=16, seed=9)
+    before, before_train = _kl(student, teacher, held_out), _kl(student, teacher, data)
+    shapes = {n: p.shape for n, p in student.named_parameters()}
+    cfg = HealConfig(tokens=32 * 16 * 10, lr=3e-3 if method == "full" else 1e-2, method=method, batch_size=8)
+    result = heal(student, teacher, data, cfg)
+    assert result.steps == 40 and len(result.loss) == 40 and result.tokens == 32 * 16 * 10
+    assert sum(result.loss[-4:]) < 0.9 * sum(result.loss[:4])
+    # on the training windows and on windows it never saw (random tokens: the hardest case to generalize to)
+    assert _kl(student, teacher, data) < 0.8 * before_train
+    assert _kl(student, teacher, held_out) < 0.9 * before
+    assert {n: p.shape for n, p in student.named_parameters()} == shapes  # same pruned model, no adapters left
+    if method == "lora":
+        assert result.merge_error is not None and result.merge_error < 1e-4
+
+
+def test_healed_checkpoint_reloads_exactly(tmp_path):
+    student, teacher = _pair()
+    heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(tokens=16 * 16 * 2, lr=1e-3))
+    flap_llm.save_pruned(student, tmp_path / "h")
+    ids = calibration(n=3, length=10, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(flap_llm.load_pruned(tmp_path / "h")(ids).logits, student(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, monkeypatch):
+    from flap_llm import heal as heal_mod
+    data = calibration(n=16, length=16, seed=5)
+    cfg = HealConfig(tokens=16 * 16 * 3, lr=1e-3, batch_size=4, grad_accum=2, checkpoint_every=3, warmup=0.2)
+    student, teacher = _pair()
+    straight = heal(student, teacher, data, cfg, checkpoint_dir=tmp_path / "a")
+    assert straight.steps == 6
+
+    saved = heal_mod._save_state
+
+    def save_then_crash(path, state):
+        saved(path, state)
+        raise KeyboardInterrupt
+
+    student2, teacher2 = _pair()
+    monkeypatch.setattr(heal_mod, "_save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student2, teacher2, data, cfg, checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(heal_mod, "_save_state", saved)
+    student3, _ = _pair()  # a fresh process: the pruned student as it was saved before healing
+    resumed = heal(student3, teacher2, data, cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    assert resumed.steps == 3
+    assert resumed.loss == pytest.approx(straight.loss, rel=1e-5)
+    ids = calibration(n=2, length=8, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(student3(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FlapError, match="another heal configuration"):
+        heal(_pair()[0], teacher2, data, HealConfig(**{**cfg.__dict__, "lr": 2e-3}), checkpoint_dir=tmp_path / "b",
+             resume=True)
+
+
+def test_bad_pairs_and_data_are_refused_before_training():
+    student, teacher = _pair()
+    data = calibration(n=4, length=16)
+    other = tiny_model("llama-gqa", seed=7)  # same shapes, other weights
+    with pytest.raises(FlapError, match="not pruned from this model"):
+        heal(student, other, data)
+    with pytest.raises(FlapError, match="teacher is a"):
+        heal(student, tiny_model("qwen2"), data)
+    with pytest.raises(FlapError, match="not pruned"):
+        heal(copy.deepcopy(teacher), teacher, data)
+    bigger = tiny_model("llama-gqa")
+    bigger.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(FlapError, match="vocabulary"):
+        heal(student, bigger, data)
+    with pytest.raises(FlapError, match=r"shape \[N, L\]"):
+        heal(student, teacher, torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(FlapError, match="token ids"):
+        heal(student, teacher, torch.rand(4, 16))
+    with pytest.raises(FlapError, match="heal method"):
+        HealConfig(method="qlora")
+    with pytest.raises(FlapError, match="nothing to resume"):
+        heal(student, teacher, data, resume=True)
