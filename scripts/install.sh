@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: a bare "torch" requirement could make a resolver fetch a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c constraints.txt -e ".[gguf,plot,eval,test]"
+"${PIP[@]}" -c constraints.txt -e ".[gguf,plot,eval,heal,test]"
 # llama.cpp's tools, to run our GGUF exports in the real engine. pip builds them from source once per machine
 # (cmake + a C++ compiler; about 9 minutes on 2 cores) and caches the wheel; the flags below skip what we never run.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF}"

@@ -41,6 +41,12 @@ def _run_two(tmp_path: Path, cfg: dict, arch: str = "llama-gqa") -> dict:
     out = tmp_path / "rank0.pt"
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out), arch=arch))
+    _spawn_two(script)
+    return torch.load(out, weights_only=False)
+
+
+def _spawn_two(script: Path) -> None:
+    """Run `script` as ranks 0 and 1 of a gloo process group on this machine."""
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -49,7 +55,6 @@ def _run_two(tmp_path: Path, cfg: dict, arch: str = "llama-gqa") -> dict:
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
-    return torch.load(out, weights_only=False)
 
 
 @pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
@@ -97,3 +102,41 @@ def test_torchrun_cli(tmp_path):
     one = json.loads((tmp_path / "one" / "flap_manifest.json").read_text())
     assert two["plan"] == one["plan"]
     assert two["report"]["calibration"]["world_size"] == 2
+
+
+HEAL_WORKER = textwrap.dedent("""
+    import copy, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    import flap_llm
+    from flap_llm.heal import HealConfig, heal
+    from conftest import calibration, tiny_model
+    dist.init_process_group("gloo")
+    teacher = tiny_model("llama-gqa")
+    student = copy.deepcopy(teacher)
+    flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
+    result = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**{cfg!r}))
+    if dist.get_rank() == 0:
+        torch.save({{"loss": result.loss, "tokens": result.tokens, "state": student.state_dict()}}, {out!r})
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method):
+    import copy
+    from flap_llm.heal import HealConfig, heal
+    pytest.importorskip("peft")
+    cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method)
+    out = tmp_path / "rank0.pt"
+    script = tmp_path / "heal_worker.py"
+    script.write_text(HEAL_WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out)))
+    _spawn_two(script)
+    two = torch.load(out, weights_only=False)
+    teacher = tiny_model("llama-gqa")
+    student = copy.deepcopy(teacher)
+    flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
+    one = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**cfg))
+    assert two["tokens"] == one.tokens and len(two["loss"]) == len(one.loss) == 4
+    assert two["loss"] == pytest.approx(one.loss, rel=1e-4)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)
