@@ -125,3 +125,44 @@ def test_bad_pairs_and_data_are_refused_before_training():
         HealConfig(method="qlora")
     with pytest.raises(FlapError, match="nothing to resume"):
         heal(student, teacher, data, resume=True)
+
+
+def test_cli_heal_and_prune_heal_tokens(tmp_path, model_dir, text_file):
+    import json
+    from flap_llm.cli import main
+    from flap_llm.checkpoint import MANIFEST
+    pruned = tmp_path / "pruned"
+    common = ["--quiet", "--device", "cpu", "--batch-size", "4", "--eval-limit", "4", "--eval", str(text_file)]
+    assert main(["prune", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "16",
+                 "--ratio", "0.5", "--out", str(pruned), *common]) == 0
+    healed = tmp_path / "healed"
+    before = {p.name: p.read_bytes() for p in pruned.iterdir() if p.is_file()}
+    assert main(["heal", "--model", str(pruned), "--data", str(text_file), "--tokens", "256", "--seqlen", "16",
+                 "--lr", "1e-3", "--out", str(healed), *common]) == 0
+    assert {p.name: p.read_bytes() for p in pruned.iterdir() if p.is_file()} == before  # the input is untouched
+    manifest = json.loads((healed / MANIFEST).read_text())
+    heal_report = json.loads((healed / "heal_report.json").read_text())
+    assert manifest["heal"]["steps"] == 4 and manifest["plan"] == json.loads((pruned / MANIFEST).read_text())["plan"]
+    assert heal_report["teacher"] == str(model_dir) and heal_report["data"]["train"].endswith("(calibration split)")
+    ppl = heal_report["perplexity"]
+    assert ppl["before"] > 1 and ppl["after"] > 1  # a random tiny teacher: its text perplexity is no target
+    a, b = flap_llm.load_pruned(pruned), flap_llm.load_pruned(healed)
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    # closer to the teacher on the text it was healed on
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text_file.read_text(), return_tensors="pt").input_ids[:, :256]
+    ids = ids.reshape(-1, 16)
+    assert _kl(b, teacher, ids) < 0.9 * _kl(a, teacher, ids)
+    # the one-command path: prune, then heal with the dense model in memory as the teacher
+    both = tmp_path / "both"
+    assert main(["prune", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "16",
+                 "--ratio", "0.5", "--heal-tokens", "256", "--out", str(both), *common]) == 0
+    report = json.loads((both / "report.json").read_text())
+    assert report["heal"]["steps"] == 4 and report["heal"]["tokens"] == 256
+    # a teacher it was not pruned from: exit 2, nothing written
+    other = tmp_path / "other"
+    tiny_model("llama-gqa", seed=5).save_pretrained(other)
+    assert main(["heal", "--model", str(pruned), "--teacher", str(other), "--data", str(text_file), "--tokens", "64",
+                 "--seqlen", "16", "--out", str(tmp_path / "bad"), *common]) == 2
+    assert not (tmp_path / "bad").exists()

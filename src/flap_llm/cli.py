@@ -4,6 +4,7 @@ library; bad input exits with code 2 and one line (the traceback only with --deb
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import signal
@@ -63,7 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
     p.add_argument("--gguf", nargs="?", const="f16", default=None, choices=GGUF_DTYPES, metavar="DTYPE",
                    help="also write model-DTYPE.gguf for llama.cpp into --out (DTYPE: f32, f16 (default), bf16, q8_0)")
+    p.add_argument("--heal-tokens", type=int, default=None, metavar="N",
+                   help="after pruning, distill the dense model into the pruned one on N tokens of --calib's text "
+                        "(see `flap-llm heal`)")
     _common(p)
+
+    h = sub.add_parser("heal", help="distill the dense model into a pruned checkpoint to win back quality")
+    h.add_argument("--model", required=True, help="the pruned checkpoint (the --out of flap-llm prune)")
+    h.add_argument("--teacher", default=None,
+                   help="the dense model it was pruned from (default: the base model its manifest names)")
+    h.add_argument("--data", default="builtin:wiki",
+                   help="training text: builtin:wiki (default; its calibration articles, never the held-out ones), "
+                        "builtin:books, a .txt or .jsonl file")
+    h.add_argument("--tokens", type=int, default=250_000, help="training tokens (default 250000)")
+    h.add_argument("--seqlen", type=int, default=128, help="training window length (default 128)")
+    h.add_argument("--method", default="full", choices=["full", "lora"], help="full fine-tuning (default) or LoRA")
+    h.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5 full, 1e-3 LoRA)")
+    h.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    h.add_argument("--kd-weight", type=float, default=1.0,
+                   help="weight of the KL to the teacher; the rest goes to the LM loss (default 1)")
+    h.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    h.add_argument("--seed", type=int, default=0, help="seed for the training windows and their order (default 0)")
+    h.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a resume checkpoint every N steps beside --out (default 0: none)")
+    h.add_argument("--resume", action="store_true", help="continue an interrupted run from its resume checkpoint")
+    h.add_argument("--eval", dest="eval_spec", default="builtin:wiki",
+                   help="perplexity text before and after (default builtin:wiki, held-out articles)")
+    h.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    h.add_argument("--out", required=True, help="output folder for the healed checkpoint")
+    h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _common(h)
 
     x = sub.add_parser("export", help="write a GGUF file for llama.cpp (pruned checkpoint, dense model or .gguf)")
     x.add_argument("--model", default=None, help="pruned checkpoint, local HF folder, .gguf file (default: builtin:smollm2)")
@@ -119,6 +149,8 @@ def _run(args) -> int:
             return _prune(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "heal":
+            return _heal(args)
         return _eval(args)
     except FlapError as e:
         if args.debug:
@@ -180,6 +212,9 @@ def _prune(args) -> int:
     from .models import load_model, load_tokenizer, pick_device, resolve_model
 
     config, out = _validate_prune_args(args)
+    if args.heal_tokens is not None and (args.heal_tokens < 1 or args.offload or config.mode == "mask"):
+        raise FlapError("--heal-tokens needs a positive number of tokens, the model in memory and mode prune; "
+                        "drop --offload/--mode mask, or heal the checkpoint afterwards with `flap-llm heal`")
     if args.gguf and (args.offload or config.mode == "mask"):
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
@@ -245,7 +280,11 @@ def _prune(args) -> int:
                         before_commit=before_commit)
         report = reports["report"]
     else:
+        teacher = copy.deepcopy(model) if args.heal_tokens else None  # the dense model teaches the pruned one
         result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
+        if teacher is not None:
+            extra["heal"] = _heal_after_prune(args, model, teacher, tokenizer, progress)
+            del teacher
         ppl_after = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
         zs_after = _zeroshot(args, model, tokenizer, tasks)
         evaluation = None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen,
@@ -253,6 +292,8 @@ def _prune(args) -> int:
                                                 "ppl_after": ppl_after}
         zeroshot = None if tasks is None else {"before": zs_before, "after": zs_after}
         report = _report(context, result, evaluation, zeroshot)
+        if "heal" in extra:
+            report = report.with_evaluation(heal=extra["heal"])
         extra["metrics"] = {"perplexity": evaluation, "zeroshot": zeroshot}
         if not lead:
             return 0
@@ -266,6 +307,84 @@ def _prune(args) -> int:
                     extra=extra, before_commit=before_commit)
     _say(args, report.summary())
     _say(args, f"saved the pruned model and reports to {out}")
+    return 0
+
+
+def _heal_windows(args, tokenizer, spec: str, tokens: int, seqlen: int):
+    """Training windows of the text's calibration split (the evaluation split is never trained on)."""
+    from .data import calibration_windows
+    return calibration_windows(spec, tokenizer, -(-tokens // seqlen), seqlen, args.seed)
+
+
+def _heal_after_prune(args, model, teacher, tokenizer, progress: bool) -> dict:
+    from .heal import HealConfig, heal
+    cfg = HealConfig(tokens=args.heal_tokens, batch_size=args.batch_size, seed=args.seed)
+    _say(args, f"healing: distilling the dense model into the pruned one on {args.heal_tokens} tokens of {args.calib}")
+    data = _heal_windows(args, tokenizer, args.calib, args.heal_tokens, args.seqlen)
+    result = heal(model, teacher, data, cfg, progress=progress)
+    return {**result.to_dict(), "data": {"train": f"{args.calib} (calibration split)", "windows": list(data.shape)}}
+
+
+def _heal(args) -> int:
+    from . import load_pruned, save_pruned
+    from .checkpoint import check_destination, read_manifest, write_json
+    from .heal import HealConfig, heal
+    from .models import load_model, load_tokenizer, pick_device
+
+    for name in ("tokens", "seqlen", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seqlen < 2:
+        raise FlapError("--seqlen must be at least 2")
+    _check_eval_args(args)
+    tasks = _tasks(args)
+    cfg = HealConfig(tokens=args.tokens, lr=args.lr, method=args.method, temperature=args.temperature,
+                     kd_weight=args.kd_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     seed=args.seed, checkpoint_every=args.checkpoint_every)
+    source = Path(args.model).expanduser()
+    if not source.is_dir():
+        raise FlapError(f"--model {source} is not a folder; give a pruned checkpoint (the --out of flap-llm prune)")
+    manifest = read_manifest(source)
+    teacher_name = args.teacher or manifest.get("base_model", {}).get("name_or_path")
+    if not teacher_name:
+        raise FlapError(f"{source}'s manifest names no base model; give the dense model with --teacher")
+    out = Path(args.out).expanduser()
+    check_destination(out, args.overwrite, [source, teacher_name])
+    state_dir = out.parent / f".{out.name}.heal-state"
+    if args.resume and not (state_dir / "heal-state.pt").is_file():
+        raise FlapError(f"nothing to resume: no resume checkpoint in {state_dir} (run with --checkpoint-every N first)")
+    device = pick_device(args.device)
+    progress = not args.quiet
+    student = load_pruned(source, device=device)
+    tokenizer = load_tokenizer(str(source))
+    teacher, _, teacher_path = load_model(teacher_name, args.dtype, device, progress)
+    from .heal import check_pair
+    check_pair(student, teacher)
+    data = _heal_windows(args, tokenizer, args.data, args.tokens, args.seqlen)
+    ppl_before = None if args.no_eval else _ppl(args, student, tokenizer, args.eval_spec, progress)
+    zs_before = _zeroshot(args, student, tokenizer, tasks)
+    _say(args, f"healing {source} from {teacher_path} on {data.shape[0]} windows x {args.seqlen} tokens of {args.data}")
+    result = heal(student, teacher, data, cfg, progress=progress,
+                  checkpoint_dir=state_dir if (args.checkpoint_every or args.resume) else None, resume=args.resume)
+    del teacher
+    ppl_after = None if args.no_eval else _ppl(args, student, tokenizer, args.eval_spec, progress)
+    zs_after = _zeroshot(args, student, tokenizer, tasks)
+    report = {**result.to_dict(), "zeroshot": None if tasks is None else {"before": zs_before, "after": zs_after}, "model": str(source), "teacher": str(teacher_path),
+              "data": {"train": f"{args.data} (calibration split)", "windows": list(data.shape),
+                       "eval": None if args.no_eval else f"{args.eval_spec} (held-out split)"},
+              "perplexity": None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen,
+                                                       "limit": args.eval_limit, "before": ppl_before,
+                                                       "after": ppl_after}}
+    keep = {k: manifest[k] for k in ("prune_config", "plan", "report", "seed", "calibration", "metrics") if k in manifest}
+    save_pruned(student, out, tokenizer=tokenizer, overwrite=args.overwrite, extra={**keep, "heal": report},
+                before_commit=lambda folder: write_json(folder / "heal_report.json", report))
+    if state_dir.exists():
+        import shutil
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if ppl_before is not None:
+        _say(args, f"perplexity ({args.eval_spec}): {ppl_before:.2f} before, {ppl_after:.2f} after healing")
+    _say(args, f"healed {result.tokens} tokens in {result.seconds:.0f} s ({result.tokens_per_s:.0f} tokens/s); "
+               f"saved to {out}")
     return 0
 
 
