@@ -24,7 +24,7 @@ import flap_llm  # noqa: E402
 from common import MODELS, append_jsonl, load, read_jsonl, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
-from flap_llm.heal import HealConfig, distill_loss, heal  # noqa: E402
+from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 

@@ -108,7 +108,7 @@ HEAL_WORKER = textwrap.dedent("""
     import copy, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     import flap_llm
-    from flap_llm.heal import HealConfig, heal
+    from flap_llm.distill import HealConfig, heal
     from conftest import calibration, tiny_model
     dist.init_process_group("gloo")
     teacher = tiny_model("llama-gqa")
@@ -124,7 +124,7 @@ HEAL_WORKER = textwrap.dedent("""
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method):
     import copy
-    from flap_llm.heal import HealConfig, heal
+    from flap_llm.distill import HealConfig, heal
     pytest.importorskip("peft")
     cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method)
     out = tmp_path / "rank0.pt"

@@ -10,7 +10,7 @@ import torch
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.heal import HealConfig, distill_loss, heal
+from flap_llm.distill import HealConfig, distill_loss, heal
 from conftest import VOCAB, calibration, tiny_model
 
 pytest.importorskip("peft")
@@ -73,7 +73,7 @@ def test_healed_checkpoint_reloads_exactly(tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, monkeypatch):
-    from flap_llm import heal as heal_mod
+    from flap_llm import distill as heal_mod
     data = calibration(n=16, length=16, seed=5)
     cfg = HealConfig(tokens=16 * 16 * 3, lr=1e-3, batch_size=4, grad_accum=2, checkpoint_every=3, warmup=0.2)
     student, teacher = _pair()

@@ -8,8 +8,9 @@ from .apply import LayerUpdate, OutputUpdate, apply_plan
 from .report import PruneReport
 from .checkpoint import load_pruned, save_pruned
 from .export import save_gguf
+from .distill import HealConfig, HealResult, heal
 
 __version__ = "0.1.0"
 
-__all__ = ["FlapError", "LayerPlan", "LayerUpdate", "OutputUpdate", "PruneConfig", "PrunePlan", "PruneReport", "PruneResult",
-           "apply_plan", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]
+__all__ = ["FlapError", "HealConfig", "HealResult", "LayerPlan", "LayerUpdate", "OutputUpdate", "PruneConfig", "PrunePlan", "PruneReport", "PruneResult",
+           "apply_plan", "heal", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]

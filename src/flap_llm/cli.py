@@ -317,7 +317,7 @@ def _heal_windows(args, tokenizer, spec: str, tokens: int, seqlen: int):
 
 
 def _heal_after_prune(args, model, teacher, tokenizer, progress: bool) -> dict:
-    from .heal import HealConfig, heal
+    from .distill import HealConfig, heal
     cfg = HealConfig(tokens=args.heal_tokens, batch_size=args.batch_size, seed=args.seed)
     _say(args, f"healing: distilling the dense model into the pruned one on {args.heal_tokens} tokens of {args.calib}")
     data = _heal_windows(args, tokenizer, args.calib, args.heal_tokens, args.seqlen)
@@ -328,7 +328,7 @@ def _heal_after_prune(args, model, teacher, tokenizer, progress: bool) -> dict:
 def _heal(args) -> int:
     from . import load_pruned, save_pruned
     from .checkpoint import check_destination, read_manifest, write_json
-    from .heal import HealConfig, heal
+    from .distill import HealConfig, heal
     from .models import load_model, load_tokenizer, pick_device
 
     for name in ("tokens", "seqlen", "batch_size", "grad_accum"):
@@ -358,7 +358,7 @@ def _heal(args) -> int:
     student = load_pruned(source, device=device)
     tokenizer = load_tokenizer(str(source))
     teacher, _, teacher_path = load_model(teacher_name, args.dtype, device, progress)
-    from .heal import check_pair
+    from .distill import check_pair
     check_pair(student, teacher)
     data = _heal_windows(args, tokenizer, args.data, args.tokens, args.seqlen)
     ppl_before = None if args.no_eval else _ppl(args, student, tokenizer, args.eval_spec, progress)
