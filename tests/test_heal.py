@@ -166,3 +166,19 @@ def test_cli_heal_and_prune_heal_tokens(tmp_path, model_dir, text_file):
     assert main(["heal", "--model", str(pruned), "--teacher", str(other), "--data", str(text_file), "--tokens", "64",
                  "--seqlen", "16", "--out", str(tmp_path / "bad"), *common]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_interrupted_lora_run_leaves_no_adapters_behind(tmp_path, monkeypatch):
+    from flap_llm import distill as heal_mod
+    student, teacher = _pair()
+    names = {n for n, _ in student.named_modules()}
+
+    def crash(path, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal_mod, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, calibration(n=8, length=16), HealConfig(tokens=8 * 16 * 4, method="lora",
+                                                                        checkpoint_every=1), checkpoint_dir=tmp_path)
+    assert {n for n, _ in student.named_modules()} == names
+    assert all(p.requires_grad for p in student.parameters())

@@ -271,6 +271,7 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
     student.train()
     t0 = time.perf_counter()
     tokens_done = 0
+    completed = False
     bar = tqdm(range(start, total_steps), desc="heal", disable=not progress or rank != 0, unit="step",
                initial=start, total=total_steps)
     try:
@@ -305,10 +306,15 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
                     "params": {n: p.detach().cpu() for n, p in params.items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "loss": list(result.loss), "kl": list(result.kl)})
+        completed = True
     finally:
         student.eval()
         if cuda:
             student.gradient_checkpointing_disable()
+        if peft_model is not None and not completed:
+            peft_model.unload()  # interrupted: drop the adapters, the student keeps its own modules
+        for p in student.parameters():
+            p.requires_grad_(flags.get(id(p), True))
     result.seconds = time.perf_counter() - t0
     result.steps = total_steps - start
     result.tokens = tokens_done
@@ -319,6 +325,4 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
             peft_model.merge_and_unload()
             after = student(probe, use_cache=False).logits.float()
         result.merge_error = float((after - before).abs().max())
-    for p in student.parameters():
-        p.requires_grad_(flags.get(id(p), True))
     return result
