@@ -36,7 +36,8 @@ def test_prune_end_to_end(tmp_path, model_dir, text_file, capsys):
     report = json.loads((out / "report.json").read_text())
     assert manifest["plan"] == report["plan"]
     assert manifest["seed"] == 0
-    assert manifest["calibration"] == {"source": str(text_file), "nsamples": 8, "seqlen": 16, "seed": 0}
+    assert manifest["calibration"] == {"source": str(text_file), "nsamples": 8, "seqlen": 16, "seed": 0,
+                                       "bos_first": False}
     assert manifest["prune_config"]["ratio"] == 0.3
     assert {"torch", "transformers"} <= set(manifest["versions"])
     ppl = report["perplexity"]

@@ -73,7 +73,10 @@ def test_align_changes_each_layer_by_at_most_half_a_multiple():
 def _run_until_paused(tmp_path, argv: list[str]) -> subprocess.Popen:
     marker = tmp_path / "paused"
     env = {**os.environ, "FLAP_LLM_TEST_PAUSE": str(marker), "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "flap_llm", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: give the child
+    # the default disposition, as in a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "flap_llm", *argv], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
