@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from torch import nn
 from .arch import (ArchSpec, Dims, attention_block, check_dense, dims_of, input_projs, output_proj,
                    spec_of)
 from .errors import FlapError
-from .modeling_flap import ConstantAttention
+from .modeling_flap import ConstantAttention, own_head_counts
 from .plan import LayerPlan, PrunePlan
 
 
@@ -94,14 +93,6 @@ def _input_rows(spec: ArchSpec, dims: Dims, lp: LayerPlan, module: str) -> list[
     return [torch.cat([rows + int(off) for rows, off in zip(parts, offsets)])]
 
 
-def _per_layer_config(attn: nn.Module, n_heads: int, n_kv: int) -> None:
-    """A family whose attention reads head counts from its config at run time gets a per-layer copy."""
-    attn.config = copy.copy(attn.config)
-    attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
-    if hasattr(attn, "num_key_value_heads"):
-        attn.num_key_value_heads = n_kv
-
-
 def apply_layer(layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: Dims, lp: LayerPlan,
                 update: LayerUpdate, mode: str) -> None:
     kept_in = {"attn": head_rows(lp.heads, dims.head_dim), "mlp": torch.as_tensor(lp.channels, dtype=torch.long)}
@@ -115,7 +106,7 @@ def apply_layer(layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: Dims, lp
         kept = kept_in[module]
         _update_output(output_proj(layer, spec, module), kept, complement(kept, width[module]), upd, mode)
     if mode == "prune" and spec.attn_reads_config:
-        _per_layer_config(attention_block(layer, spec), len(lp.heads), len(lp.kv_heads))
+        own_head_counts(attention_block(layer, spec), len(lp.heads), len(lp.kv_heads))
     if mode == "prune" and not lp.heads:
         setattr(layer, spec.attn, ConstantAttention(attention_block(layer, spec), layer_idx, spec.o))
 

@@ -59,6 +59,14 @@ def _resize_inputs(block: nn.Module, names: list[str], fused: str | None, d_in: 
         setattr(block, name, _linear_like(old, d_in, d_out, old.bias is not None))
 
 
+def own_head_counts(attn: nn.Module, n_heads: int, n_kv: int) -> None:
+    """An attention that reads its head counts from its config at run time (Phi-3) gets a per-layer copy."""
+    attn.config = copy.copy(attn.config)
+    attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = n_kv
+
+
 def resize_to_flap_layers(model: nn.Module, config) -> None:
     """Give every decoder layer the shapes recorded in config.flap_layers (weights come from the checkpoint)."""
     names = config.flap_modules
@@ -77,10 +85,7 @@ def resize_to_flap_layers(model: nn.Module, config) -> None:
         old = getattr(mlp, names["down"])
         setattr(mlp, names["down"], _linear_like(old, d_ff, hidden, shape["down_proj_bias"]))
         if names.get("attn_reads_config"):
-            attn.config = copy.copy(attn.config)
-            attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
-            if hasattr(attn, "num_key_value_heads"):
-                attn.num_key_value_heads = n_kv
+            own_head_counts(attn, n_heads, n_kv)
         if n_heads == 0:
             setattr(layer, names["attn"], ConstantAttention(attn, idx, names["o"]))
 
