@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import FlapError
 from .methods.flap import COMPENSATIONS
-from .methods import DATA_FREE, METHODS
+from .methods import ALLOCATIONS, DATA_FREE, METHODS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .select import MANUAL_STRUCTURES, STRUCTURES
 
@@ -23,7 +23,9 @@ class PruneConfig:
     """What to prune and how.
 
     ratio: fraction of the decoder's attention+MLP weight parameters to remove, in [0, 1).
-    method: "flap" (the paper), or the baselines "wanda-sp" and "mag-sp" (uniform, no compensation).
+    method: "flap" (the paper, the default); "obs" (structured OBS selection, measured allocation and the
+        least-squares refit: see methods/obs.py); or the baselines "wanda-sp" and "mag-sp" (uniform, no
+        compensation).
     metric: FLAP's fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
     structure: how units are allotted to layers and modules; "AL-AM" (default, adaptive) or
         "UL-UM", "UL-MM", "AL-MM". The *-MM structures need `remove_heads`.
@@ -32,7 +34,12 @@ class PruneConfig:
         columns), or "none".
     mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
     lsq_damp: damping of the least-squares solve, as a fraction of the mean diagonal of C_KK.
-    sequential: for lsq, take the second-pass statistics from the already-pruned earlier layers.
+    sequential: for lsq and obs, take the second-pass statistics from the already-pruned earlier layers.
+    selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
+        "metric" (FLAP's `metric` order).
+    allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
+        error against its width, relative to the residual stream's energy, split under the budget) or
+        "structure" (FLAP's `structure` on FLAP's scores).
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -47,6 +54,8 @@ class PruneConfig:
     lsq_damp: float = 0.01
     sequential: bool = False
     align: int | None = None
+    selection: str = "obs"
+    allocation: str = "measured"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -58,7 +67,14 @@ class PruneConfig:
         _check_choice("structure", self.structure, STRUCTURES)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("mode", self.mode, MODES)
-        if self.method == "flap" and self.structure in MANUAL_STRUCTURES:
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
+            raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
+        if self.method == "obs" and self.compensation not in ("bias", "lsq"):
+            raise FlapError("method obs always refits the kept columns by least squares; leave compensation unset")
+        uses_structure = self.method == "flap" or (self.method == "obs" and self.allocation == "structure")
+        if uses_structure and self.structure in MANUAL_STRUCTURES:
             if self.remove_heads is None:
                 raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
         if self.remove_heads is not None:
@@ -71,7 +87,10 @@ class PruneConfig:
 
     @property
     def effective_compensation(self) -> str:
-        """Baselines never compensate (as in the paper); FLAP uses the configured compensation."""
+        """Baselines never compensate (as in the paper); FLAP uses the configured compensation; obs always
+        refits by least squares."""
+        if self.method == "obs":
+            return "lsq"
         return self.compensation if self.method == "flap" else "none"
 
     @property

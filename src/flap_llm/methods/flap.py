@@ -3,6 +3,8 @@ compensation of the removed inputs (FLAP's bias, or least squares)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -56,22 +58,21 @@ def _lsq_update(proj: nn.Linear, cov: Covariance, kept: torch.Tensor, n: int, da
     return OutputUpdate(bias=b, weight=w)
 
 
-def _compensate_lsq(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
-    """Second pass: per layer, the full input covariance of o_proj/down_proj, the least-squares refit,
-    and the layer is pruned. Covariances live for one layer only."""
-    plan.validate(job.dims)
-    cfg, dims, shapes = job.config, job.dims, []
+def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]], LayerPlan], desc: str) -> PrunePlan:
+    """A pass that prunes each layer with the least-squares refit: per layer, the full input covariance of
+    o_proj/down_proj, `choose` gives the layer's plan from it, the refit, and the layer is pruned.
+    Covariances live for one layer only. With config.sequential the covariances come from the already
+    pruned earlier layers; otherwise the dense outputs propagate."""
+    cfg, dims, shapes, plans = job.config, job.dims, [], []
 
     def visit(idx, layer, inputs):
-        lp = plan.layers[idx]
         proj = output_projections(layer, job.spec)
         sinks = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
         with record_inputs(proj, sinks):
-            # sequential: statistics from the pruned earlier layers, then propagate with this layer pruned;
-            # otherwise propagate the dense outputs now and prune afterwards.
             forward_all(layer, inputs, keep=not cfg.sequential)
         for sink in sinks.values():
             sink.all_reduce_()
+        lp = choose(idx, layer, sinks)
         update = LayerUpdate(
             _lsq_update(proj["attn"], sinks["attn"], head_rows(lp.heads, dims.head_dim), dims.n_heads * dims.head_dim,
                         cfg.lsq_damp),
@@ -80,11 +81,19 @@ def _compensate_lsq(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
         )
         apply_layer(layer, idx, job.spec, dims, lp, update, cfg.mode)
         shapes.append(layer_shape(layer, job.spec, dims, lp, cfg.mode))
+        plans.append(lp)
         job.layers.commit(idx, layer)
         return layer if cfg.sequential else None
 
-    job.walk(visit, "lsq compensation")
+    job.walk(visit, desc)
     record_shapes(job.model, shapes, cfg.mode)
+    return PrunePlan(tuple(plans))
+
+
+def _compensate_lsq(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
+    """Second pass: the plan's layers refit by least squares (the plan is fixed; see refit_walk)."""
+    plan.validate(job.dims)
+    refit_walk(job, lambda idx, layer, covs: plan.layers[idx], "lsq compensation")
 
 
 # Compensations by name (PruneConfig.compensation): (job, plan, dense statistics) -> the model is pruned

@@ -1,0 +1,166 @@
+"""Structured OBS: which input units of an output projection to remove when the kept columns are refit by
+least squares afterwards, and how to split a global budget over many projections (pure tensor math).
+
+An output projection y = W x + b (W: [d_out, d]) sees inputs with covariance C over the calibration tokens.
+Removing a set P of input columns and refitting the kept ones K and the bias optimally (`lsq_compensation`)
+leaves the per-token mean squared output error
+
+    E(P) = tr(W_P S W_P^T),   S = H_PP - H_PK H_KK^-1 H_KP = ((H^-1)_PP)^-1,   H = C + lambda I.
+
+Removing one more unit u (its columns U) from the current kept set with the current refit weights W and
+Q = H_KK^-1 costs tr(W_U (Q_UU)^-1 W_U^T); afterwards W <- W - W_U (Q_UU)^-1 Q_U,: and
+Q <- Q - Q_:,U (Q_UU)^-1 Q_U,: (the structured OBS step). A sequence of such steps adds up to E(P) exactly,
+so the path's error curve is the refit error of every prefix of its removal order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FlapError
+
+
+@dataclass(frozen=True)
+class RemovalPath:
+    """Units of one projection in the order they go, and the refit error after each prefix."""
+
+    order: torch.Tensor  # [n_removed] LongTensor of unit indices, first removed first
+    error: torch.Tensor  # [n_removed + 1] float64: error[k] = E(order[:k]), error[0] = 0
+
+
+def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
+    """H = C + lambda I with lambda = damp * mean(diag C), in float64."""
+    c = cov.to(torch.float64)
+    lam = damp * c.diagonal().mean().clamp_min(1e-12)
+    return c + lam * torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
+
+
+def refit_error(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """E(P) computed directly from the Schur complement (the reference the path must reproduce)."""
+    w = weight.to(torch.float64)
+    removed = removed.to(w.device)
+    kept = torch.ones(h.shape[0], dtype=torch.bool, device=w.device)
+    kept[removed] = False
+    k = torch.nonzero(kept).flatten()
+    s = h[removed][:, removed]
+    if k.numel():
+        s = s - h[removed][:, k] @ torch.linalg.solve(h[k][:, k], h[k][:, removed])
+    wp = w[:, removed]
+    return (wp @ s * wp).sum()
+
+
+def _unit_scores(w: torch.Tensor, q: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """tr(W_U (Q_UU)^-1 W_U^T) of every unit; cols: [n_units, s] column indices into w and q."""
+    if cols.shape[1] == 1:
+        c = cols[:, 0]
+        return (w[:, c] ** 2).sum(0) / q[c, c]
+    q_uu = q[cols[:, :, None], cols[:, None, :]]  # [n, s, s]
+    w_u = w[:, cols].permute(1, 2, 0)  # [n, s, d_out]
+    return (w_u * torch.linalg.solve(q_uu, w_u)).sum((1, 2))
+
+
+def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, block: int = 1,
+                 order: torch.Tensor | None = None) -> RemovalPath:
+    """Remove `n_remove` units of `unit_size` adjacent columns greedily (or in the given `order`), each step
+    taking the `block` units whose removal with the refit raises the output error least.
+
+    weight: [d_out, d]; h: the damped input covariance [d, d] (`damped`). Steps of several units are exact
+    for the units they take; within a step the error is spread linearly over its units (its own order is by
+    single-unit cost). Works on a compacted copy in float64.
+    """
+    d = h.shape[0]
+    if unit_size < 1 or d % unit_size:
+        raise FlapError(f"unit_size {unit_size} does not divide the projection's {d} input columns")
+    n_units = d // unit_size
+    if not 0 <= n_remove <= n_units:
+        raise FlapError(f"cannot remove {n_remove} of {n_units} units")
+    if order is not None and order.numel() < n_remove:
+        raise FlapError(f"the given order has {order.numel()} units, fewer than the {n_remove} to remove")
+    w = weight.detach().to(torch.float64).clone()
+    q = torch.cholesky_inverse(torch.linalg.cholesky(h.to(torch.float64)))
+    dev = q.device
+    unit = torch.arange(n_units, device=dev)  # the unit at each position of the (compacted) w and q
+    alive = torch.ones(n_units, dtype=torch.bool, device=dev)  # per position
+    offsets = torch.arange(unit_size, device=dev)
+    taken: list[int] = []
+    errors = [torch.zeros((), dtype=torch.float64, device=dev)]
+    while len(taken) < n_remove:
+        b = min(block, n_remove - len(taken))
+        pos = torch.nonzero(alive).flatten()
+        cols = pos[:, None] * unit_size + offsets  # [n_alive, unit_size] columns of w and q
+        scores = _unit_scores(w, q, cols)
+        if order is None:
+            pick = torch.sort(scores, stable=True).indices[:b]
+        else:
+            want = order[len(taken):len(taken) + b].to(dev)
+            pick = torch.stack([torch.nonzero(unit[pos] == u)[0, 0] for u in want])
+        c = cols[pick].flatten()
+        q_c, w_c = q[c], w[:, c]  # copies: [b*s, d], [d_out, b*s]
+        q_cc = q_c[:, c]
+        x = torch.linalg.solve(q_cc, q_c)  # (Q_UU)^-1 Q_U,:
+        step = (w_c * torch.linalg.solve(q_cc, w_c.T).T).sum()
+        w.addmm_(w_c, x, alpha=-1.0)
+        q.addmm_(q_c.T, x, alpha=-1.0)
+        share = scores[pick].clamp_min(0)  # the step's cost spread over its units by their own costs
+        share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / b)
+        errors.extend((errors[-1] + step * torch.cumsum(share, 0)).unbind())
+        taken.extend(int(u) for u in unit[pos[pick]])
+        alive[pos[pick]] = False
+        if alive.sum() * 4 < alive.numel() * 3:  # compact once a quarter of the positions are dead
+            keep = torch.nonzero(alive).flatten()
+            kc = (keep[:, None] * unit_size + offsets).flatten()
+            w, q, unit = w[:, kc], q[kc][:, kc], unit[keep]
+            alive = torch.ones(keep.numel(), dtype=torch.bool, device=dev)
+    return RemovalPath(torch.tensor(taken, dtype=torch.long), torch.stack(errors).cpu())
+
+
+def _lower_hull(y: torch.Tensor) -> list[int]:
+    """Indices of the lower convex hull of the points (k, y[k]), k = 0..n, from left to right."""
+    pts: list[int] = []
+    for k in range(y.numel()):
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # drop b when it lies on or above the segment a -> k
+            if (y[b] - y[a]) * (k - a) >= (y[k] - y[a]) * (b - a):
+                pts.pop()
+            else:
+                break
+        pts.append(k)
+    return pts
+
+
+def allocate(curves: list[torch.Tensor], costs: list[float], budget: float) -> list[int]:
+    """How many units each curve gives up so that the removed cost stays within `budget` and the summed
+    error is small: curves[m][k] is module m's error after removing k units, each costing costs[m].
+
+    Greedy on the lower convex hulls: hull segments of all modules in order of error per unit cost (a
+    module's segments come in its own order, since hull slopes increase); a segment that does not fit whole
+    is taken as far as it fits, and later segments of other modules still fill what is left. Exact for
+    convex curves with equal costs; otherwise within one segment of the optimum.
+    """
+    if len(curves) != len(costs):
+        raise FlapError("allocate needs one cost per curve")
+    segments = []
+    for m, y in enumerate(curves):
+        y = y.to(torch.float64)
+        hull = _lower_hull(y)
+        for a, b in zip(hull, hull[1:]):
+            segments.append((float(y[b] - y[a]) / ((b - a) * costs[m]), m, a, b))
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    removed = [0] * len(curves)
+    closed = [False] * len(curves)
+    left = budget * (1 + 1e-12)
+    for _, m, a, b in segments:
+        if closed[m] or removed[m] != a:
+            continue
+        take = min(b - a, int(left // costs[m] + 1e-9))
+        if take <= 0:
+            closed[m] = True
+            continue
+        removed[m] += take
+        left -= take * costs[m]
+        if take < b - a:
+            closed[m] = True
+    return removed
