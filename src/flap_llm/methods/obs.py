@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import distributed
 from ..arch import Dims
+from ..errors import FlapError
 from ..plan import LayerPlan, PrunePlan
 from ..reconstruct import RemovalPath, allocate, damped, removal_path
 from ..select import select, total_weight
@@ -122,7 +123,12 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             for (attn, mlp), e in zip(dense_paths, energy):
                 curves += [attn.error / e, mlp.error / e]
                 costs += [dims.group_weight, 1.0]
-            counts = allocate(curves, costs, cfg.ratio * total_weight(dims))
+            budget = cfg.ratio * total_weight(dims)
+            counts = allocate(curves, costs, budget)
+            if sum(k * c for k, c in zip(counts, costs)) < budget - 1:
+                raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head and "
+                                f"{MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
+                                "allocation='structure'")
             counts = [(counts[2 * i], counts[2 * i + 1]) for i in range(dims.n_layers)]
         else:
             sel = select(cfg.structure, [a for a, _ in scores], [m for _, m in scores], dims, cfg.ratio,

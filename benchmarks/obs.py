@@ -1,0 +1,128 @@
+"""The obs ablation: FLAP, FLAP + lsq, and method obs with each of its parts on and off, at several ratios:
+perplexity on held-out Wikipedia and on a second domain (books), zero-shot accuracy, and pruning time, every
+row on the same calibration windows, side by side in one run.
+
+Each finished row is appended to a JSONL file (stop and resume at will); `--render` prints the tables.
+
+  .venv/bin/python benchmarks/obs.py --model smollm2 --ratios 0.2,0.5 --zs-limit 20
+  .venv/bin/python benchmarks/obs.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flap_llm  # noqa: E402
+from common import MODELS, append_jsonl, load, read_jsonl  # noqa: E402
+from flap_llm.data import calibration_windows  # noqa: E402
+from flap_llm.evaluate import perplexity  # noqa: E402
+from flap_llm.report import versions  # noqa: E402
+from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+
+# name -> PruneConfig fields (besides ratio)
+ROWS = {
+    "flap": {},
+    "flap+lsq": {"compensation": "lsq"},
+    "flap+lsq UL-UM": {"compensation": "lsq", "structure": "UL-UM"},
+    "+selection": {"method": "obs", "allocation": "structure"},
+    "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM"},
+    "+allocation": {"method": "obs", "selection": "metric"},
+    "obs": {"method": "obs"},
+    "obs sequential": {"method": "obs", "sequential": True},
+}
+
+
+def render(results: Path) -> str:
+    rows = read_jsonl(results)
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r for r in mine if r["name"] == "dense"), None)
+        out.append(f"#### {model}\n")
+        if dense:
+            out.append(f"Dense: wiki {dense['ppl_wiki']:.2f}, books {dense['ppl_books']:.2f}"
+                       + (f", zero-shot avg {100 * dense['zeroshot_avg']:.1f}" if dense["zeroshot_avg"] is not None
+                          else "") + ".\n")
+        out += ["| ratio | row | removed | wiki ppl | gap / FLAP+lsq gap | books ppl | zero-shot avg | prune (s) | "
+                "prune / FLAP+lsq |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for ratio in sorted({r["ratio"] for r in mine if r["name"] != "dense"}):
+            at = [r for r in mine if r["ratio"] == ratio and r["name"] != "dense"]
+            ref = next((r for r in at if r["name"] == "flap+lsq"), None)
+            for r in sorted(at, key=lambda r: list(ROWS).index(r["name"])):
+                gap = (f"{(r['ppl_wiki'] - dense['ppl_wiki']) / (ref['ppl_wiki'] - dense['ppl_wiki']):.2f}"
+                       if ref and dense else "–")
+                zs = f"{100 * r['zeroshot_avg']:.1f}" if r["zeroshot_avg"] is not None else "–"
+                speed = f"{r['prune_s'] / ref['prune_s']:.2f}" if ref else "–"
+                out.append(f"| {ratio:.0%} | {r['name']} | {r['removed_decoder']:.1%} | {r['ppl_wiki']:.2f} | {gap} | "
+                           f"{r['ppl_books']:.2f} | {zs} | {r['prune_s']:.0f} | {speed} |")
+        commands = dict.fromkeys(r["command"] for r in mine)
+        out.append("\nCommand" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
+                   + f"  \nVersions: `{json.dumps(mine[0]['versions'])}`\n")
+    return "\n".join(out)
+
+
+def _measure(m, tok, args) -> dict:
+    ppl = {d: perplexity(m, tok, d, 128, args.batch_size, args.eval_limit)["ppl"]
+           for d in ("builtin:wiki", "builtin:books")}
+    zs = evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size) if args.zs_limit else None
+    return {"ppl_wiki": ppl["builtin:wiki"], "ppl_books": ppl["builtin:books"],
+            "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--ratios", default="0.2,0.3,0.5")
+    ap.add_argument("--only", default=None, help="comma-separated row names (default: all of ROWS)")
+    ap.add_argument("--eval-limit", type=int, default=48)
+    ap.add_argument("--zs-limit", type=int, default=20, help="zero-shot examples per task (0 = skip)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.render:
+        print(render(Path(args.results)))
+        return
+    torch.manual_seed(0)
+    results = Path(args.results)
+    done = {(r["model"], r["name"], r["ratio"]) for r in read_jsonl(results)}
+    model, tok, _ = load(args.model)
+    calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
+    names = args.only.split(",") if args.only else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    plan = [("dense", 0.0)] + [(n, float(r)) for r in args.ratios.split(",") for n in names]
+    common = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_limit": args.eval_limit,
+              "zs_limit": args.zs_limit, "versions": versions(), "command": " ".join(["python", *sys.argv])}
+    for name, ratio in plan:
+        if (args.model, name, ratio) in done:
+            continue
+        m = copy.deepcopy(model)
+        report, t = None, time.perf_counter()
+        if name != "dense":
+            report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
+                                    batch_size=args.batch_size).report
+        prune_s = time.perf_counter() - t
+        row = {**common, "name": name, "ratio": ratio, "config": ROWS.get(name, {}), "prune_s": prune_s,
+               "timings_s": report["timings_s"] if report else None,
+               "removed_decoder": report["params"]["decoder_removed_fraction"] if report else 0.0,
+               **_measure(m, tok, args)}
+        append_jsonl(results, row)
+        print(f"{args.model} {name} {ratio}: wiki {row['ppl_wiki']:.2f} books {row['ppl_books']:.2f} "
+              f"prune {prune_s:.0f}s", flush=True)
+        del m
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Method obs: the structured OBS path and the allocation on hand-made tensors, then the method on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import flap_llm
+from conftest import ARCHS, calibration, tiny_model
+from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
+from flap_llm.reconstruct import allocate, damped, refit_error, removal_path
+
+
+def _problem(d: int, d_out: int, seed: int, n: int = 300):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    x[:, 0] *= 5  # an outlier channel, as down_proj inputs have
+    w = torch.randn(d_out, d, generator=g, dtype=torch.float64)
+    return w, damped(torch.cov(x.T, correction=0), 0.01)
+
+
+def _columns(units: torch.Tensor, size: int) -> torch.Tensor:
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_path_error_is_the_refit_error_of_every_prefix(seed):
+    w, h = _problem(10, 6, seed)
+    path = removal_path(w, h, 1, 9)
+    assert path.order.tolist() != list(range(9)) and sorted(path.order.tolist()) == sorted(set(path.order.tolist()))
+    for k in range(10):
+        assert float(path.error[k]) == pytest.approx(float(refit_error(w, h, path.order[:k])), rel=1e-9, abs=1e-12)
+    assert bool((path.error[1:] >= path.error[:-1] - 1e-12).all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_step_against_brute_force(seed):
+    """The first greedy step is the best single removal; every greedy prefix is within reach of the best
+    subset of its size and never below it."""
+    w, h = _problem(9, 5, seed)
+    path = removal_path(w, h, 1, 8)
+    for k in range(1, 9):
+        best = min(float(refit_error(w, h, torch.tensor(s))) for s in itertools.combinations(range(9), k))
+        assert float(path.error[k]) >= best - 1e-9
+        if k == 1:
+            assert float(path.error[1]) == pytest.approx(best, rel=1e-12)
+    # greedy is optimal on half of the prefixes at least, and beats removing by the diagonal score (FLAP's
+    # WIFV: variance times squared column norm, no refit in view) over the whole path
+    hits = sum(float(path.error[k]) <= 1.0001 * min(float(refit_error(w, h, torch.tensor(s)))
+                                                   for s in itertools.combinations(range(9), k)) for k in range(1, 9))
+    assert hits >= 4
+    diagonal = torch.sort((w ** 2).sum(0) * h.diagonal(), stable=True).indices
+    assert float(path.error.sum()) < float(removal_path(w, h, 1, 8, order=diagonal).error.sum())
+
+
+def test_group_units_and_blocks_and_given_order():
+    w, h = _problem(12, 4, 7)
+    groups = removal_path(w, h, 3, 3)  # 4 units of 3 columns
+    for k in range(4):
+        assert float(groups.error[k]) == pytest.approx(float(refit_error(w, h, _columns(groups.order[:k], 3))), rel=1e-9)
+    best = min(float(refit_error(w, h, _columns(torch.tensor([u]), 3))) for u in range(4))
+    assert float(groups.error[1]) == pytest.approx(best, rel=1e-12)
+    blocked = removal_path(w, h, 1, 9, block=3)  # exact at the block boundaries
+    for k in (3, 6, 9):
+        assert float(blocked.error[k]) == pytest.approx(float(refit_error(w, h, blocked.order[:k])), rel=1e-9)
+    order = torch.tensor([5, 0, 11, 2])
+    forced = removal_path(w, h, 1, 4, order=order)
+    assert forced.order.tolist() == order.tolist()
+    assert float(forced.error[4]) == pytest.approx(float(refit_error(w, h, order)), rel=1e-9)
+
+
+def test_path_refuses_bad_shapes():
+    w, h = _problem(6, 3, 0)
+    with pytest.raises(FlapError, match="unit_size"):
+        removal_path(w, h, 4, 1)
+    with pytest.raises(FlapError, match="cannot remove"):
+        removal_path(w, h, 1, 7)
+
+
+def _exhaustive(curves, costs, budget):
+    """The least summed error over allocations that remove within one channel (cost 1) of the budget."""
+    best = None
+    for ks in itertools.product(*[range(c.numel()) for c in curves]):
+        if budget - 1 < sum(k * c for k, c in zip(ks, costs)) <= budget + 1e-9:
+            e = sum(float(c[k]) for c, k in zip(curves, ks))
+            best = e if best is None else min(best, e)
+    return best
+
+
+def _objective(curves, ks):
+    return sum(float(c[k]) for c, k in zip(curves, ks))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocation_is_optimal_on_convex_curves_with_equal_costs(seed):
+    g = torch.Generator().manual_seed(seed)
+    curves = [torch.cat([torch.zeros(1), torch.cumsum(torch.sort(torch.rand(5, generator=g, dtype=torch.float64)).values, 0)])
+              for _ in range(3)]
+    for budget in range(0, 16):
+        ks = allocate(curves, [1.0] * 3, budget)
+        assert sum(ks) == budget
+        assert _objective(curves, ks) == pytest.approx(_exhaustive(curves, [1.0] * 3, budget), abs=1e-12)
+
+
+def test_allocation_takes_the_hull_past_a_bump():
+    """A module whose second unit is dear but whose third and fourth are free is worth opening."""
+    bumpy = torch.tensor([0.0, 0.1, 1.0, 1.0, 1.0], dtype=torch.float64)
+    steady = torch.tensor([0.0, 0.3, 0.6, 0.9, 1.2], dtype=torch.float64)
+    ks = allocate([bumpy, steady], [1.0, 1.0], 4)
+    assert ks == [4, 0]
+    assert _objective([bumpy, steady], ks) == pytest.approx(_exhaustive([bumpy, steady], [1.0, 1.0], 4))
+
+
+def test_allocation_against_exhaustive_on_a_tiny_model():
+    """The real error curves of a tiny model's modules, with groups dearer than channels: the allocation is
+    within the budget and its summed error within one unit's step of the exhaustive optimum."""
+    model = tiny_model("llama-mha", layers=2)
+    from flap_llm.arch import dims_of, spec_of
+    from flap_llm.walk import output_projections
+    from flap_llm.stats import Covariance
+    from flap_llm.walk import record_inputs, forward_all, capture_inputs
+    spec, dims = spec_of(model), dims_of(model)
+    batches = list(calibration().split(4))
+    first, kwargs = capture_inputs(model, spec, batches)
+    inputs = [(h, k) for (h, _), k in zip(first, kwargs[0])]
+    layer = model.model.layers[0]
+    proj = output_projections(layer, spec)
+    covs = {k: Covariance(m.in_features) for k, m in proj.items()}
+    with torch.no_grad(), record_inputs(proj, covs):
+        forward_all(layer, inputs, keep=False)
+    attn = removal_path(proj["attn"].weight, damped(covs["attn"].cov, 0.01), 16, 4).error
+    mlp = removal_path(proj["mlp"].weight, damped(covs["mlp"].cov, 0.01), 1, 50).error
+    curves, costs = [attn, mlp], [dims.group_weight, 1.0]
+    for budget in (0, 5, 12, 20, 30, 45, 60):
+        ks = allocate(curves, costs, budget)
+        assert budget - 1 < sum(k * c for k, c in zip(ks, costs)) <= budget + 1e-9
+        opt = _exhaustive(curves, costs, budget)
+        step = max(float((c[1:] - c[:-1]).max()) for c in curves)
+        assert opt <= _objective(curves, ks) <= opt + step
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_obs_metric_structure_is_flap_lsq(arch):
+    """With FLAP's selection and allocation, obs is FLAP + lsq exactly: the parts are separable."""
+    model, cal = tiny_model(arch), calibration()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = prune(a, cal, PruneConfig(ratio=0.3, compensation="lsq"))
+    rb = prune(b, cal, PruneConfig(ratio=0.3, method="obs", selection="metric", allocation="structure"))
+    assert ra.plan == rb.plan
+    ids = calibration(3, 16, seed=5)
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sequential", [False, True])
+def test_obs_mask_equals_prune_and_reloads(arch, sequential, tmp_path):
+    model, cal = tiny_model(arch), calibration()
+    cfg = PruneConfig(ratio=0.4, method="obs", sequential=sequential)
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    rp = prune(pruned, cal, cfg)
+    rm = prune(masked, cal, PruneConfig(**{**cfg.to_dict(), "mode": "mask"}))
+    assert rp.plan == rm.plan
+    assert rp.report["compensation"] == "lsq"
+    assert rp.report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
+    ids = calibration(3, 16, seed=5)
+    assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
+    save_pruned(pruned, tmp_path / "ckpt", result=rp)
+    again = load_pruned(tmp_path / "ckpt")
+    assert torch.equal(_logits(pruned, ids), _logits(again, ids))
+    # the plan is data: applying it to the dense model with the same per-layer refit gives the same model
+    assert flap_llm.PrunePlan.from_dict(rp.plan.to_dict()) == rp.plan
+
+
+def test_obs_lowers_the_layer_error_below_flap_lsq():
+    """On a tiny model at the same per-layer counts, OBS selection leaves less output error than FLAP's
+    metric order does: the sum over the layers' refit errors of the chosen sets, measured directly."""
+    model, cal = tiny_model("llama-mha", layers=2), calibration(24)
+    ids = calibration(8, 16, seed=9)
+    dense = _logits(model, ids)
+    errs = {}
+    for sel in ("metric", "obs"):
+        m = copy.deepcopy(model)
+        prune(m, cal, PruneConfig(ratio=0.4, method="obs", selection=sel, allocation="structure", structure="UL-UM"))
+        errs[sel] = float((_logits(m, ids) - dense).pow(2).mean())
+    assert errs["obs"] < errs["metric"]
+
+
+def test_obs_options_are_checked():
+    with pytest.raises(FlapError, match="selection"):
+        PruneConfig(method="obs", selection="best")
+    with pytest.raises(FlapError, match="options of method obs"):
+        PruneConfig(method="flap", allocation="structure")
+    with pytest.raises(FlapError, match="least squares"):
+        PruneConfig(method="obs", compensation="none")
+    with pytest.raises(FlapError, match="remove_heads"):
+        PruneConfig(method="obs", allocation="structure", structure="AL-MM")
+    PruneConfig(method="obs", allocation="structure", structure="AL-MM", remove_heads=1)
