@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import COMPENSATIONS, METHODS, MODES, STRUCTURES, PruneConfig
+from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
 from .export import GGUF_DTYPES
@@ -50,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
     p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
     p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
-    p.add_argument("--sequential", action="store_true", help="lsq: statistics from the already-pruned layers")
+    p.add_argument("--sequential", action="store_true",
+                   help="lsq, obs: second-pass statistics from the already-pruned layers")
+    p.add_argument("--selection", default="obs", choices=list(SELECTIONS),
+                   help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
+    p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
+                   help="obs: per-module widths by measured refit error (default) or by FLAP's --structure")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -170,12 +176,16 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
         if getattr(args, name) < 1:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
     _check_eval_args(args)
+    if args.export == "hf-uniform" and args.method == "obs" and args.allocation == "measured":
+        raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's measured "
+                        "allocation does not give; use --allocation structure --structure UL-UM, or --export flap")
     if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
         raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "
                         f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
-                         sequential=args.sequential, align=args.align)
+                         sequential=args.sequential, align=args.align,
+                         selection=args.selection, allocation=args.allocation)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []
@@ -259,13 +269,13 @@ def _prune(args) -> int:
               f"model's {max_pos} positions; its outputs there are not meaningful", file=sys.stderr)
     ppl_before = None if args.no_eval else _ppl(args, model, tokenizer, args.eval_spec, progress)
     zs_before = _zeroshot(args, model, tokenizer, tasks)
-    _say(args, f"pruning {path} ({config.method}, {config.structure}, {config.metric}, ratio {config.ratio})")
+    _say(args, f"pruning {path} ({config.label}, ratio {config.ratio})")
     from .data import bos_id
     calib_spec = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                   "bos_first": tokenizer is not None and bos_id(tokenizer) is not None}
     extra = {"seed": args.seed, "calibration": calib_spec}
     context = {"model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
-               "load_s": load_s, "title": f"{Path(path).name}: {config.method} {config.structure} {config.ratio:.0%}"}
+               "load_s": load_s, "title": f"{Path(path).name}: {config.label} {config.ratio:.0%}"}
     if args.offload:
         from .models import parse_dtype
         from .offload import prune_offloaded

@@ -94,6 +94,16 @@ class PruneConfig:
         return self.compensation if self.method == "flap" else "none"
 
     @property
+    def label(self) -> str:
+        """The method and what shapes its plan, for messages and plot titles."""
+        if self.method == "obs":
+            alloc = "measured allocation" if self.allocation == "measured" else self.structure
+            return f"obs, {self.selection} selection, {alloc}"
+        if self.method == "flap":
+            return f"flap, {self.structure}, {self.metric}"
+        return self.method
+
+    @property
     def needs_data(self) -> bool:
         return self.method not in DATA_FREE
 
