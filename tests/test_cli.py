@@ -66,6 +66,32 @@ def test_prune_jsonl_mask_uniform_export(tmp_path, model_dir):
     assert model.config.intermediate_size == 48 and model.config.num_key_value_heads == 1
 
 
+def test_prune_obs(tmp_path, model_dir, text_file):
+    """--method obs end to end: the manifest records its options, the checkpoint reloads with its perplexity, and
+    the uniform ablation exports as a stock model."""
+    out = tmp_path / "obs"
+    rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
+                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--sequential", "--out", out)
+    assert rc == 0
+    manifest = json.loads((out / "flap_manifest.json").read_text())
+    cfg = manifest["prune_config"]
+    assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "measured", True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["compensation"] == "lsq"
+    assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
+    res_file = tmp_path / "ppl.json"
+    assert main(["eval", "--quiet", "--model", str(out), "--ppl", str(text_file), "--eval-seqlen", "16",
+                 "--json", str(res_file), "--device", "cpu"]) == 0
+    assert json.loads(res_file.read_text())["perplexity"]["ppl"] == pytest.approx(report["perplexity"]["ppl_after"],
+                                                                                rel=1e-5)
+    uniform = tmp_path / "uniform"
+    assert run_cli("--model", model_dir, "--calib", text_file, "--no-eval", "--nsamples", 8, "--seqlen", 16,
+                   "--ratio", 0.5, "--method", "obs", "--allocation", "structure", "--structure", "UL-UM",
+                   "--export", "hf-uniform", "--out", uniform) == 0
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(uniform).config.intermediate_size == 48
+
+
 def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     out = tmp_path / "o"
     proc = subprocess.run([sys.executable, "-m", "flap_llm", "prune", "--model", str(model_dir), "--calib",
@@ -87,6 +113,9 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", m, "--structure", "AL-MM"], "remove_heads"),
     (lambda t, m, f: ["--model", t / "bad.gguf"], "could not load the GGUF"),
     (lambda t, m, f: ["--model", "builtin:gpt5"], "unknown built-in model"),
+    (lambda t, m, f: ["--model", m, "--selection", "metric"], "options of method obs"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "measured allocation"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--ratio", 0.95], "needs more than the measured allocation"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, model_dir, text_file, capsys, make_args, words):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
