@@ -58,7 +58,7 @@ def _spawn_two(script: Path) -> None:
 
 
 @pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
-                                 dict(ratio=0.4, compensation="lsq")])
+                                 dict(ratio=0.4, compensation="lsq"), dict(ratio=0.4, method="obs", sequential=True)])
 def test_two_processes_same_plan_as_one(tmp_path, cfg):
     _two_equals_one(tmp_path, cfg, "llama-gqa")
 
@@ -75,11 +75,13 @@ def _two_equals_one(tmp_path, cfg, arch):
     assert two["plan"] == one.plan.to_dict()
     assert two["report"]["calibration"]["world_size"] == 2
     assert two["report"]["calibration"]["windows"] == 13
+    # FLAP's sums are float64 throughout; obs reads its statistics off covariances of float32 products
+    tol = 1e-12 if cfg.get("method", "flap") == "flap" else 1e-6
     if one.stats is not None:
         for a, b in zip(two["stats"], one.stats):
             assert a.attn.n == b.attn.n == 13 * 16
-            torch.testing.assert_close(a.attn.sum, b.attn.sum, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(a.mlp.sumsq, b.mlp.sumsq, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.attn.sum, b.attn.sum, rtol=tol, atol=tol)
+            torch.testing.assert_close(a.mlp.sumsq, b.mlp.sumsq, rtol=tol, atol=tol)
 
 
 def test_torchrun_cli(tmp_path):
