@@ -2,10 +2,14 @@
 budget over layers and modules by the measured error, not by standardized scores.
 
 Two passes, like FLAP + lsq:
+0. One forward and backward pass of the whole model gives the Fisher information F of the next-token
+   distribution with respect to every o_proj/down_proj output (`fisher.py`): an output error e costs about
+   1/2 e^T F e of KL divergence, so errors weighted by F^(1/2) are comparable across layers and modules.
 1. On the dense model, each layer's o_proj/down_proj input covariances give FLAP's statistics and, for the
-   measured allocation, each module's removal path (`reconstruct.removal_path`: greedy structured OBS, with
-   its refit error after every prefix). The errors, relative to the energy of the residual stream entering
-   the layer (what every later layer reads, normalized), are split under the budget by `reconstruct.allocate`.
+   measured allocation, each module's removal path (`reconstruct.removal_path`: greedy structured OBS on the
+   Fisher-weighted output error, with its refit error after every prefix), split under the budget by
+   `reconstruct.allocate`. (The refit itself is the plain least squares: weighting the outputs by any
+   invertible matrix leaves its solution unchanged.)
 2. The refit pass (`flap.refit_walk`): per layer the units chosen (greedy OBS again on this pass's
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns, and the layer is pruned.
@@ -21,19 +25,21 @@ import math
 import torch
 from torch import nn
 
-from .. import distributed
 from ..arch import Dims
 from ..errors import FlapError
+from ..fisher import output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
 from ..reconstruct import RemovalPath, allocate, damped, removal_path
 from ..select import select, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats
-from ..walk import forward_all, output_projections, record_inputs
+from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
 from .flap import channel_scores, refit_walk
 from .job import Job
 
 # the largest share of one layer's MLP channels the measured allocation may remove (its paths stop there)
 MAX_MLP_REMOVED = 0.9
+# the Fisher weighting's ridge, as a fraction of the Fisher matrix's mean eigenvalue
+FISHER_RIDGE = 0.01
 # MLP channels taken per greedy OBS step: 1/STEPS of the layer's width (heads go one KV group at a time)
 STEPS = 128
 
@@ -43,28 +49,25 @@ def _stats_of(cov: Covariance) -> ChannelStats:
     return ChannelStats(cov.dim, cov.n, cov.sum.clone(), cov.outer.diagonal().clone())
 
 
-def _residual_energy(inputs) -> float:
-    """Mean squared norm of the residual stream over the calibration tokens (all ranks)."""
-    acc = torch.zeros(2, dtype=torch.float64)
-    for hidden, _ in inputs:
-        acc[0] += hidden.detach().to(torch.float64).pow(2).sum().cpu()
-        acc[1] += hidden.shape[0] * hidden.shape[1]
-    distributed.all_reduce_sum_(acc)
-    return float(acc[0] / acc[1])
-
-
 def _metric_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.cpu(), stable=True).indices
 
 
 def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tuple[int, int],
-           orders: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[RemovalPath, RemovalPath]:
-    """Removal paths of one layer's o_proj (KV groups) and down_proj (channels), to the given counts."""
+           orders: tuple[torch.Tensor, torch.Tensor] | None,
+           weights: dict[str, torch.Tensor] | None) -> tuple[RemovalPath, RemovalPath]:
+    """Removal paths of one layer's o_proj (KV groups) and down_proj (channels), to the given counts, on the
+    Fisher-weighted output error (`weights`: F^(1/2) per projection; None: the plain output error)."""
     dims, damp = job.dims, job.config.lsq_damp
     proj = output_projections(layer, job.spec)
-    attn = removal_path(proj["attn"].weight, damped(covs["attn"].cov, damp), dims.group_size * dims.head_dim,
+
+    def w(name):
+        weight = proj[name].weight.detach().to(torch.float64)
+        return weight if weights is None else weights[name].to(weight.device) @ weight
+
+    attn = removal_path(w("attn"), damped(covs["attn"].cov, damp), dims.group_size * dims.head_dim,
                         counts[0], 1, None if orders is None else orders[0])
-    mlp = removal_path(proj["mlp"].weight, damped(covs["mlp"].cov, damp), 1, counts[1],
+    mlp = removal_path(w("mlp"), damped(covs["mlp"].cov, damp), 1, counts[1],
                        max(1, dims.d_ff // STEPS), None if orders is None else orders[1])
     return attn, mlp
 
@@ -91,7 +94,14 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     stats: list[LayerStats] = []
     scores: list[tuple[torch.Tensor, torch.Tensor]] = []
     dense_paths: list[tuple[RemovalPath, RemovalPath]] = []
-    energy: list[float] = []
+    weights: list[dict[str, torch.Tensor]] | None = None
+    if cfg.selection == "obs" or measured:
+        if not isinstance(job.layers, InMemoryLayers):
+            raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
+                            "without --offload, or with selection='metric' and allocation='structure'")
+        with job.timer("sensitivity"):
+            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress)
+            weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def order_of(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """FLAP's removal order of layer i (lowest score first), for selection="metric"."""
@@ -101,7 +111,6 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         return _metric_order(attn.reshape(dims.n_kv_heads, -1).sum(1)), _metric_order(mlp)
 
     def survey(idx, layer, inputs):
-        energy.append(_residual_energy(inputs))
         proj = output_projections(layer, job.spec)
         covs = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
         with record_inputs(proj, covs):
@@ -111,7 +120,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         stats.append(LayerStats(_stats_of(covs["attn"]), _stats_of(covs["mlp"])))
         scores.append(channel_scores(layer, job.spec, stats[-1], cfg.metric))
         if measured:
-            dense_paths.append(_paths(layer, job, covs, (dims.n_kv_heads, mlp_cap), order_of(idx)))
+            dense_paths.append(_paths(layer, job, covs, (dims.n_kv_heads, mlp_cap), order_of(idx), weights[idx]))
         return None
 
     with job.timer("statistics"):
@@ -120,8 +129,8 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     with job.timer("plan"):
         if measured:
             curves, costs = [], []
-            for (attn, mlp), e in zip(dense_paths, energy):
-                curves += [attn.error / e, mlp.error / e]
+            for attn, mlp in dense_paths:
+                curves += [attn.error, mlp.error]
                 costs += [dims.group_weight, 1.0]
             budget = cfg.ratio * total_weight(dims)
             counts = allocate(curves, costs, budget)
@@ -144,7 +153,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             return _layer_plan(dims, attn_order[:g], mlp_order[:c])
         if measured and not cfg.sequential and c <= dense_paths[idx][1].order.numel():
             return _layer_plan(dims, dense_paths[idx][0].order[:g], dense_paths[idx][1].order[:c])
-        attn, mlp = _paths(layer, job, covs, (g, c), None)  # greedy OBS on this pass's covariances
+        attn, mlp = _paths(layer, job, covs, (g, c), None, weights[idx])  # greedy OBS on this pass's covariances
         return _layer_plan(dims, attn.order, mlp.order)
 
     with job.timer("compensation"):

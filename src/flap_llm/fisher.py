@@ -1,0 +1,76 @@
+"""How much the model's output distribution cares about each module's output: the Fisher information of the
+next-token distribution with respect to the output of every o_proj and down_proj, over the calibration tokens.
+
+For a small change e of a module's output at one token, the KL divergence from the dense model's next-token
+distributions grows by about 1/2 e^T F e, where F = E[g g^T] and g is the gradient of -log p(y) with respect to
+that output, y sampled from the model's own distribution (the true Fisher, not the empirical one). One forward
+and backward pass of the whole model per calibration batch; no parameter gradients are kept.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .arch import ArchSpec, decoder_layers
+from .walk import output_projections
+
+
+@contextmanager
+def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch.Tensor]]):
+    """While the block runs, each projection's output gradient g adds g^T g (over its tokens) to its sum, and
+    the embeddings' output requires grad so the graph reaches every layer without parameter gradients."""
+    handles = []
+
+    def record(sink: torch.Tensor):
+        def hook(module, args, out):
+            def on_grad(g):
+                g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
+                sink.add_((g.T @ g).to(device=sink.device, dtype=torch.float64))
+            out.register_hook(on_grad)
+        return hook
+
+    for layer, sink in zip(decoder_layers(model, spec), sums):
+        for name, proj in output_projections(layer, spec).items():
+            handles.append(proj.register_forward_hook(record(sink[name])))
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
+                  progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per decoder layer, {"attn": F of o_proj's output, "mlp": F of down_proj's output}, each [d, d] float64,
+    averaged over the calibration tokens of every rank."""
+    layers = decoder_layers(model, spec)
+    device = model.get_input_embeddings().weight.device
+    sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
+             for name, p in output_projections(layer, spec).items()} for layer in layers]
+    gen = torch.Generator(device="cpu").manual_seed(seed + distributed.rank())
+    tokens = torch.zeros(1, dtype=torch.float64)
+    with torch.enable_grad(), _grad_recorders(model, spec, sums):
+        for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
+            logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
+            flat = logits.reshape(-1, logits.shape[-1])
+            y = torch.multinomial(flat.detach().softmax(-1).cpu(), 1, generator=gen).flatten().to(device)
+            F.cross_entropy(flat, y, reduction="sum").backward()
+            tokens += flat.shape[0]
+    distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
+    return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
+
+
+def weighting(fisher: torch.Tensor, ridge: float) -> torch.Tensor:
+    """F^(1/2) with a ridge (a fraction of F's mean eigenvalue) so directions the sample missed still count:
+    the least-squares error of W' = weighting @ W is the Fisher-weighted error of W."""
+    f = fisher.to(torch.float64)
+    f = f + ridge * f.diagonal().mean().clamp_min(1e-30) * torch.eye(f.shape[0], dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(f)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
