@@ -1,0 +1,81 @@
+"""fisher.py: the output Fisher predicts the KL divergence a small output error costs, and is computed from the
+right modules' gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, calibration, tiny_model
+from flap_llm.arch import spec_of
+from flap_llm.fisher import output_fisher, weighting
+from flap_llm.walk import output_projections
+
+
+def _kl_per_token(model, ids, dense_logp, hook_module=None, noise=None) -> float:
+    handle = None
+    if hook_module is not None:
+        handle = hook_module.register_forward_hook(lambda m, a, out: out + noise)
+    try:
+        with torch.no_grad():
+            logp = model(ids).logits.double().log_softmax(-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("arch, module", [("llama-gqa", "attn"), ("llama-gqa", "mlp"), ("gemma3", "attn")])
+def test_fisher_predicts_the_kl_of_small_independent_errors(arch, module):
+    """For errors independent across tokens, E[KL per token] = 1/2 sigma^2 tr(F) to second order."""
+    model = tiny_model(arch).double()
+    ids = calibration(n=48, length=16, seed=3)
+    fisher = output_fisher(model, spec_of(model), list(ids.split(8)), seed=0)
+    layer = 1
+    proj = output_projections(model.model.layers[layer], spec_of(model))[module]
+    f = fisher[layer][module]
+    assert torch.allclose(f, f.T) and float(torch.linalg.eigvalsh(f).min()) > -1e-10
+    with torch.no_grad():
+        dense_logp = model(ids).logits.double().log_softmax(-1)
+    sigma = 1e-2
+    g = torch.Generator().manual_seed(0)
+    measured = sum(_kl_per_token(model, ids, dense_logp, proj,
+                                 sigma * torch.randn(*ids.shape, proj.out_features, generator=g, dtype=torch.float64))
+                   for _ in range(8)) / 8
+    predicted = 0.5 * sigma ** 2 * float(f.trace())
+    assert 0.75 < measured / predicted < 1.33, (measured, predicted)
+
+
+def test_fisher_is_the_mean_outer_product_of_sampled_label_gradients():
+    """An independent computation (retain_grad on the projection outputs, labels drawn with the same generator)."""
+    model = tiny_model("llama-mha").double()
+    spec = spec_of(model)
+    batches = list(calibration(n=6, length=12, seed=4).split(3))
+    fisher = output_fisher(model, spec, batches, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    outs, sums, n = {}, {}, 0
+    hooks = [p.register_forward_hook(lambda m, a, out, key=(i, k): outs.__setitem__(key, out) or out.retain_grad())
+             for i, layer in enumerate(model.model.layers) for k, p in output_projections(layer, spec).items()]
+    for ids in batches:
+        emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits.float().reshape(-1, VOCAB)
+        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen).flatten()
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        for key, out in outs.items():
+            gr = out.grad.reshape(-1, out.shape[-1]).double()
+            sums[key] = sums.get(key, 0) + gr.T @ gr
+        n += logits.shape[0]
+    for h in hooks:
+        h.remove()
+    for (i, k), s in sums.items():
+        torch.testing.assert_close(fisher[i][k], s / n, rtol=1e-5, atol=1e-6 * float((s / n).abs().max()))
+
+
+def test_weighting_is_a_square_root_with_a_ridge():
+    a = torch.randn(6, 3, dtype=torch.float64)
+    f = a @ a.T  # rank 3
+    w = weighting(f, 0.0)
+    torch.testing.assert_close(w @ w, f, rtol=1e-8, atol=1e-8)
+    ridged = weighting(f, 0.5)
+    torch.testing.assert_close(ridged @ ridged, f + 0.5 * f.diagonal().mean() * torch.eye(6, dtype=torch.float64))
+    assert float(torch.linalg.eigvalsh(ridged).min()) > 0
