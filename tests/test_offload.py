@@ -51,4 +51,6 @@ def test_offload_refuses_bad_sources(tmp_path):
         prune_offloaded(src, calibration(), flap_llm.PruneConfig(), src, overwrite=True)
     with pytest.raises(FlapError, match="vocabulary"):
         prune_offloaded(src, torch.full((2, 8), 10_000), flap_llm.PruneConfig(), tmp_path / "o")
+    with pytest.raises(FlapError, match="backward pass of the whole model"):
+        prune_offloaded(src, calibration(), flap_llm.PruneConfig(method="obs"), tmp_path / "o")
     assert not (tmp_path / "o").exists()

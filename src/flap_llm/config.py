@@ -104,6 +104,11 @@ class PruneConfig:
         return self.method
 
     @property
+    def needs_backward(self) -> bool:
+        """obs weighs its errors by the output Fisher: one backward pass of the whole model in memory."""
+        return self.method == "obs" and (self.selection, self.allocation) != ("metric", "structure")
+
+    @property
     def needs_data(self) -> bool:
         return self.method not in DATA_FREE
 

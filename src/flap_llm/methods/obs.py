@@ -95,7 +95,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     scores: list[tuple[torch.Tensor, torch.Tensor]] = []
     dense_paths: list[tuple[RemovalPath, RemovalPath]] = []
     weights: list[dict[str, torch.Tensor]] | None = None
-    if cfg.selection == "obs" or measured:
+    if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
                             "without --offload, or with selection='metric' and allocation='structure'")
