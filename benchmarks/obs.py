@@ -69,10 +69,11 @@ def render(results: Path) -> str:
     return "\n".join(out)
 
 
-def _measure(m, tok, args) -> dict:
+def _measure(m, tok, args, name: str) -> dict:
     ppl = {d: perplexity(m, tok, d, 128, args.batch_size, args.eval_limit)["ppl"]
            for d in ("builtin:wiki", "builtin:books")}
-    zs = evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size) if args.zs_limit else None
+    zs = (evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size)
+          if args.zs_limit and name in args.zs_rows.split(",") else None)
     return {"ppl_wiki": ppl["builtin:wiki"], "ppl_books": ppl["builtin:books"],
             "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
 
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all of ROWS)")
     ap.add_argument("--eval-limit", type=int, default=48)
     ap.add_argument("--zs-limit", type=int, default=20, help="zero-shot examples per task (0 = skip)")
+    ap.add_argument("--zs-rows", default="dense,flap,flap+lsq,obs", help="rows that get zero-shot (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
@@ -117,7 +119,7 @@ def main() -> None:
         row = {**common, "name": name, "ratio": ratio, "config": ROWS.get(name, {}), "prune_s": prune_s,
                "timings_s": report["timings_s"] if report else None,
                "removed_decoder": report["params"]["decoder_removed_fraction"] if report else 0.0,
-               **_measure(m, tok, args)}
+               **_measure(m, tok, args, name)}
         append_jsonl(results, row)
         print(f"{args.model} {name} {ratio}: wiki {row['ppl_wiki']:.2f} books {row['ppl_books']:.2f} "
               f"prune {prune_s:.0f}s", flush=True)
