@@ -8,7 +8,7 @@ import torch
 
 from conftest import VOCAB, calibration, tiny_model
 from flap_llm.arch import spec_of
-from flap_llm.fisher import output_fisher, weighting
+from flap_llm.fisher import output_fisher, sample_labels, weighting
 from flap_llm.walk import output_projections
 
 
@@ -59,7 +59,7 @@ def test_fisher_is_the_mean_outer_product_of_sampled_label_gradients():
     for ids in batches:
         emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb).logits.float().reshape(-1, VOCAB)
-        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen).flatten()
+        y = sample_labels(logits.detach(), gen)
         torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
         for key, out in outs.items():
             gr = out.grad.reshape(-1, out.shape[-1]).double()
@@ -79,3 +79,16 @@ def test_weighting_is_a_square_root_with_a_ridge():
     ridged = weighting(f, 0.5)
     torch.testing.assert_close(ridged @ ridged, f + 0.5 * f.diagonal().mean() * torch.eye(6, dtype=torch.float64))
     assert float(torch.linalg.eigvalsh(ridged).min()) > 0
+
+
+def test_sampled_labels_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).repeat(40000, 1)
+    y = sample_labels(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(y, minlength=4).double() / y.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_fisher_leaves_no_parameter_gradients():
+    model = tiny_model("llama-gqa")
+    output_fisher(model, spec_of(model), list(calibration(n=4).split(2)))
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())

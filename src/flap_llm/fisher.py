@@ -46,6 +46,14 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
             h.remove()
 
 
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from softmax(logits) [N, V] by inverting the cumulative distribution (one
+    uniform number per row; the same draws on any device for a given generator)."""
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).flatten().clamp_(max=logits.shape[-1] - 1)
+
+
 def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
                   progress: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer, {"attn": F of o_proj's output, "mlp": F of down_proj's output}, each [d, d] float64,
@@ -56,13 +64,19 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
              for name, p in output_projections(layer, spec).items()} for layer in layers]
     gen = torch.Generator(device="cpu").manual_seed(seed + distributed.rank())
     tokens = torch.zeros(1, dtype=torch.float64)
-    with torch.enable_grad(), _grad_recorders(model, spec, sums):
-        for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
-            logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
-            flat = logits.reshape(-1, logits.shape[-1])
-            y = torch.multinomial(flat.detach().softmax(-1).cpu(), 1, generator=gen).flatten().to(device)
-            F.cross_entropy(flat, y, reduction="sum").backward()
-            tokens += flat.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:  # gradients reach the activations only: no weight gradients computed or left behind
+            p.requires_grad_(False)
+        with torch.enable_grad(), _grad_recorders(model, spec, sums):
+            for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
+                logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
+                flat = logits.reshape(-1, logits.shape[-1])
+                F.cross_entropy(flat, sample_labels(flat.detach(), gen), reduction="sum").backward()
+                tokens += flat.shape[0]
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
     return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
 
