@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .arch import architecture_of, decoder_layers, dims_of, get_module, spec_of
 from .errors import FlapError
+from .walk import check_token_ids
 
 HEAL_METHODS = ("full", "lora")
 STATE_FILE = "heal-state.pt"
@@ -128,13 +129,7 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _check_data(data: torch.Tensor, vocab: int) -> torch.Tensor:
-    if not isinstance(data, torch.Tensor) or data.dtype.is_floating_point or data.dtype == torch.bool:
-        raise FlapError("heal data must be a LongTensor [N, L] of token ids; tokenize your text first")
-    if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
-        raise FlapError(f"heal data must have shape [N, L] with N >= 1 windows of L >= 2 tokens, got {tuple(data.shape)}")
-    lo, hi = int(data.min()), int(data.max())
-    if lo < 0 or hi >= vocab:
-        raise FlapError(f"heal data holds token ids in [{lo}, {hi}] but the vocabulary is [0, {vocab})")
+    check_token_ids(data, vocab, "heal data", min_length=2)
     return data.long()
 
 

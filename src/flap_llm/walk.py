@@ -26,6 +26,21 @@ class _Captured(Exception):
     pass
 
 
+def check_token_ids(ids, vocab_size: int, what: str = "calibration", min_length: int = 1) -> None:
+    """Refuse anything but token ids [N, L] (N >= 1, L >= min_length) inside the model's vocabulary."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise FlapError(f"{what} must hold integer token ids (a LongTensor [N, L]); tokenize your text first")
+    if ids.dim() != 2:
+        raise FlapError(f"{what} windows must have shape [N, L], got {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] < min_length:
+        raise FlapError(f"{what} is empty or too short: give windows of shape [N, L] with N >= 1 and L >= {min_length} "
+                        f"tokens, got {tuple(ids.shape)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise FlapError(f"{what} holds token ids in [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
+                        "tokenize with the model's own tokenizer")
+
+
 def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int, vocab_size: int) -> list[torch.Tensor]:
     """Validate calibration token ids ([N, L] or an iterable of [B, L]) and cut them into batches."""
     if batch_size < 1:
@@ -39,19 +54,9 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: i
             raise FlapError("calibration must be a LongTensor [N, L] of token ids or an iterable of [B, L] batches") from e
     if not chunks:
         raise FlapError("calibration is empty; give at least one window of token ids")
-    lengths = set()
     for c in chunks:
-        if not isinstance(c, torch.Tensor) or c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
-            raise FlapError("calibration must hold integer token ids (a LongTensor [N, L]); tokenize your text first")
-        if c.dim() != 2:
-            raise FlapError(f"calibration windows must have shape [N, L], got {tuple(c.shape)}")
-        if c.numel() == 0:
-            raise FlapError("calibration is empty; give at least one window of at least one token")
-        lo, hi = int(c.min()), int(c.max())
-        if lo < 0 or hi >= vocab_size:
-            raise FlapError(f"calibration holds token ids in [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}); "
-                            "tokenize with the model's own tokenizer")
-        lengths.add(c.shape[1])
+        check_token_ids(c, vocab_size)
+    lengths = {c.shape[1] for c in chunks}
     if len(lengths) != 1:
         raise FlapError(f"all calibration windows must have the same length, got lengths {sorted(lengths)}")
     ids = torch.cat([c.long() for c in chunks])
