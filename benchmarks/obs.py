@@ -119,6 +119,7 @@ def main() -> None:
         row = {**common, "name": name, "ratio": ratio, "config": ROWS.get(name, {}), "prune_s": prune_s,
                "timings_s": report["timings_s"] if report else None,
                "removed_decoder": report["params"]["decoder_removed_fraction"] if report else 0.0,
+               "kept_per_layer": report["layers"]["per_layer"] if report else None,
                **_measure(m, tok, args, name)}
         append_jsonl(results, row)
         print(f"{args.model} {name} {ratio}: wiki {row['ppl_wiki']:.2f} books {row['ppl_books']:.2f} "
