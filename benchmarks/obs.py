@@ -32,11 +32,11 @@ ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
     "flap+lsq UL-UM": {"compensation": "lsq", "structure": "UL-UM"},
-    "+selection": {"method": "obs", "allocation": "structure"},
-    "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM"},
-    "+allocation": {"method": "obs", "selection": "metric"},
-    "obs": {"method": "obs"},
-    "obs sequential": {"method": "obs", "sequential": True},
+    "+selection": {"method": "obs", "allocation": "structure", "sequential": False},
+    "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False},
+    "+allocation": {"method": "obs", "selection": "metric", "sequential": False},
+    "obs non-sequential": {"method": "obs", "sequential": False},
+    "obs": {"method": "obs"},  # the default: sequential
 }
 
 

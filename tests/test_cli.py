@@ -71,7 +71,7 @@ def test_prune_obs(tmp_path, model_dir, text_file):
     the uniform ablation exports as a stock model."""
     out = tmp_path / "obs"
     rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
-                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--sequential", "--out", out)
+                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--out", out)
     assert rc == 0
     manifest = json.loads((out / "flap_manifest.json").read_text())
     cfg = manifest["prune_config"]

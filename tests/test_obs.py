@@ -153,7 +153,8 @@ def test_obs_metric_structure_is_flap_lsq(arch):
     model, cal = tiny_model(arch), calibration()
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     ra = prune(a, cal, PruneConfig(ratio=0.3, compensation="lsq"))
-    rb = prune(b, cal, PruneConfig(ratio=0.3, method="obs", selection="metric", allocation="structure"))
+    rb = prune(b, cal, PruneConfig(ratio=0.3, method="obs", selection="metric", allocation="structure",
+                                   sequential=False))
     assert ra.plan == rb.plan
     ids = calibration(3, 16, seed=5)
     assert torch.equal(_logits(a, ids), _logits(b, ids))
@@ -191,6 +192,15 @@ def test_obs_lowers_the_layer_error_below_flap_lsq():
         prune(m, cal, PruneConfig(ratio=0.4, method="obs", selection=sel, allocation="structure", structure="UL-UM"))
         errs[sel] = float((_logits(m, ids) - dense).pow(2).mean())
     assert errs["obs"] < errs["metric"]
+
+
+def test_obs_is_sequential_unless_told_otherwise():
+    assert PruneConfig(method="obs").sequential is True
+    assert PruneConfig(method="obs", sequential=False).sequential is False
+    assert PruneConfig(compensation="lsq").sequential is False
+    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).sequential is True
+    with pytest.raises(FlapError, match="sequential"):
+        PruneConfig(sequential="yes")
 
 
 def test_obs_options_are_checked():

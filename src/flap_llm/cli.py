@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
     p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
     p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
-    p.add_argument("--sequential", action="store_true",
-                   help="lsq, obs: second-pass statistics from the already-pruned layers")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="lsq, obs: second-pass statistics from the already-pruned layers (default: on for obs only)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="obs: second-pass statistics from the dense model")
     p.add_argument("--selection", default="obs", choices=list(SELECTIONS),
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
     p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),

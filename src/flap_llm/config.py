@@ -34,7 +34,8 @@ class PruneConfig:
         columns), or "none".
     mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
     lsq_damp: damping of the least-squares solve, as a fraction of the mean diagonal of C_KK.
-    sequential: for lsq and obs, take the second-pass statistics from the already-pruned earlier layers.
+    sequential: for lsq and obs, take the second-pass statistics from the already-pruned earlier layers;
+        None (default) means on for obs (it measured better there), off otherwise.
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
         "metric" (FLAP's `metric` order).
     allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
@@ -52,7 +53,7 @@ class PruneConfig:
     compensation: str = "bias"
     mode: str = "prune"
     lsq_damp: float = 0.01
-    sequential: bool = False
+    sequential: bool | None = None
     align: int | None = None
     selection: str = "obs"
     allocation: str = "measured"
@@ -67,6 +68,10 @@ class PruneConfig:
         _check_choice("structure", self.structure, STRUCTURES)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("mode", self.mode, MODES)
+        if self.sequential is None:  # the method's default, resolved once so reports and checkpoints record it
+            object.__setattr__(self, "sequential", self.method == "obs")
+        if not isinstance(self.sequential, bool):
+            raise FlapError(f"sequential must be True, False or None (the method's default), got {self.sequential!r}")
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
