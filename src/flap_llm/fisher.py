@@ -3,7 +3,8 @@ next-token distribution with respect to the output of every o_proj and down_proj
 
 For a small change e of a module's output at one token, the KL divergence from the dense model's next-token
 distributions grows by about 1/2 e^T F e, where F = E[g g^T] and g is the gradient of -log p(y) with respect to
-that output, y sampled from the model's own distribution (the true Fisher, not the empirical one). One forward
+that output, y sampled from the model's own distribution (the true Fisher, not the empirical one), the same
+draws whatever the batching or the number of processes. One forward
 and backward pass of the whole model per calibration batch; no parameter gradients are kept.
 """
 
@@ -46,11 +47,21 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
             h.remove()
 
 
-def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row drawn from softmax(logits) [N, V] by inverting the cumulative distribution (one
-    uniform number per row; the same draws on any device for a given generator)."""
+def window_uniforms(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """One uniform number per token [B, L], drawn from a generator seeded by the seed and the window's own
+    tokens: any split of the windows over batches or processes draws the same labels."""
+    rows = []
+    for window in ids.cpu():
+        g = torch.Generator().manual_seed(hash((seed, *window.tolist())) & 0x7FFFFFFF)
+        rows.append(torch.rand(window.numel(), generator=g, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def sample_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits [N, V], drawn from softmax(logits) by inverting the cumulative
+    distribution at the uniform numbers u [N]."""
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
+    u = u.reshape(-1, 1).to(cdf.device, cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).flatten().clamp_(max=logits.shape[-1] - 1)
 
 
@@ -62,7 +73,6 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
     device = model.get_input_embeddings().weight.device
     sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
              for name, p in output_projections(layer, spec).items()} for layer in layers]
-    gen = torch.Generator(device="cpu").manual_seed(seed + distributed.rank())
     tokens = torch.zeros(1, dtype=torch.float64)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -72,7 +82,8 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
             for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
                 logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
                 flat = logits.reshape(-1, logits.shape[-1])
-                F.cross_entropy(flat, sample_labels(flat.detach(), gen), reduction="sum").backward()
+                labels = sample_labels(flat.detach(), window_uniforms(ids, seed))
+                F.cross_entropy(flat, labels, reduction="sum").backward()
                 tokens += flat.shape[0]
     finally:
         for p in params:
