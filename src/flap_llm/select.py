@@ -145,11 +145,16 @@ STRUCTURES = {"UL-UM": uniform, "UL-MM": uniform_manual, "AL-MM": adaptive_manua
 MANUAL_STRUCTURES = ("UL-MM", "AL-MM")
 
 
+def aligned_count(k: int, n: int, multiple: int) -> int:
+    """k rounded to the nearest multiple (halves round up), at most n."""
+    return min(n, multiple * math.floor(k / multiple + 0.5))
+
+
 def align_channels(kept: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
     """Round the number of kept channels to the nearest multiple (halves round up), keeping the
     highest-scoring channels of the layer; sorted indices."""
     k, n = kept.numel(), scores.numel()
-    target = min(n, multiple * math.floor(k / multiple + 0.5))
+    target = aligned_count(k, n, multiple)
     if target == k:
         return kept
     order = torch.sort(scores.cpu(), descending=True, stable=True).indices

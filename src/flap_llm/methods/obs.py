@@ -31,7 +31,7 @@ from ..errors import FlapError
 from ..fisher import output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
 from ..reconstruct import RemovalPath, allocate, damped, removal_path
-from ..select import select, total_weight
+from ..select import aligned_count, select, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
 from .flap import channel_scores, refit_walk
@@ -84,8 +84,7 @@ def _aligned(n_removed: int, d_ff: int, multiple: int | None) -> int:
     """Channels removed once the kept count is rounded to the nearest multiple (halves round up)."""
     if not multiple:
         return n_removed
-    kept = min(d_ff, multiple * math.floor((d_ff - n_removed) / multiple + 0.5))
-    return d_ff - kept
+    return d_ff - aligned_count(d_ff - n_removed, d_ff, multiple)
 
 
 def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
