@@ -123,3 +123,48 @@ class Covariance:
         """Population covariance C = E[x x^T] - mu mu^T."""
         mu = self.mean
         return self.outer / max(self.n, 1) - torch.outer(mu, mu)
+
+
+@dataclass
+class CrossMoment:
+    """Mergeable moments of paired d-channel samples (x, y) of the same tokens: their sums and the sum of
+    x y^T, accumulated in float64 (each batch's product in `compute_dtype`, as in Covariance)."""
+
+    dim: int
+    compute_dtype: torch.dtype = torch.float64
+    n: int = 0
+    sum_x: torch.Tensor = field(default=None)
+    sum_y: torch.Tensor = field(default=None)
+    outer: torch.Tensor = field(default=None)  # [d, d], sum of x y^T
+
+    def __post_init__(self) -> None:
+        for name in ("sum_x", "sum_y"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.dim, dtype=torch.float64))
+        if self.outer is None:
+            self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.detach().reshape(-1, self.dim), y.detach().reshape(-1, self.dim)
+        if x.shape != y.shape:
+            raise ValueError(f"paired samples differ in shape: {tuple(x.shape)} and {tuple(y.shape)}")
+        if self.outer.device != x.device:
+            self.sum_x, self.sum_y, self.outer = (t.to(x.device) for t in (self.sum_x, self.sum_y, self.outer))
+        self.n += x.shape[0]
+        self.sum_x += x.to(torch.float64).sum(0)
+        self.sum_y += y.to(torch.float64).sum(0)
+        self.outer += (x.to(self.compute_dtype).T @ y.to(self.compute_dtype)).to(torch.float64)
+
+    def all_reduce_(self) -> None:
+        from .distributed import all_reduce_sum_, reduce_count
+        self.n = reduce_count(self.n, self.sum_x)
+        all_reduce_sum_(self.sum_x, self.sum_y, self.outer)
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        return self.sum_x / max(self.n, 1)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """Cov(x, y) = E[x y^T] - mu_x mu_y^T."""
+        return self.outer / max(self.n, 1) - torch.outer(self.mean_x, self.sum_y / max(self.n, 1))
