@@ -37,9 +37,6 @@ ROWS = {
     "+allocation": {"method": "obs", "selection": "metric", "sequential": False},
     "obs non-sequential": {"method": "obs", "sequential": False},
     "obs": {"method": "obs"},  # the default: sequential
-    "flap+lsq sequential": {"compensation": "lsq", "sequential": True},
-    "flap+lsq dense-target": {"compensation": "lsq", "sequential": True, "target": "dense"},
-    "obs dense-target": {"method": "obs", "target": "dense"},
 }
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import flap_llm
-from flap_llm.compensate import bias_compensation, lsq_compensation, lsq_to_dense
-from flap_llm.stats import Covariance, CrossMoment
+from flap_llm.compensate import bias_compensation, lsq_compensation
+from flap_llm.stats import Covariance
 from conftest import calibration, tiny_model
 
 
@@ -116,71 +116,3 @@ def test_sequential_lsq_runs_and_differs():
     # layer 0 sees the same (dense) inputs either way; later layers see pruned inputs when sequential
     torch.testing.assert_close(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
     assert not torch.allclose(a.model.layers[2].mlp.down_proj.weight, b.model.layers[2].mlp.down_proj.weight)
-
-
-def test_refit_to_dense_on_the_same_inputs_is_lsq():
-    x = _correlated(d=16)
-    w, b = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    cov, kept, removed = _moments(x), torch.tensor([0, 2, 3, 7, 8, 11, 15]), None
-    removed = torch.tensor(sorted(set(range(16)) - set(kept.tolist())))
-    cross = CrossMoment(16)
-    cross.update(x, x)
-    got = lsq_to_dense(w, b, cross.mean_x, cov.mean, cov.cov, cross.cross, kept, damp=0.05)
-    want = lsq_compensation(w, b, cov.mean, cov.cov, kept, removed, damp=0.05)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
-
-
-def test_refit_to_dense_is_the_regression_of_the_dense_output_on_the_kept_pruned_inputs():
-    g = torch.Generator().manual_seed(3)
-    x = _correlated(n=3000, d=12)  # the dense model's inputs
-    noisy = x @ (torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g, dtype=torch.float64))
-    y = noisy + 0.5 * torch.randn(3000, 12, generator=g, dtype=torch.float64) + 1.0  # the pruned model's
-    w, b = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    kept = torch.tensor([1, 4, 5, 9, 10])
-    cov, cross = _moments(y), CrossMoment(12)
-    for cx, cy in zip(x.split(41), y.split(41)):
-        cross.update(cx, cy)
-    w_k, b_k = lsq_to_dense(w, b, cross.mean_x, cov.mean, cov.cov, cross.cross, kept, damp=1e-12)
-    design = torch.cat([y[:, kept], torch.ones(3000, 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(design, x @ w.T + b).solution  # [|K| + 1, d_out]
-    torch.testing.assert_close(w_k, sol[:-1].T, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(b_k, sol[-1], rtol=1e-6, atol=1e-8)
-
-
-def test_cross_moment_matches_torch():
-    x, y = _correlated(seed=1), _correlated(seed=2)
-    cross = CrossMoment(24, torch.float32)
-    for cx, cy in zip(x.split(37), y.split(37)):
-        cross.update(cx, cy)
-    want = (x - x.mean(0)).T @ (y - y.mean(0)) / x.shape[0]
-    torch.testing.assert_close(cross.cross, want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cross.mean_x, x.mean(0))
-
-
-@pytest.mark.parametrize("method,extra", [("flap", {"compensation": "lsq", "sequential": True}), ("obs", {})])
-def test_refit_to_dense_brings_the_pruned_model_closer_to_the_dense_one(method, extra):
-    ids = calibration(n=32)
-    dense = tiny_model("llama-gqa", layers=4)
-    with torch.no_grad():
-        ref = dense(ids).logits.log_softmax(-1)
-    kl, models = {}, {}
-    for target in ("pruned", "dense"):
-        m = copy.deepcopy(dense)
-        flap_llm.prune(m, ids, flap_llm.PruneConfig(ratio=0.4, method=method, target=target, **extra))
-        with torch.no_grad():
-            out = m(ids).logits.log_softmax(-1)
-        kl[target] = torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
-        models[target] = m
-    # layer 0 sees the dense model's inputs either way; afterwards the refit also undoes the earlier layers' error
-    a, b = (models[t].model.layers[0].self_attn.o_proj for t in ("pruned", "dense"))
-    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
-    assert kl["dense"] < 0.95 * kl["pruned"]
-
-
-def test_refit_to_dense_needs_the_sequential_lsq_refit():
-    for cfg in ({"compensation": "lsq"}, {"compensation": "bias", "sequential": True}, {"method": "obs", "sequential": False}):
-        with pytest.raises(flap_llm.FlapError, match="target='dense'"):
-            flap_llm.PruneConfig(target="dense", **cfg)
-    with pytest.raises(flap_llm.FlapError, match="target"):
-        flap_llm.PruneConfig(target="teacher")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import COMPENSATIONS, METHODS, MODES, STRUCTURES, PruneConfig
-from .methods import ALLOCATIONS, SELECTIONS, TARGETS
+from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
 from .export import GGUF_DTYPES
@@ -59,9 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
     p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
                    help="obs: per-module widths by measured refit error (default) or by FLAP's --structure")
-    p.add_argument("--target", default="pruned", choices=list(TARGETS),
-                   help="sequential lsq/obs: refit to the dense weights' output on the pruned inputs (pruned, default) "
-                        "or to the dense model's own output (dense: also undoes earlier layers' error)")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -190,7 +187,7 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          sequential=args.sequential, align=args.align,
-                         selection=args.selection, allocation=args.allocation, target=args.target)
+                         selection=args.selection, allocation=args.allocation)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

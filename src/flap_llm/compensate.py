@@ -56,38 +56,3 @@ def lsq_compensation(
     w_k_new = w_k + w_p @ a_t.T
     b_new = b + w_p @ (mu[removed] - a_t.T @ mu[kept])
     return w_k_new, b_new
-
-
-def lsq_to_dense(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    dense_mean: torch.Tensor,
-    mean: torch.Tensor,
-    cov: torch.Tensor,
-    cross: torch.Tensor,
-    kept: torch.Tensor,
-    damp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares refit of the kept columns towards the dense model's output: the pruned model's inputs x'
-    (mean `mean`, covariance `cov`) feed W_K' so that W_K' x'_K + b' is as close as it can be to W x + b on the
-    dense model's inputs x (mean `dense_mean`; `cross` = Cov(x, x'), [d_in, d_in]), with the damping as a
-    ridge on W_K' - W_K:
-
-        W_K' = W_K + (W Cov(x, x'_K) - W_K C'_KK) (C'_KK + lambda I)^-1,   b' = b + W mu - W_K' mu'_K.
-
-    With x = x' this is `lsq_compensation`: the target is then the dense weights' output on the same inputs.
-    """
-    w = weight.detach().to(torch.float64)
-    dev = w.device
-    kept = kept.to(dev)
-    mu_d, mu = dense_mean.to(dev, torch.float64), mean.to(dev, torch.float64)
-    c_kk = cov.to(dev, torch.float64)[kept][:, kept]
-    w_k = w[:, kept]
-    b = _bias64(w, bias) + w @ mu_d
-    if kept.numel() == 0:
-        return w_k, b
-    lam = damp * c_kk.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(kept.numel(), dtype=torch.float64, device=dev)
-    rhs = w @ cross.to(dev, torch.float64)[:, kept] - w_k @ c_kk  # [d_out, |K|]
-    w_k_new = w_k + torch.linalg.solve(c_kk + lam * eye, rhs.T).T  # C_KK symmetric
-    return w_k_new, b - w_k_new @ mu[kept]

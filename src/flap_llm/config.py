@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import FlapError
 from .methods.flap import COMPENSATIONS
-from .methods import ALLOCATIONS, DATA_FREE, METHODS, SELECTIONS, TARGETS
+from .methods import ALLOCATIONS, DATA_FREE, METHODS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .select import MANUAL_STRUCTURES, STRUCTURES
 
@@ -39,11 +39,8 @@ class PruneConfig:
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
         "metric" (FLAP's `metric` order).
     allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
-        error against its width, weighed by the output Fisher, split under the budget) or
+        error against its width, relative to the residual stream's energy, split under the budget) or
         "structure" (FLAP's `structure` on FLAP's scores).
-    target: what the least-squares refit reproduces, with `sequential`: "pruned" (default: the dense weights'
-        output on the pruned model's inputs) or "dense" (the dense model's own output, on its own inputs: the
-        refit also corrects the error the earlier pruned layers left; one more forward of each layer).
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -60,7 +57,6 @@ class PruneConfig:
     align: int | None = None
     selection: str = "obs"
     allocation: str = "measured"
-    target: str = "pruned"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -80,10 +76,6 @@ class PruneConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
             raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
-        _check_choice("target", self.target, TARGETS)
-        if self.target == "dense" and not (self.sequential and self.effective_compensation == "lsq"):
-            raise FlapError("target='dense' is a refit towards the dense model across already pruned layers: it needs "
-                            "the least-squares refit (compensation='lsq' or method obs) with sequential=True")
         if self.method == "obs" and self.compensation not in ("bias", "lsq"):
             raise FlapError("method obs always refits the kept columns by least squares; leave compensation unset")
         uses_structure = self.method == "flap" or (self.method == "obs" and self.allocation == "structure")

@@ -104,7 +104,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
     return first, per_layer
 
 
-def layer_output(out) -> torch.Tensor:
+def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -112,7 +112,7 @@ def layer_output(out) -> torch.Tensor:
 def forward_all(layer: nn.Module, inputs: list[LayerInput], keep: bool = True) -> None:
     """Run every batch through one layer; with keep, the outputs replace the inputs in place."""
     for i, (hidden, kwargs) in enumerate(inputs):
-        out = layer_output(layer(hidden, **kwargs))
+        out = _layer_output(layer(hidden, **kwargs))
         if keep:
             inputs[i] = (out, kwargs)
 

@@ -11,12 +11,12 @@ from torch import nn
 from .. import metrics
 from ..apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
 from ..arch import ArchSpec, Dims, decoder_layers
-from ..compensate import bias_compensation, lsq_compensation, lsq_to_dense
+from ..compensate import bias_compensation, lsq_compensation
 from .job import Job
 from ..plan import LayerPlan, PrunePlan
 from ..select import select
-from ..stats import Covariance, CrossMoment, LayerStats
-from ..walk import collect_statistics, forward_all, layer_output, output_projections, record_inputs
+from ..stats import Covariance, LayerStats
+from ..walk import collect_statistics, forward_all, output_projections, record_inputs
 
 
 def channel_scores(layer: nn.Module, spec: ArchSpec, s: LayerStats, metric: str):
@@ -52,47 +52,10 @@ def _compensate_none(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None
     job.apply(plan, None)
 
 
-def _lsq_update(proj: nn.Linear, cov: Covariance, kept: torch.Tensor, n: int, damp: float,
-                cross: CrossMoment | None = None) -> OutputUpdate:
-    if cross is not None:
-        w, b = lsq_to_dense(proj.weight, proj.bias, cross.mean_x, cov.mean, cov.cov, cross.cross, kept, damp)
-        return OutputUpdate(bias=b, weight=w)
+def _lsq_update(proj: nn.Linear, cov: Covariance, kept: torch.Tensor, n: int, damp: float) -> OutputUpdate:
     removed = complement(kept, n)
     w, b = lsq_compensation(proj.weight, proj.bias, cov.mean, cov.cov, kept, removed, damp)
     return OutputUpdate(bias=b, weight=w)
-
-
-@torch.no_grad()
-def _paired_forward(layer: nn.Module, proj: dict[str, nn.Linear], inputs: list, dense: list[torch.Tensor],
-                    sinks: dict[str, Covariance], cross: dict[str, CrossMoment]) -> None:
-    """Each batch through the (still dense) layer twice: on the dense model's hidden states, which it
-    advances in place, and on the pruned model's, whose projection inputs feed `sinks` and, paired token by
-    token with the dense run's, `cross` (x: dense, y: pruned)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        return lambda m, args: seen.__setitem__(name, args[0].detach())
-
-    def pair(name):
-        def hook(m, args):
-            sinks[name].update(args[0])
-            cross[name].update(seen[name], args[0])
-        return hook
-
-    for i, (hidden, kwargs) in enumerate(inputs):
-        handles = [m.register_forward_pre_hook(keep(k)) for k, m in proj.items()]
-        try:
-            dense[i] = layer_output(layer(dense[i], **kwargs))
-        finally:
-            for h in handles:
-                h.remove()
-        handles = [m.register_forward_pre_hook(pair(k)) for k, m in proj.items()]
-        try:
-            layer(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        seen.clear()
 
 
 def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]], LayerPlan], desc: str) -> PrunePlan:
@@ -101,28 +64,20 @@ def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]
     Covariances live for one layer only. With config.sequential the covariances come from the already
     pruned earlier layers; otherwise the dense outputs propagate."""
     cfg, dims, shapes, plans = job.config, job.dims, [], []
-    to_dense = cfg.sequential and cfg.target == "dense"
-    dense: list[torch.Tensor] = []  # with to_dense: the dense model's hidden states, batch by batch
 
     def visit(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
         sinks = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
-        cross = {k: CrossMoment(m.in_features, torch.float32) for k, m in proj.items()} if to_dense else None
-        if to_dense:
-            if idx == 0:
-                dense[:] = [hidden for hidden, _ in inputs]
-            _paired_forward(layer, proj, inputs, dense, sinks, cross)
-        else:
-            with record_inputs(proj, sinks):
-                forward_all(layer, inputs, keep=not cfg.sequential)
-        for sink in [*sinks.values(), *(cross or {}).values()]:
+        with record_inputs(proj, sinks):
+            forward_all(layer, inputs, keep=not cfg.sequential)
+        for sink in sinks.values():
             sink.all_reduce_()
         lp = choose(idx, layer, sinks)
         update = LayerUpdate(
             _lsq_update(proj["attn"], sinks["attn"], head_rows(lp.heads, dims.head_dim), dims.n_heads * dims.head_dim,
-                        cfg.lsq_damp, cross and cross["attn"]),
+                        cfg.lsq_damp),
             _lsq_update(proj["mlp"], sinks["mlp"], torch.as_tensor(lp.channels, dtype=torch.long), dims.d_ff,
-                        cfg.lsq_damp, cross and cross["mlp"]),
+                        cfg.lsq_damp),
         )
         apply_layer(layer, idx, job.spec, dims, lp, update, cfg.mode)
         shapes.append(layer_shape(layer, job.spec, dims, lp, cfg.mode))
