@@ -39,7 +39,7 @@ class PruneConfig:
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
         "metric" (FLAP's `metric` order).
     allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
-        error against its width, relative to the residual stream's energy, split under the budget) or
+        error against its width, weighed by the output Fisher, split under the budget) or
         "structure" (FLAP's `structure` on FLAP's scores).
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.

@@ -10,7 +10,7 @@ and backward pass of the whole model per calibration batch; no parameter gradien
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import ArchSpec, decoder_layers
-from .walk import output_projections
+from .stats import Covariance
+from .walk import output_projections, record_inputs
 
 
 @contextmanager
@@ -66,9 +67,12 @@ def sample_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
-                  progress: bool = False) -> list[dict[str, torch.Tensor]]:
+                  progress: bool = False,
+                  inputs: list[dict[str, Covariance]] | None = None) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer, {"attn": F of o_proj's output, "mlp": F of down_proj's output}, each [d, d] float64,
-    averaged over the calibration tokens of every rank."""
+    averaged over the calibration tokens of every rank. `inputs` (per layer, {"attn": ..., "mlp": ...}), if
+    given, also receive the projections' inputs of this rank's tokens on the way: the dense model's covariances
+    without a pass of their own."""
     layers = decoder_layers(model, spec)
     device = model.get_input_embeddings().weight.device
     sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
@@ -78,7 +82,9 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
     try:
         for p in params:  # gradients reach the activations only: no weight gradients computed or left behind
             p.requires_grad_(False)
-        with torch.enable_grad(), _grad_recorders(model, spec, sums):
+        with torch.enable_grad(), _grad_recorders(model, spec, sums), ExitStack() as recording:
+            for layer, sinks in zip(layers, inputs or []):
+                recording.enter_context(record_inputs(output_projections(layer, spec), sinks))
             for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
                 logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
                 flat = logits.reshape(-1, logits.shape[-1])

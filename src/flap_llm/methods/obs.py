@@ -5,6 +5,8 @@ Two passes, like FLAP + lsq:
 0. One forward and backward pass of the whole model gives the Fisher information F of the next-token
    distribution with respect to every o_proj/down_proj output (`fisher.py`): an output error e costs about
    1/2 e^T F e of KL divergence, so errors weighted by F^(1/2) are comparable across layers and modules.
+   Its forward also records the dense input covariances of step 1 when all layers' fit in
+   FUSED_COVARIANCE_BYTES (else step 1 walks the layers for them, one at a time).
 1. On the dense model, each layer's o_proj/down_proj input covariances give FLAP's statistics and, for the
    measured allocation, each module's removal path (`reconstruct.removal_path`: greedy structured OBS on the
    Fisher-weighted output error, with its refit error after every prefix), split under the budget by
@@ -25,6 +27,7 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..arch import Dims
 from ..errors import FlapError
@@ -41,8 +44,16 @@ from .job import Job
 MAX_MLP_REMOVED = 0.9
 # the Fisher weighting's ridge, as a fraction of the Fisher matrix's mean eigenvalue
 FISHER_RIDGE = 0.01
+# the dense covariances are recorded during the Fisher pass (saving a forward pass of their own) when all
+# layers' together take at most this many bytes; otherwise they come from a layer walk, one layer at a time
+FUSED_COVARIANCE_BYTES = 8 * 2**30
 # MLP channels taken per greedy OBS step: 1/STEPS of the layer's width (heads go one KV group at a time)
 STEPS = 128
+
+
+def covariance_bytes(dims: Dims) -> int:
+    """Bytes of the float64 input covariances of every layer's o_proj and down_proj."""
+    return 8 * dims.n_layers * ((dims.n_heads * dims.head_dim) ** 2 + dims.d_ff ** 2)
 
 
 def _stats_of(cov: Covariance) -> ChannelStats:
@@ -95,12 +106,16 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     scores: list[tuple[torch.Tensor, torch.Tensor]] = []
     dense_paths: list[tuple[RemovalPath, RemovalPath]] = []
     weights: list[dict[str, torch.Tensor]] | None = None
+    recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
                             "without --offload, or with selection='metric' and allocation='structure'")
+        if covariance_bytes(dims) <= FUSED_COVARIANCE_BYTES:
+            recorded = [{k: Covariance(m.in_features, torch.float32) for k, m in output_projections(layer, job.spec).items()}
+                        for layer in job.layers.modules]
         with job.timer("sensitivity"):
-            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress)
+            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded)
             weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def order_of(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -110,21 +125,31 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         attn, mlp = scores[i]
         return _metric_order(attn.reshape(dims.n_kv_heads, -1).sum(1)), _metric_order(mlp)
 
-    def survey(idx, layer, inputs):
-        proj = output_projections(layer, job.spec)
-        covs = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
-        with record_inputs(proj, covs):
-            forward_all(layer, inputs, keep=True)
+    def survey(idx, layer, covs):
+        """FLAP's statistics and scores of one layer, and its dense removal paths, from its covariances."""
         for c in covs.values():
             c.all_reduce_()
         stats.append(LayerStats(_stats_of(covs["attn"]), _stats_of(covs["mlp"])))
         scores.append(channel_scores(layer, job.spec, stats[-1], cfg.metric))
         if measured:
             dense_paths.append(_paths(layer, job, covs, (dims.n_kv_heads, mlp_cap), order_of(idx), weights[idx]))
+
+    def walked(idx, layer, inputs):
+        proj = output_projections(layer, job.spec)
+        covs = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
+        with record_inputs(proj, covs):
+            forward_all(layer, inputs, keep=True)
+        survey(idx, layer, covs)
         return None
 
     with job.timer("statistics"):
-        job.walk(survey, "obs: covariances and removal paths" if measured else "obs: statistics")
+        if recorded is None:
+            job.walk(walked, "obs: covariances and removal paths" if measured else "obs: statistics")
+        else:
+            for idx in tqdm(range(len(job.layers)), desc="obs: removal paths" if measured else "obs: statistics",
+                            disable=not job.progress, unit="layer"):
+                survey(idx, job.layers.modules[idx], recorded[idx])
+                recorded[idx] = None  # each layer's covariances are freed once read
 
     with job.timer("plan"):
         if measured:
