@@ -6,6 +6,9 @@ Each finished row is appended to a JSONL file (stop and resume at will); `--rend
 
   .venv/bin/python benchmarks/obs.py --model smollm2 --ratios 0.2,0.5 --zs-limit 20
   .venv/bin/python benchmarks/obs.py --render
+
+`--timing` only times: FLAP + lsq and obs pruned alternately (`--repeats` times each, side by side), with
+each run's sections, and whether obs's plan is the one its quality row above recorded; `--render-timing`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,48 @@ def render(results: Path) -> str:
     return "\n".join(out)
 
 
+def render_timing(results: Path) -> str:
+    rows = read_jsonl(results)
+    out = ["| model | ratio | FLAP+lsq (s) | obs (s) | obs / FLAP+lsq | obs: Fisher pass / covariances and paths / "
+           "refit (s) | obs plan = its quality row's |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lsq, obs = r["flap+lsq_s"], r["obs_s"]
+        sec = r["obs_timings_s"][-1]
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {' / '.join(f'{t:.0f}' for t in lsq)} | "
+                   f"{' / '.join(f'{t:.0f}' for t in obs)} | {sum(obs) / sum(lsq):.2f} | {sec['sensitivity']:.0f} / "
+                   f"{sec['statistics']:.0f} / {sec['compensation']:.0f} | {r['same_plan_as_quality_row']} |")
+    commands = dict.fromkeys(r["command"] for r in rows)
+    out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
+    return "\n".join(out)
+
+
+def timing(args, model, calib) -> None:
+    """Prune with FLAP + lsq and with obs alternately; record the wall times and obs's sections."""
+    quality = {(r["model"], r["ratio"]): r for r in read_jsonl(Path(args.results)) if r["name"] == "obs"}
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        times = {"flap+lsq": [], "obs": []}
+        sections, kept = [], None
+        for _ in range(args.repeats):
+            for name in ("flap+lsq", "obs"):
+                m = copy.deepcopy(model)
+                t = time.perf_counter()
+                report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
+                                        batch_size=args.batch_size).report
+                times[name].append(time.perf_counter() - t)
+                if name == "obs":
+                    sections.append(report["timings_s"])
+                    kept = report["layers"]["per_layer"]
+                del m
+        before = quality.get((args.model, ratio))
+        row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
+               "obs_timings_s": sections, "same_plan_as_quality_row": None if before is None
+               else before["kept_per_layer"] == kept, "versions": versions(),
+               "command": " ".join(["python", *sys.argv])}
+        append_jsonl(Path(args.timing_results), row)
+        print(f"{args.model} {ratio}: flap+lsq {times['flap+lsq']} obs {times['obs']} "
+              f"({sum(times['obs']) / sum(times['flap+lsq']):.2f}x)", flush=True)
+
+
 def _measure(m, tok, args, name: str) -> dict:
     ppl = {d: perplexity(m, tok, d, 128, args.batch_size, args.eval_limit)["ppl"]
            for d in ("builtin:wiki", "builtin:books")}
@@ -91,15 +136,25 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
+    ap.add_argument("--repeats", type=int, default=2, help="--timing: runs of each")
+    ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
+    ap.add_argument("--render-timing", action="store_true")
     args = ap.parse_args()
     if args.render:
         print(render(Path(args.results)))
+        return
+    if args.render_timing:
+        print(render_timing(Path(args.timing_results)))
         return
     torch.manual_seed(0)
     results = Path(args.results)
     done = {(r["model"], r["name"], r["ratio"]) for r in read_jsonl(results)}
     model, tok, _ = load(args.model)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
+    if args.timing:
+        timing(args, model, calib)
+        return
     names = args.only.split(",") if args.only else list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
