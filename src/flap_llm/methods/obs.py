@@ -56,6 +56,11 @@ def covariance_bytes(dims: Dims) -> int:
     return 8 * dims.n_layers * ((dims.n_heads * dims.head_dim) ** 2 + dims.d_ff ** 2)
 
 
+def _covariances(proj: dict[str, nn.Linear]) -> dict[str, Covariance]:
+    """Empty input covariances of a layer's output projections (float32 products, float64 sums)."""
+    return {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
+
+
 def _stats_of(cov: Covariance) -> ChannelStats:
     """FLAP's per-channel statistics read off a covariance's moments."""
     return ChannelStats(cov.dim, cov.n, cov.sum.clone(), cov.outer.diagonal().clone())
@@ -112,8 +117,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
                             "without --offload, or with selection='metric' and allocation='structure'")
         if covariance_bytes(dims) <= FUSED_COVARIANCE_BYTES:
-            recorded = [{k: Covariance(m.in_features, torch.float32) for k, m in output_projections(layer, job.spec).items()}
-                        for layer in job.layers.modules]
+            recorded = [_covariances(output_projections(layer, job.spec)) for layer in job.layers.modules]
         with job.timer("sensitivity"):
             fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded)
             weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
@@ -136,7 +140,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
 
     def walked(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
-        covs = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
+        covs = _covariances(proj)
         with record_inputs(proj, covs):
             forward_all(layer, inputs, keep=True)
         survey(idx, layer, covs)
