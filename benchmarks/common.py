@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +80,11 @@ def load(name: str):
     if name not in MODELS:
         raise ValueError(name)
     return load_model(MODELS[name](), progress=False)
+
+
+def command_line() -> str:
+    """The command that is running, quoted so that it can be pasted back into a shell."""
+    return shlex.join(["python", *sys.argv])
 
 
 def append_jsonl(path: Path, row: dict) -> None:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, load, read_jsonl, synchronize  # noqa: E402
+from common import MODELS, append_jsonl, command_line, load, read_jsonl, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     after = _quality(student, tok, args)
     row = {"model": args.model, "prune": f"FLAP {args.ratio:.0%} + {args.compensation}", "before": before,
            "after": after, "heal": result.to_dict(), "floor_tokens_per_s": floor, "device": args.device,
-           "versions": versions(), "command": " ".join(["python", *sys.argv])}
+           "versions": versions(), "command": command_line()}
     append_jsonl(Path(args.results), row)
     print(f"healed {result.tokens} tokens in {result.seconds:.0f}s ({result.tokens_per_s:.0f} tok/s, floor "
           f"{floor:.0f}): wiki {before['ppl_wiki']:.2f} -> {after['ppl_wiki']:.2f}, books {before['ppl_books']:.2f} "

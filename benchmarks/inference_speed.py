@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, load, synchronize  # noqa: E402
+from common import MODELS, command_line, load, synchronize  # noqa: E402
 from flap_llm.arch import decoder_weight_params, spec_of  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
             "kept_channels": [layer.mlp.down_proj.in_features for layer in m.model.layers],
         })
     print(json.dumps({"model": args.model, "device": args.device, "dtype": args.dtype, "rows": rows,
-                      "versions": versions(), "command": " ".join(["python", *sys.argv])}, indent=2))
+                      "versions": versions(), "command": command_line()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, load  # noqa: E402
+from common import MODELS, command_line, load  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
                          "ppl": perplexity(m, tok, limit=args.eval_limit, batch_size=16)["ppl"]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"model": args.model, "nsamples": args.nsamples, "eval_limit": args.eval_limit, "rows": rows,
-                      "versions": versions(), "command": " ".join(["python", *sys.argv])}, indent=2))
+                      "versions": versions(), "command": command_line()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -108,7 +108,7 @@ def timing(args, model, calib) -> None:
         row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
                "obs_timings_s": sections, "same_plan_as_quality_row": None if before is None
                else before["kept_per_layer"] == kept, "versions": versions(),
-               "command": " ".join(["python", *sys.argv])}
+               "command": command_line()}
         append_jsonl(Path(args.timing_results), row)
         print(f"{args.model} {ratio}: flap+lsq {times['flap+lsq']} obs {times['obs']} "
               f"({sum(times['obs']) / sum(times['flap+lsq']):.2f}x)", flush=True)
@@ -161,7 +161,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     plan = [("dense", 0.0)] + [(n, float(r)) for r in args.ratios.split(",") for n in names]
     common = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_limit": args.eval_limit,
-              "zs_limit": args.zs_limit, "versions": versions(), "command": " ".join(["python", *sys.argv])}
+              "zs_limit": args.zs_limit, "versions": versions(), "command": command_line()}
     for name, ratio in plan:
         if (args.model, name, ratio) in done:
             continue

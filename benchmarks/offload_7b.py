@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def main() -> None:
     from flap_llm.report import versions
     print(json.dumps({**res, "source_bytes": size, "output_bytes": out_size, "make_s": make_s,
                       "nsamples": args.nsamples, "seqlen": args.seqlen, "ratio": args.ratio, "layers": args.layers,
-                      "versions": versions(), "command": " ".join(["python", *sys.argv])}, indent=2))
+                      "versions": versions(), "command": shlex.join(["python", *sys.argv])}, indent=2))
 
 
 if __name__ == "__main__":

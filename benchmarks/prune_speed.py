@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, load, synchronize  # noqa: E402
+from common import MODELS, command_line, load, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 
@@ -64,7 +64,7 @@ def main() -> None:
            "prune_over_forward": med["prune"] / med["forward"],
            "prune_over_forward_no_lm_head": med["prune"] / med["forward_no_lm_head"],
            "prune_timings_last": result.report["timings_s"], "versions": versions(),
-           "command": " ".join(["python", *sys.argv])}
+           "command": command_line()}
     print(json.dumps(out, indent=2))
 
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
                "prune_timings": report["timings_s"] if report else None,
                "total_s": time.perf_counter() - t0, "nsamples": args.nsamples, "seqlen": args.seqlen,
                "seed": args.seed, "zs_limit": args.zs_limit, "versions": versions(),
-               "command": " ".join(["python", *sys.argv])}
+               "command": command_line()}
         append_jsonl(results, out)
         print(f"{args.model} {row['name']} {row['ratio']}: ppl {ppl['ppl']:.2f}"
               + (f", zero-shot avg {100 * zs['average']:.2f}" if zs else "") + f" ({out['total_s']:.0f}s)", flush=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import load  # noqa: E402
+from common import command_line, load  # noqa: E402
 from flap_llm.data import sample_windows  # noqa: E402
 from flap_llm.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
         rows.append({"name": f"flap {ratio:.0%}", "ppl": perplexity_of_windows(m, windows, 16)["ppl"],
                      "kv_groups_kept": r.report["layers"]["kv_groups_kept"],
                      "channels_kept": r.report["layers"]["channels_kept"], "prune_s": time.perf_counter() - t})
-    print(json.dumps({"rows": rows, "versions": r.report["versions"], "command": " ".join(["python", *sys.argv])},
+    print(json.dumps({"rows": rows, "versions": r.report["versions"], "command": command_line()},
                      indent=2))
 
 
