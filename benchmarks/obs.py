@@ -40,6 +40,7 @@ ROWS = {
     "+allocation": {"method": "obs", "selection": "metric", "sequential": False},
     "obs non-sequential": {"method": "obs", "sequential": False},
     "obs": {"method": "obs"},  # the default: sequential
+    "obs damp 0.1": {"method": "obs", "lsq_damp": 0.1},  # a 10x larger ridge in the paths and the refit
 }
 
 

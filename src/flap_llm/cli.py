@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
     p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
     p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
+    p.add_argument("--lsq-damp", type=float, default=0.01,
+                   help="lsq, obs: ridge of the least-squares refit, as a fraction of the mean input variance "
+                        "(default 0.01)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="lsq, obs: second-pass statistics from the already-pruned layers (default: on for obs only)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
@@ -186,7 +189,7 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
                         f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
-                         sequential=args.sequential, align=args.align,
+                         lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
                          selection=args.selection, allocation=args.allocation)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
