@@ -87,6 +87,12 @@ def command_line() -> str:
     return shlex.join(["python", *sys.argv])
 
 
+def commands_of(rows: list[dict]) -> str:
+    """The line under a rendered table that names the commands its rows came from."""
+    commands = dict.fromkeys(r["command"] for r in rows)
+    return "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

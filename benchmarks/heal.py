@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, load, read_jsonl, synchronize  # noqa: E402
+from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
@@ -79,8 +79,7 @@ def render(results: Path) -> str:
                    f"({a['ppl_wiki'] / b['ppl_wiki']:.2f}x) | {b['ppl_books']:.2f} → {a['ppl_books']:.2f} | {zs} | "
                    f"{r['heal']['tokens_per_s']:.0f} | {r['floor_tokens_per_s']:.0f} | "
                    f"{r['heal']['tokens_per_s'] / r['floor_tokens_per_s']:.2f} | {r['heal']['seconds']:.0f} |")
-    commands = dict.fromkeys(r["command"] for r in rows)
-    out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
+    out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
 

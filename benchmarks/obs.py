@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -67,9 +67,7 @@ def render(results: Path) -> str:
                 speed = f"{r['prune_s'] / ref['prune_s']:.2f}" if ref else "–"
                 out.append(f"| {ratio:.0%} | {r['name']} | {r['removed_decoder']:.1%} | {r['ppl_wiki']:.2f} | {gap} | "
                            f"{r['ppl_books']:.2f} | {zs} | {r['prune_s']:.0f} | {speed} |")
-        commands = dict.fromkeys(r["command"] for r in mine)
-        out.append("\nCommand" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
-                   + f"  \nVersions: `{json.dumps(mine[0]['versions'])}`\n")
+        out.append("\n" + commands_of(mine) + f"  \nVersions: `{json.dumps(mine[0]['versions'])}`\n")
     return "\n".join(out)
 
 
@@ -83,8 +81,7 @@ def render_timing(results: Path) -> str:
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {' / '.join(f'{t:.0f}' for t in lsq)} | "
                    f"{' / '.join(f'{t:.0f}' for t in obs)} | {sum(obs) / sum(lsq):.2f} | {sec['sensitivity']:.0f} / "
                    f"{sec['statistics']:.0f} / {sec['compensation']:.0f} | {r['same_plan_as_quality_row']} |")
-    commands = dict.fromkeys(r["command"] for r in rows)
-    out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
+    out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
 

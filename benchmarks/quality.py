@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -64,9 +64,7 @@ def render(results: Path) -> str:
         out.append("\nprune (s): wall time of pruning alone; FLAP rows after the first reuse its dense statistics "
                    "(`prune(..., statistics=...)`), so they show only planning and slicing. A row whose zero-shot "
                    "cells read – was measured for perplexity only (`--zs-limit 0`).")
-        commands = dict.fromkeys(r["command"] for r in mine)
-        out.append("\nCommand" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
-                   + f"  \nVersions: `{json.dumps(first['versions'])}`\n")
+        out.append("\n" + commands_of(mine) + f"  \nVersions: `{json.dumps(first['versions'])}`\n")
     return "\n".join(out)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
 from flap_llm.compensate import lsq_compensation  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
@@ -55,8 +55,7 @@ def render(path: Path, damps: list[float]) -> str:
     for r in rows:
         out.append(f"| {r['model']} | {r['layer']} | {r['removed']:.0%} | {r['damp']} | {r['calib_error']:.4f} | "
                    f"{r['valid_error']:.4f} | {r['valid_error'] / r['calib_error']:.2f} |")
-    commands = dict.fromkeys(r["command"] for r in rows)
-    out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands))
+    out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
 
