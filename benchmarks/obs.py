@@ -35,6 +35,7 @@ ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
     "flap+lsq UL-UM": {"compensation": "lsq", "structure": "UL-UM"},
+    "flap+lsq damp 0.1": {"compensation": "lsq", "lsq_damp": 0.1},  # FLAP+lsq with obs damp 0.1's ridge
     "+selection": {"method": "obs", "allocation": "structure", "sequential": False},
     "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False},
     "+allocation": {"method": "obs", "selection": "metric", "sequential": False},
