@@ -55,7 +55,9 @@ def render(results: Path) -> str:
         if dense:
             out.append(f"Dense: wiki {dense['ppl_wiki']:.2f}, books {dense['ppl_books']:.2f}"
                        + (f", zero-shot avg {100 * dense['zeroshot_avg']:.1f}" if dense["zeroshot_avg"] is not None
-                          else "") + ".\n")
+                          else "") + ".")
+        limits = sorted({r["zs_limit"] for r in mine if r["zeroshot_avg"] is not None})
+        out.append(f"Zero-shot on the first {' or '.join(map(str, limits))} examples of each task.\n" if limits else "")
         out += ["| ratio | row | removed | wiki ppl | gap / FLAP+lsq gap | books ppl | zero-shot avg | prune (s) | "
                 "prune / FLAP+lsq |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for ratio in sorted({r["ratio"] for r in mine if r["name"] != "dense"}):
