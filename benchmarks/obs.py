@@ -34,14 +34,16 @@ from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
+    "flap+lsq damp 0.1": {"compensation": "lsq", "lsq_damp": 0.1},  # FLAP+lsq with obs's ridge
     "flap+lsq UL-UM": {"compensation": "lsq", "structure": "UL-UM"},
-    "flap+lsq damp 0.1": {"compensation": "lsq", "lsq_damp": 0.1},  # FLAP+lsq with obs damp 0.1's ridge
-    "+selection": {"method": "obs", "allocation": "structure", "sequential": False},
-    "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False},
-    "+allocation": {"method": "obs", "selection": "metric", "sequential": False},
-    "obs non-sequential": {"method": "obs", "sequential": False},
-    "obs": {"method": "obs"},  # the default: sequential
-    "obs damp 0.1": {"method": "obs", "lsq_damp": 0.1},  # a 10x larger ridge in the paths and the refit
+    # the parts, each at FLAP+lsq's ridge (0.01)
+    "+selection": {"method": "obs", "allocation": "structure", "sequential": False, "lsq_damp": 0.01},
+    "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False,
+                         "lsq_damp": 0.01},
+    "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01},
+    "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01},
+    "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01},  # both parts, sequential
+    "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1
 }
 
 

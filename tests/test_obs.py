@@ -150,12 +150,13 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_obs_metric_structure_is_flap_lsq(arch):
-    """With FLAP's selection and allocation, obs is FLAP + lsq exactly: the parts are separable."""
+    """With FLAP's selection and allocation (and the same ridge), obs is FLAP + lsq exactly: the parts are
+    separable."""
     model, cal = tiny_model(arch), calibration()
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     ra = prune(a, cal, PruneConfig(ratio=0.3, compensation="lsq"))
     rb = prune(b, cal, PruneConfig(ratio=0.3, method="obs", selection="metric", allocation="structure",
-                                   sequential=False))
+                                   sequential=False, lsq_damp=0.01))
     assert ra.plan == rb.plan
     ids = calibration(3, 16, seed=5)
     assert torch.equal(_logits(a, ids), _logits(b, ids))
@@ -229,6 +230,18 @@ def test_obs_is_sequential_unless_told_otherwise():
     assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).sequential is True
     with pytest.raises(FlapError, match="sequential"):
         PruneConfig(sequential="yes")
+
+
+def test_lsq_damp_defaults_to_the_methods():
+    """obs refits with a larger ridge than FLAP's lsq unless told; a saved config keeps what it ran with."""
+    assert PruneConfig(method="obs").lsq_damp == 0.1
+    assert PruneConfig(compensation="lsq").lsq_damp == 0.01
+    assert PruneConfig(method="obs", lsq_damp=0.01).lsq_damp == 0.01
+    assert PruneConfig.from_dict({"method": "obs", "lsq_damp": 0.01}).lsq_damp == 0.01
+    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).lsq_damp == 0.1
+    for bad in (0, -0.1, True, "0.1"):
+        with pytest.raises(FlapError, match="lsq_damp must be positive"):
+            PruneConfig(method="obs", lsq_damp=bad)
 
 
 def test_obs_options_are_checked():

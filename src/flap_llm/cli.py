@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
     p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
     p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
-    p.add_argument("--lsq-damp", type=float, default=0.01,
+    p.add_argument("--lsq-damp", type=float, default=None,
                    help="lsq, obs: ridge of the least-squares refit, as a fraction of the mean input variance "
-                        "(default 0.01)")
+                        "(default 0.01 for lsq, 0.1 for obs)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="lsq, obs: second-pass statistics from the already-pruned layers (default: on for obs only)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",

@@ -11,6 +11,8 @@ from .metrics import FLUCTUATION_METRICS
 from .select import MANUAL_STRUCTURES, STRUCTURES
 
 MODES = ("prune", "mask")
+LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
+OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -33,7 +35,10 @@ class PruneConfig:
     compensation: "bias" (FLAP's mean compensation), "lsq" (least-squares refit of the kept
         columns), or "none".
     mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
-    lsq_damp: damping of the least-squares solve, as a fraction of the mean diagonal of C_KK.
+    lsq_damp: damping (ridge) of the least-squares solve, as a fraction of the mean diagonal of C_KK; None
+        (default) means the method's: 0.01 for FLAP's lsq, 0.1 for obs (its refit, removal paths and
+        allocation all read off calibration errors, and a larger ridge made them carry over better to other
+        windows of the same text: benchmarks/refit_generalization.py).
     sequential: for lsq and obs, take the second-pass statistics from the already-pruned earlier layers;
         None (default) means on for obs (it measured better there), off otherwise.
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
@@ -52,7 +57,7 @@ class PruneConfig:
     remove_heads: int | None = None
     compensation: str = "bias"
     mode: str = "prune"
-    lsq_damp: float = 0.01
+    lsq_damp: float | None = None
     sequential: bool | None = None
     align: int | None = None
     selection: str = "obs"
@@ -87,8 +92,11 @@ class PruneConfig:
                 raise FlapError(f"remove_heads must be a non-negative integer, got {self.remove_heads!r}")
         if self.align is not None and (isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1):
             raise FlapError(f"align must be a positive integer (e.g. 64) or None, got {self.align!r}")
-        if not self.lsq_damp > 0:
-            raise FlapError(f"lsq_damp must be positive, got {self.lsq_damp}")
+        if self.lsq_damp is None:
+            object.__setattr__(self, "lsq_damp", OBS_DAMP if self.method == "obs" else LSQ_DAMP)
+        if isinstance(self.lsq_damp, bool) or not isinstance(self.lsq_damp, (int, float)) or not self.lsq_damp > 0:
+            raise FlapError(f"lsq_damp must be positive (a fraction such as 0.01; None: the method's default), "
+                            f"got {self.lsq_damp!r}")
 
     @property
     def effective_compensation(self) -> str:
