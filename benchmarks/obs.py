@@ -66,7 +66,7 @@ def render(results: Path) -> str:
             at = [r for r in mine if r["ratio"] == ratio and r["name"] != "dense"]
             ref = next((r for r in at if r["name"] == "flap+lsq"), None)
             for r in sorted(at, key=lambda r: list(ROWS).index(r["name"])):
-                gap = (f"{(r['ppl_wiki'] - dense['ppl_wiki']) / (ref['ppl_wiki'] - dense['ppl_wiki']):.2f}"
+                gap = (f"{(r['ppl_wiki'] - dense['ppl_wiki']) / (ref['ppl_wiki'] - dense['ppl_wiki']):.3f}"
                        if ref and dense else "–")
                 zs = f"{100 * r['zeroshot_avg']:.1f}" if r["zeroshot_avg"] is not None else "–"
                 speed = f"{r['prune_s'] / ref['prune_s']:.2f}" if ref else "–"
@@ -78,12 +78,12 @@ def render(results: Path) -> str:
 
 def render_timing(results: Path) -> str:
     rows = read_jsonl(results)
-    out = ["| model | ratio | FLAP+lsq (s) | obs (s) | obs / FLAP+lsq | obs: Fisher pass / covariances and paths / "
-           "refit (s) | obs plan = its quality row's |", "|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| model | ratio | obs's lsq_damp | FLAP+lsq (s) | obs (s) | obs / FLAP+lsq | obs: Fisher pass / covariances "
+           "and paths / refit (s) | obs plan = its quality row's |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lsq, obs = r["flap+lsq_s"], r["obs_s"]
         sec = r["obs_timings_s"][-1]
-        out.append(f"| {r['model']} | {r['ratio']:.0%} | {' / '.join(f'{t:.0f}' for t in lsq)} | "
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['obs_lsq_damp']} | {' / '.join(f'{t:.0f}' for t in lsq)} | "
                    f"{' / '.join(f'{t:.0f}' for t in obs)} | {sum(obs) / sum(lsq):.2f} | {sec['sensitivity']:.0f} / "
                    f"{sec['statistics']:.0f} / {sec['compensation']:.0f} | {r['same_plan_as_quality_row']} |")
     out.append("\n" + commands_of(rows))
@@ -109,7 +109,8 @@ def timing(args, model, calib) -> None:
                 del m
         before = quality.get((args.model, ratio))
         row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
-               "obs_timings_s": sections, "same_plan_as_quality_row": None if before is None
+               "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS["obs"]).lsq_damp,
+               "same_plan_as_quality_row": None if before is None
                else before["kept_per_layer"] == kept, "versions": versions(),
                "command": command_line()}
         append_jsonl(Path(args.timing_results), row)

@@ -6,6 +6,7 @@ on validation windows drawn from the same calibration articles with another seed
 
   .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b
   .venv/bin/python benchmarks/refit_generalization.py --render [--damps 0.01,0.1]
+  .venv/bin/python benchmarks/refit_generalization.py --render-relative
 """
 
 from __future__ import annotations
@@ -59,6 +60,24 @@ def render(path: Path, damps: list[float]) -> str:
     return "\n".join(out)
 
 
+def render_relative(path: Path) -> str:
+    """Each damping's validation error over the best damping's, per model, layer and fraction removed."""
+    rows = read_jsonl(path)
+    damps = sorted({r["damp"] for r in rows})
+    cases: dict[tuple, dict[float, float]] = {}
+    for r in rows:
+        cases.setdefault((r["model"], r["layer"], r["removed"]), {})[r["damp"]] = r["valid_error"]
+    out = ["| model | layer | removed | " + " | ".join(f"damp {d}" for d in damps) + " |",
+           "|---|---:|---:|" + "---:|" * len(damps)]
+    for (model, layer, removed), errs in cases.items():
+        best = min(errs.values())
+        out.append(f"| {model} | {layer} | {removed:.0%} | "
+                   + " | ".join(f"{errs[d] / best:.3f}" if d in errs else "–" for d in damps) + " |")
+    worst = {d: max(e[d] / min(e.values()) for e in cases.values() if d in e) for d in damps}
+    out.append("| worst | | | " + " | ".join(f"{worst[d]:.3f}" for d in damps) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen0.5b", choices=sorted(MODELS))
@@ -71,7 +90,12 @@ def main() -> None:
     ap.add_argument("--damps", default="0.001,0.01,0.03,0.1,0.3", help="dampings to run (or to show, with --render)")
     ap.add_argument("--results", default="benchmarks/results/refit_generalization.jsonl")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--render-relative", action="store_true",
+                    help="each damping's validation error over the best one's, per case")
     args = ap.parse_args()
+    if args.render_relative:
+        print(render_relative(Path(args.results)))
+        return
     damps = [float(d) for d in args.damps.split(",")]
     if args.render:
         print(render(Path(args.results), damps))
