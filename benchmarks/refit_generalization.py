@@ -69,11 +69,11 @@ def render_relative(path: Path) -> str:
         cases.setdefault((r["model"], r["layer"], r["removed"]), {})[r["damp"]] = r["valid_error"]
     out = ["| model | layer | removed | " + " | ".join(f"damp {d}" for d in damps) + " |",
            "|---|---:|---:|" + "---:|" * len(damps)]
-    for (model, layer, removed), errs in cases.items():
-        best = min(errs.values())
+    relative = {case: {d: e / min(errs.values()) for d, e in errs.items()} for case, errs in cases.items()}
+    for (model, layer, removed), rel in relative.items():
         out.append(f"| {model} | {layer} | {removed:.0%} | "
-                   + " | ".join(f"{errs[d] / best:.3f}" if d in errs else "–" for d in damps) + " |")
-    worst = {d: max(e[d] / min(e.values()) for e in cases.values() if d in e) for d in damps}
+                   + " | ".join(f"{rel[d]:.3f}" if d in rel else "–" for d in damps) + " |")
+    worst = {d: max(rel[d] for rel in relative.values() if d in rel) for d in damps}
     out.append("| worst | | | " + " | ".join(f"{worst[d]:.3f}" for d in damps) + " |")
     return "\n".join(out)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import COMPENSATIONS, METHODS, MODES, STRUCTURES, PruneConfig
+from .config import COMPENSATIONS, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
     p.add_argument("--lsq-damp", type=float, default=None,
                    help="lsq, obs: ridge of the least-squares refit, as a fraction of the mean input variance "
-                        "(default 0.01 for lsq, 0.1 for obs)")
+                        f"(default {LSQ_DAMP} for lsq, {OBS_DAMP} for obs)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="lsq, obs: second-pass statistics from the already-pruned layers (default: on for obs only)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
