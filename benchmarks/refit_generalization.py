@@ -51,30 +51,34 @@ def relative_error(weight, x, kept, w_kept, bias) -> float:
 
 def render(path: Path, damps: list[float]) -> str:
     rows = [r for r in read_jsonl(path) if r["damp"] in damps]
-    out = ["| model | layer | removed | damping | calibration rel. error | validation rel. error | validation / "
-           "calibration |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| model | calibration tokens | layer | removed | damping | calibration rel. error | validation rel. "
+           "error | validation / calibration |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['layer']} | {r['removed']:.0%} | {r['damp']} | {r['calib_error']:.4f} | "
+        out.append(f"| {r['model']} | {r['calib_tokens']:,} | {r['layer']} | {r['removed']:.0%} | {r['damp']} | "
+                   f"{r['calib_error']:.4f} | "
                    f"{r['valid_error']:.4f} | {r['valid_error'] / r['calib_error']:.2f} |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
 
 def render_relative(path: Path) -> str:
-    """Each damping's validation error over the best damping's, per model, layer and fraction removed."""
+    """Each damping's validation error over the best damping's, per model, calibration size, layer and fraction
+    removed."""
     rows = read_jsonl(path)
     damps = sorted({r["damp"] for r in rows})
     cases: dict[tuple, dict[float, float]] = {}
     for r in rows:
-        cases.setdefault((r["model"], r["layer"], r["removed"]), {})[r["damp"]] = r["valid_error"]
-    out = ["| model | layer | removed | " + " | ".join(f"damp {d}" for d in damps) + " |",
-           "|---|---:|---:|" + "---:|" * len(damps)]
+        cases.setdefault((r["model"], r["calib_tokens"], r["layer"], r["removed"]), {})[r["damp"]] = r["valid_error"]
+    out = ["| model | calibration tokens | layer | removed | " + " | ".join(f"damp {d}" for d in damps) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(damps)]
     relative = {case: {d: e / min(errs.values()) for d, e in errs.items()} for case, errs in cases.items()}
-    for (model, layer, removed), rel in relative.items():
-        out.append(f"| {model} | {layer} | {removed:.0%} | "
+    for (model, tokens, layer, removed), rel in relative.items():
+        out.append(f"| {model} | {tokens:,} | {layer} | {removed:.0%} | "
                    + " | ".join(f"{rel[d]:.3f}" if d in rel else "–" for d in damps) + " |")
-    worst = {d: max(rel[d] for rel in relative.values() if d in rel) for d in damps}
-    out.append("| worst | | | " + " | ".join(f"{worst[d]:.3f}" for d in damps) + " |")
+    for size in sorted({case[1] for case in relative}):
+        mine = [rel for case, rel in relative.items() if case[1] == size]
+        worst = [max((rel[d] for rel in mine if d in rel), default=None) for d in damps]
+        out.append(f"| worst | {size:,} | | | " + " | ".join("–" if w is None else f"{w:.3f}" for w in worst) + " |")
     return "\n".join(out)
 
 
@@ -105,12 +109,11 @@ def main() -> None:
     n_layers = len(decoder_layers(model, spec))
     layers = ([int(i) for i in args.layers.split(",")] if args.layers
               else sorted({n_layers // 8, n_layers // 2, 5 * n_layers // 6}))
-    calib = mlp_inputs(model, spec, calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0),
-                       layers, args.batch_size)
+    calib_ids = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
     valid = mlp_inputs(model, spec, calibration_windows("builtin:wiki", tok, args.valid_samples, args.seqlen, 1234),
                        layers, args.batch_size)
-    for i in layers:
-        x, v = calib[i], valid[i]
+    for i in layers:  # one layer's calibration inputs at a time (5 GB for Qwen2.5-0.5B at 1,024 windows)
+        x, v = mlp_inputs(model, spec, calib_ids, [i], args.batch_size)[i], valid[i]
         weight = output_projections(decoder_layers(model, spec)[i], spec)["mlp"].weight.detach().to(torch.float64)
         d = weight.shape[1]
         mean = x.mean(0)
