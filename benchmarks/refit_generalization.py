@@ -55,8 +55,7 @@ def render(path: Path, damps: list[float]) -> str:
            "error | validation / calibration |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['calib_tokens']:,} | {r['layer']} | {r['removed']:.0%} | {r['damp']} | "
-                   f"{r['calib_error']:.4f} | "
-                   f"{r['valid_error']:.4f} | {r['valid_error'] / r['calib_error']:.2f} |")
+                   f"{r['calib_error']:.4f} | {r['valid_error']:.4f} | {r['valid_error'] / r['calib_error']:.2f} |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
