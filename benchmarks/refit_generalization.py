@@ -3,10 +3,15 @@ text: for a few layers of a model, the MLP input channels are removed by greedy 
 output error) and the kept columns refit by `lsq_compensation`, at several dampings; the relative output
 error (mean squared error over the output's variance) is measured on the calibration windows themselves and
 on validation windows drawn from the same calibration articles with another seed (never the evaluation text).
+Variants (rows with their own `ridge` / `steps` fields): `--ridge diagonal` regularizes each input by its own
+variance (H = C + damp diag(C), a ridge on standardized inputs) instead of obs's uniform ridge (H = C + damp
+mean(diag C) I); `--steps` sets the greedy's granularity (obs takes 1/128 of the channels per step).
 
   .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b
   .venv/bin/python benchmarks/refit_generalization.py --render [--damps 0.01,0.1]
   .venv/bin/python benchmarks/refit_generalization.py --render-relative
+  .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b --ridge diagonal --damps 0.1,0.3,1
+  .venv/bin/python benchmarks/refit_generalization.py --render-variants
 """
 
 from __future__ import annotations
@@ -49,8 +54,48 @@ def relative_error(weight, x, kept, w_kept, bias) -> float:
     return float((err ** 2).sum(1).mean() / ((y - y.mean(0)) ** 2).sum(1).mean())
 
 
+def is_default(row: dict) -> bool:
+    """A row of obs's own refit: the uniform ridge and 128 greedy steps (rows from before the variants have
+    neither field)."""
+    return row.get("ridge", "uniform") == "uniform" and row.get("steps", 128) == 128
+
+
+def regularized(cov: torch.Tensor, damp: float, ridge: str) -> torch.Tensor:
+    """H: the uniform ridge (`reconstruct.damped`, what obs uses) or each input's variance times damp."""
+    if ridge == "uniform":
+        return damped(cov, damp)
+    diag = cov.diagonal()
+    return cov + torch.diag(damp * diag + 1e-12 * diag.mean())
+
+
+def refit(weight, mean, cov, h, kept, removed):
+    """The least-squares refit of the kept columns with the regularized covariance h (for the uniform ridge,
+    `lsq_compensation` is used instead; this is its formula with another h)."""
+    a_t = torch.linalg.solve(h[kept][:, kept], cov[kept][:, removed])
+    return (weight[:, kept] + weight[:, removed] @ a_t.T,
+            weight[:, removed] @ (mean[removed] - a_t.T @ mean[kept]))
+
+
+def render_variants(path: Path) -> str:
+    """Each variant's validation error over obs's refit (uniform ridge 0.1, 128 steps) on the same case."""
+    rows = read_jsonl(path)
+    base = {(r["model"], r["calib_tokens"], r["layer"], r["removed"]): r["valid_error"]
+            for r in rows if is_default(r) and r["damp"] == 0.1}
+    variants = [r for r in rows if not is_default(r)
+                and (r["model"], r["calib_tokens"], r["layer"], r["removed"]) in base]
+    out = ["| model | calibration tokens | layer | removed | variant | damping | validation rel. error | "
+           "/ uniform ridge 0.1, 128 steps |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in variants:
+        name = f"{r['ridge']} ridge" if r["ridge"] != "uniform" else f"{r['steps']} steps"
+        ref = base[(r["model"], r["calib_tokens"], r["layer"], r["removed"])]
+        out.append(f"| {r['model']} | {r['calib_tokens']:,} | {r['layer']} | {r['removed']:.0%} | {name} | "
+                   f"{r['damp']} | {r['valid_error']:.5f} | {r['valid_error'] / ref:.3f} |")
+    out.append("\n" + commands_of(variants))
+    return "\n".join(out)
+
+
 def render(path: Path, damps: list[float]) -> str:
-    rows = [r for r in read_jsonl(path) if r["damp"] in damps]
+    rows = [r for r in read_jsonl(path) if r["damp"] in damps and is_default(r)]
     out = ["| model | calibration tokens | layer | removed | damping | calibration rel. error | validation rel. "
            "error | validation / calibration |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -63,7 +108,7 @@ def render(path: Path, damps: list[float]) -> str:
 def render_relative(path: Path) -> str:
     """Each damping's validation error over the best damping's, per model, calibration size, layer and fraction
     removed."""
-    rows = read_jsonl(path)
+    rows = [r for r in read_jsonl(path) if is_default(r)]
     damps = sorted({r["damp"] for r in rows})
     cases: dict[tuple, dict[float, float]] = {}
     for r in rows:
@@ -91,13 +136,21 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--damps", default="0.001,0.01,0.03,0.1,0.3", help="dampings to run (or to show, with --render)")
+    ap.add_argument("--ridge", default="uniform", choices=["uniform", "diagonal"],
+                    help="the ridge's shape: obs's uniform one, or each input's variance times the damping")
+    ap.add_argument("--steps", type=int, default=128, help="greedy steps over the layer's width (obs: 128)")
     ap.add_argument("--results", default="benchmarks/results/refit_generalization.jsonl")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--render-relative", action="store_true",
                     help="each damping's validation error over the best one's, per case")
+    ap.add_argument("--render-variants", action="store_true",
+                    help="the ridge-shape and greedy-step variants against obs's own refit")
     args = ap.parse_args()
     if args.render_relative:
         print(render_relative(Path(args.results)))
+        return
+    if args.render_variants:
+        print(render_variants(Path(args.results)))
         return
     damps = [float(d) for d in args.damps.split(",")]
     if args.render:
@@ -120,19 +173,24 @@ def main() -> None:
         for frac in (float(f) for f in args.removed.split(",")):
             n = int(frac * d)
             for damp in damps:
-                removed = removal_path(weight, damped(cov, damp), 1, n, max(1, d // 128)).order
+                h = regularized(cov, damp, args.ridge)
+                removed = removal_path(weight, h, 1, n, max(1, d // args.steps)).order
                 keep = torch.ones(d, dtype=torch.bool)
                 keep[removed] = False
                 kept = torch.nonzero(keep).flatten()
-                w_kept, bias = lsq_compensation(weight, None, mean, cov, kept, removed, damp)
+                if args.ridge == "uniform":
+                    w_kept, bias = lsq_compensation(weight, None, mean, cov, kept, removed, damp)
+                else:
+                    w_kept, bias = refit(weight, mean, cov, h, kept, removed)
                 row = {"model": args.model, "layer": i, "removed": frac, "damp": damp, "calib_tokens": x.shape[0],
+                       "ridge": args.ridge, "steps": args.steps,
                        "valid_tokens": v.shape[0], "d_ff": d,
                        "calib_error": relative_error(weight, x, kept, w_kept, bias),
                        "valid_error": relative_error(weight, v, kept, w_kept, bias),
                        "versions": versions(), "command": command_line()}
                 append_jsonl(Path(args.results), row)
-                print(f"layer {i} removed {frac:.0%} damp {damp}: calibration {row['calib_error']:.4f} "
-                      f"validation {row['valid_error']:.4f}", flush=True)
+                print(f"layer {i} removed {frac:.0%} {args.ridge} ridge {damp}, {args.steps} steps: "
+                      f"calibration {row['calib_error']:.4f} validation {row['valid_error']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
