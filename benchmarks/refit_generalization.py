@@ -27,6 +27,7 @@ from common import MODELS, append_jsonl, command_line, commands_of, load, read_j
 from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
 from flap_llm.compensate import lsq_compensation  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
+from flap_llm.methods.obs import STEPS  # noqa: E402
 from flap_llm.reconstruct import damped, removal_path  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 from flap_llm.walk import output_projections  # noqa: E402
@@ -55,9 +56,13 @@ def relative_error(weight, x, kept, w_kept, bias) -> float:
 
 
 def is_default(row: dict) -> bool:
-    """A row of obs's own refit: the uniform ridge and 128 greedy steps (rows from before the variants have
+    """A row of obs's own refit: the uniform ridge and obs's greedy steps (rows from before the variants have
     neither field)."""
-    return row.get("ridge", "uniform") == "uniform" and row.get("steps", 128) == 128
+    return row.get("ridge", "uniform") == "uniform" and row.get("steps", STEPS) == STEPS
+
+
+def case_of(row: dict) -> tuple:
+    return row["model"], row["calib_tokens"], row["layer"], row["removed"]
 
 
 def regularized(cov: torch.Tensor, damp: float, ridge: str) -> torch.Tensor:
@@ -68,26 +73,16 @@ def regularized(cov: torch.Tensor, damp: float, ridge: str) -> torch.Tensor:
     return cov + torch.diag(damp * diag + 1e-12 * diag.mean())
 
 
-def refit(weight, mean, cov, h, kept, removed):
-    """The least-squares refit of the kept columns with the regularized covariance h (for the uniform ridge,
-    `lsq_compensation` is used instead; this is its formula with another h)."""
-    a_t = torch.linalg.solve(h[kept][:, kept], cov[kept][:, removed])
-    return (weight[:, kept] + weight[:, removed] @ a_t.T,
-            weight[:, removed] @ (mean[removed] - a_t.T @ mean[kept]))
-
-
 def render_variants(path: Path) -> str:
     """Each variant's validation error over obs's refit (uniform ridge 0.1, 128 steps) on the same case."""
     rows = read_jsonl(path)
-    base = {(r["model"], r["calib_tokens"], r["layer"], r["removed"]): r["valid_error"]
-            for r in rows if is_default(r) and r["damp"] == 0.1}
-    variants = [r for r in rows if not is_default(r)
-                and (r["model"], r["calib_tokens"], r["layer"], r["removed"]) in base]
+    base = {case_of(r): r["valid_error"] for r in rows if is_default(r) and r["damp"] == 0.1}
+    variants = [r for r in rows if not is_default(r) and case_of(r) in base]
     out = ["| model | calibration tokens | layer | removed | variant | damping | validation rel. error | "
            "/ uniform ridge 0.1, 128 steps |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in variants:
         name = f"{r['ridge']} ridge" if r["ridge"] != "uniform" else f"{r['steps']} steps"
-        ref = base[(r["model"], r["calib_tokens"], r["layer"], r["removed"])]
+        ref = base[case_of(r)]
         out.append(f"| {r['model']} | {r['calib_tokens']:,} | {r['layer']} | {r['removed']:.0%} | {name} | "
                    f"{r['damp']} | {r['valid_error']:.5f} | {r['valid_error'] / ref:.3f} |")
     out.append("\n" + commands_of(variants))
@@ -112,7 +107,7 @@ def render_relative(path: Path) -> str:
     damps = sorted({r["damp"] for r in rows})
     cases: dict[tuple, dict[float, float]] = {}
     for r in rows:
-        cases.setdefault((r["model"], r["calib_tokens"], r["layer"], r["removed"]), {})[r["damp"]] = r["valid_error"]
+        cases.setdefault(case_of(r), {})[r["damp"]] = r["valid_error"]
     out = ["| model | calibration tokens | layer | removed | " + " | ".join(f"damp {d}" for d in damps) + " |",
            "|---|---:|---:|---:|" + "---:|" * len(damps)]
     relative = {case: {d: e / min(errs.values()) for d, e in errs.items()} for case, errs in cases.items()}
@@ -138,7 +133,7 @@ def main() -> None:
     ap.add_argument("--damps", default="0.001,0.01,0.03,0.1,0.3", help="dampings to run (or to show, with --render)")
     ap.add_argument("--ridge", default="uniform", choices=["uniform", "diagonal"],
                     help="the ridge's shape: obs's uniform one, or each input's variance times the damping")
-    ap.add_argument("--steps", type=int, default=128, help="greedy steps over the layer's width (obs: 128)")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"greedy steps over the layer's width (obs: {STEPS})")
     ap.add_argument("--results", default="benchmarks/results/refit_generalization.jsonl")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--render-relative", action="store_true",
@@ -178,10 +173,10 @@ def main() -> None:
                 keep = torch.ones(d, dtype=torch.bool)
                 keep[removed] = False
                 kept = torch.nonzero(keep).flatten()
-                if args.ridge == "uniform":
-                    w_kept, bias = lsq_compensation(weight, None, mean, cov, kept, removed, damp)
-                else:
-                    w_kept, bias = refit(weight, mean, cov, h, kept, removed)
+                # the diagonal ridge is already in h (its off-diagonal blocks are cov's): no ridge on top
+                uniform = args.ridge == "uniform"
+                w_kept, bias = lsq_compensation(weight, None, mean, cov if uniform else h, kept, removed,
+                                                damp if uniform else 0.0)
                 row = {"model": args.model, "layer": i, "removed": frac, "damp": damp, "calib_tokens": x.shape[0],
                        "ridge": args.ridge, "steps": args.steps,
                        "valid_tokens": v.shape[0], "d_ff": d,
