@@ -44,6 +44,7 @@ ROWS = {
     "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01},
     "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01},  # both parts, sequential
     "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1
+    "obs fisher 0.5": {"method": "obs", "fisher_fraction": 0.5},  # the Fisher from half the windows
 }
 
 
@@ -78,12 +79,12 @@ def render(results: Path) -> str:
 
 def render_timing(results: Path) -> str:
     rows = read_jsonl(results)
-    out = ["| model | ratio | obs's lsq_damp | FLAP+lsq (s) | obs (s) | obs / FLAP+lsq | obs: Fisher pass / covariances "
+    out = ["| model | ratio | obs row (its lsq_damp) | FLAP+lsq (s) | obs (s) | obs / FLAP+lsq | obs: Fisher pass / covariances "
            "and paths / refit (s) | obs plan = its quality row's |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lsq, obs = r["flap+lsq_s"], r["obs_s"]
         sec = r["obs_timings_s"][-1]
-        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['obs_lsq_damp']} | {' / '.join(f'{t:.0f}' for t in lsq)} | "
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r.get('obs_row', 'obs')} ({r['obs_lsq_damp']}) | {' / '.join(f'{t:.0f}' for t in lsq)} | "
                    f"{' / '.join(f'{t:.0f}' for t in obs)} | {sum(obs) / sum(lsq):.2f} | {sec['sensitivity']:.0f} / "
                    f"{sec['statistics']:.0f} / {sec['compensation']:.0f} | {r['same_plan_as_quality_row']} |")
     out.append("\n" + commands_of(rows))
@@ -91,8 +92,9 @@ def render_timing(results: Path) -> str:
 
 
 def timing(args, model, calib) -> None:
-    """Prune with FLAP + lsq and with obs alternately; record the wall times and obs's sections."""
-    quality = {(r["model"], r["ratio"]): r for r in read_jsonl(Path(args.results)) if r["name"] == "obs"}
+    """Prune with FLAP + lsq and with obs (or the row `--timing-row`) alternately; record the wall times and
+    obs's sections."""
+    quality = {(r["model"], r["ratio"]): r for r in read_jsonl(Path(args.results)) if r["name"] == args.timing_row}
     for ratio in (float(r) for r in args.ratios.split(",")):
         times = {"flap+lsq": [], "obs": []}
         sections, kept = [], None
@@ -100,7 +102,8 @@ def timing(args, model, calib) -> None:
             for name in ("flap+lsq", "obs"):
                 m = copy.deepcopy(model)
                 t = time.perf_counter()
-                report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
+                config = ROWS[name if name == "flap+lsq" else args.timing_row]
+                report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **config),
                                         batch_size=args.batch_size).report
                 times[name].append(time.perf_counter() - t)
                 if name == "obs":
@@ -109,7 +112,8 @@ def timing(args, model, calib) -> None:
                 del m
         before = quality.get((args.model, ratio))
         row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
-               "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS["obs"]).lsq_damp,
+               "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
+               **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
                "same_plan_as_quality_row": None if before is None
                else before["kept_per_layer"] == kept, "versions": versions(),
                "command": command_line()}
@@ -142,6 +146,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
     ap.add_argument("--repeats", type=int, default=2, help="--timing: runs of each")
+    ap.add_argument("--timing-row", default="obs", help="--timing: the obs row to time against FLAP+lsq")
     ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
     ap.add_argument("--render-timing", action="store_true")
     args = ap.parse_args()
@@ -157,6 +162,8 @@ def main() -> None:
     model, tok, _ = load(args.model)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
     if args.timing:
+        if args.timing_row not in ROWS or ROWS[args.timing_row].get("method") != "obs":
+            raise SystemExit(f"--timing-row must name an obs row of {list(ROWS)}")
         timing(args, model, calib)
         return
     names = args.only.split(",") if args.only else list(ROWS)

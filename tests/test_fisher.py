@@ -8,7 +8,9 @@ import torch
 
 from conftest import VOCAB, calibration, tiny_model
 from flap_llm.arch import spec_of
-from flap_llm.fisher import output_fisher, sample_labels, weighting, window_uniforms
+from flap_llm.errors import FlapError
+from flap_llm.fisher import output_fisher, sample_labels, weighting, window_selected, window_uniforms
+from flap_llm.methods.obs import _covariances
 from flap_llm.walk import output_projections
 
 
@@ -58,7 +60,7 @@ def test_fisher_is_the_mean_outer_product_of_sampled_label_gradients():
     for ids in batches:
         emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb).logits.float().reshape(-1, VOCAB)
-        y = sample_labels(logits.detach(), window_uniforms(ids, 7))
+        y = sample_labels(logits.detach().softmax(-1), window_uniforms(ids, 7))
         torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
         for key, out in outs.items():
             gr = out.grad.reshape(-1, out.shape[-1]).double()
@@ -81,8 +83,8 @@ def test_weighting_is_a_square_root_with_a_ridge():
 
 
 def test_sampled_labels_follow_the_distribution():
-    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).repeat(40000, 1)
-    y = sample_labels(logits, torch.rand(40000, generator=torch.Generator().manual_seed(0)))
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).repeat(40000, 1)
+    y = sample_labels(probs, torch.rand(40000, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(y, minlength=4).double() / y.numel()
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64), atol=0.01, rtol=0)
 
@@ -101,3 +103,33 @@ def test_fisher_does_not_depend_on_batching():
     for x, y in zip(a, b):
         for k in x:
             torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6 * float(x[k].abs().max()))
+
+
+def test_a_fraction_of_the_windows_is_the_fisher_of_those_windows_alone():
+    """fraction < 1: the Fisher of the drawn windows, the same as a full pass over them, whatever the batching;
+    the covariances still see every window."""
+    model = tiny_model("llama-gqa").double()
+    spec = spec_of(model)
+    ids = calibration(n=24, length=12, seed=5)
+    picked = window_selected(ids, 3, 0.5)
+    assert 6 <= int(picked.sum()) <= 18  # each window with probability 1/2
+    assert torch.equal(picked[:10], window_selected(ids[:10], 3, 0.5))  # a window's draw is its own
+    layers = model.model.layers
+    covs = [_covariances(output_projections(layer, spec)) for layer in layers]
+    part = output_fisher(model, spec, list(ids.split(5)), seed=3, inputs=covs, fraction=0.5)
+    alone = output_fisher(model, spec, list(ids[picked].split(4)), seed=3)
+    for x, y in zip(part, alone):
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-6 * float(x[k].abs().max()))
+    full = [_covariances(output_projections(layer, spec)) for layer in layers]
+    output_fisher(model, spec, list(ids.split(6)), seed=3, inputs=full)
+    for a, b in zip(covs, full):
+        for k in a:
+            assert a[k].n == b[k].n == ids.numel()
+            torch.testing.assert_close(a[k].cov, b[k].cov, rtol=1e-4, atol=1e-6 * float(b[k].cov.abs().max()))  # float32 products
+
+
+def test_no_window_drawn_is_a_clear_error():
+    model = tiny_model("llama-gqa")
+    with pytest.raises(FlapError, match="fisher_fraction"):
+        output_fisher(model, spec_of(model), list(calibration(n=2).split(2)), fraction=1e-9)

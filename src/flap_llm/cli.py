@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import COMPENSATIONS, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
+from .config import COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
     p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
                    help="obs: per-module widths by measured refit error (default) or by FLAP's --structure")
+    p.add_argument("--fisher-fraction", type=float, default=FISHER_FRACTION,
+                   help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
+                        f"(default {FISHER_FRACTION}; less is faster and noisier)")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -190,7 +193,8 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
-                         selection=args.selection, allocation=args.allocation)
+                         selection=args.selection, allocation=args.allocation,
+                         fisher_fraction=args.fisher_fraction)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

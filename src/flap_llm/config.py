@@ -13,6 +13,7 @@ from .select import MANUAL_STRUCTURES, STRUCTURES
 MODES = ("prune", "mask")
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
+FISHER_FRACTION = 1.0  # obs: the share of calibration windows whose backward pass estimates the output Fisher
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -46,6 +47,10 @@ class PruneConfig:
     allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
         error against its width, weighed by the output Fisher, split under the budget) or
         "structure" (FLAP's `structure` on FLAP's scores).
+    fisher_fraction: obs only: the share of the calibration windows (each drawn by a hash of its tokens)
+        whose backward pass estimates the output Fisher; the others still give the covariances. Less is
+        faster (the backward and the vocabulary projection are most of obs's first pass on small models) and
+        noisier. Default 1.0.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -62,6 +67,7 @@ class PruneConfig:
     align: int | None = None
     selection: str = "obs"
     allocation: str = "measured"
+    fisher_fraction: float = FISHER_FRACTION
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -81,6 +87,11 @@ class PruneConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
             raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
+        if (isinstance(self.fisher_fraction, bool) or not isinstance(self.fisher_fraction, (int, float))
+                or not 0 < self.fisher_fraction <= 1):
+            raise FlapError(f"fisher_fraction must be in (0, 1], got {self.fisher_fraction!r}")
+        if self.method != "obs" and self.fisher_fraction != FISHER_FRACTION:
+            raise FlapError(f"fisher_fraction is an option of method obs; method {self.method} has no Fisher pass")
         if self.method == "obs" and self.compensation not in ("bias", "lsq"):
             raise FlapError("method obs always refits the kept columns by least squares; leave compensation unset")
         uses_structure = self.method == "flap" or (self.method == "obs" and self.allocation == "structure")

@@ -6,6 +6,11 @@ distributions grows by about 1/2 e^T F e, where F = E[g g^T] and g is the gradie
 that output, y sampled from the model's own distribution (the true Fisher, not the empirical one), the same
 draws whatever the batching or the number of processes. One forward
 and backward pass of the whole model per calibration batch; no parameter gradients are kept.
+
+`fraction` < 1 estimates F from that share of the windows (each drawn by a hash of its tokens, so again the
+same whatever the batching): the others, when their inputs are still to be recorded, only run through the
+decoder, without the vocabulary projection or a backward pass, which are most of the cost on small models
+with large vocabularies.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import ArchSpec, decoder_layers
+from .errors import FlapError
 from .stats import Covariance
 from .walk import output_projections, record_inputs
 
@@ -33,14 +38,16 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
         def hook(module, args, out):
             def on_grad(g):
                 g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
-                sink.add_((g.T @ g).to(device=sink.device, dtype=torch.float64))
-            out.register_hook(on_grad)
+                sink.add_((g.T @ g).to(sink.device))  # float32 products, float64 sums
+            if out.requires_grad:  # not in the forward-only passes
+                out.register_hook(on_grad)
         return hook
 
     for layer, sink in zip(decoder_layers(model, spec), sums):
         for name, proj in output_projections(layer, spec).items():
             handles.append(proj.register_forward_hook(record(sink[name])))
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    handles.append(model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True) if torch.is_grad_enabled() else None))
     try:
         yield
     finally:
@@ -58,21 +65,40 @@ def window_uniforms(ids: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def sample_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of logits [N, V], drawn from softmax(logits) by inverting the cumulative
-    distribution at the uniform numbers u [N]."""
-    cdf = logits.softmax(-1).cumsum(-1)
+def window_selected(ids: torch.Tensor, seed: int, fraction: float) -> torch.Tensor:
+    """Which windows [B] (bool) estimate the Fisher when only `fraction` of them do: each with that
+    probability, by a draw seeded from the seed and the window's own tokens (not those of its labels)."""
+    if fraction >= 1:
+        return torch.ones(ids.shape[0], dtype=torch.bool)
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(hash(("window", seed, *w.tolist())) & 0x7FFFFFFF),
+                        dtype=torch.float64) for w in ids.cpu()]
+    return torch.cat(draws) < fraction
+
+
+def sample_labels(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probabilities [N, V], drawn by inverting the cumulative distribution at the
+    uniform numbers u [N]."""
+    cdf = probs.cumsum(-1)
     u = u.reshape(-1, 1).to(cdf.device, cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).flatten().clamp_(max=logits.shape[-1] - 1)
+    return torch.searchsorted(cdf, u).flatten().clamp_(max=probs.shape[-1] - 1)
+
+
+def _logit_gradient(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d(-log p(y))/d logits = softmax(logits) - onehot(y) for every row of logits [N, V], y drawn from the
+    softmax at the uniform numbers u [N] (float32)."""
+    grad = logits.detach().float().softmax(-1)
+    labels = sample_labels(grad, u)
+    grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
+    return grad
 
 
 def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
-                  progress: bool = False,
-                  inputs: list[dict[str, Covariance]] | None = None) -> list[dict[str, torch.Tensor]]:
+                  progress: bool = False, inputs: list[dict[str, Covariance]] | None = None,
+                  fraction: float = 1.0) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer, {"attn": F of o_proj's output, "mlp": F of down_proj's output}, each [d, d] float64,
-    averaged over the calibration tokens of every rank. `inputs` (per layer, {"attn": ..., "mlp": ...}), if
-    given, also receive the projections' inputs of this rank's tokens on the way: the dense model's covariances
-    without a pass of their own."""
+    averaged over the calibration tokens of every rank (of the windows `window_selected` draws when `fraction`
+    < 1). `inputs` (per layer, {"attn": ..., "mlp": ...}), if given, also receive the projections' inputs of
+    all this rank's windows on the way: the dense model's covariances without a pass of their own."""
     layers = decoder_layers(model, spec)
     device = model.get_input_embeddings().weight.device
     sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
@@ -86,15 +112,23 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
             for layer, sinks in zip(layers, inputs or []):
                 recording.enter_context(record_inputs(output_projections(layer, spec), sinks))
             for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
-                logits = model(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, L, V]
-                flat = logits.reshape(-1, logits.shape[-1])
-                labels = sample_labels(flat.detach(), window_uniforms(ids, seed))
-                F.cross_entropy(flat, labels, reduction="sum").backward()
-                tokens += flat.shape[0]
+                picked = window_selected(ids, seed, fraction)
+                if picked.any():
+                    sub = ids[picked]
+                    logits = model(input_ids=sub.to(device), use_cache=False).logits  # [B, L, V]
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    flat.backward(_logit_gradient(flat, window_uniforms(sub, seed)).to(flat.dtype))
+                    tokens += flat.shape[0]
+                if inputs and not picked.all():  # the other windows' inputs, through the decoder only
+                    with torch.no_grad():
+                        model.base_model(input_ids=ids[~picked].to(device), use_cache=False)
     finally:
         for p in params:
             p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
+    if tokens.item() == 0:
+        raise FlapError(f"no calibration window was drawn for the Fisher estimate (fisher_fraction {fraction}); "
+                        "use more windows or a larger fisher_fraction")
     return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
 
 

@@ -119,7 +119,8 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         if covariance_bytes(dims) <= FUSED_COVARIANCE_BYTES:
             recorded = [_covariances(output_projections(layer, job.spec)) for layer in job.layers.modules]
         with job.timer("sensitivity"):
-            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded)
+            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
+                                   fraction=cfg.fisher_fraction)
             weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def order_of(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
