@@ -71,12 +71,13 @@ def test_prune_obs(tmp_path, model_dir, text_file):
     the uniform ablation exports as a stock model."""
     out = tmp_path / "obs"
     rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
-                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--lsq-damp", 0.05, "--out", out)
+                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--lsq-damp", 0.05, "--fisher-fraction", 0.75,
+                 "--out", out)
     assert rc == 0
     manifest = json.loads((out / "flap_manifest.json").read_text())
     cfg = manifest["prune_config"]
     assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "measured", True)
-    assert cfg["lsq_damp"] == 0.05
+    assert cfg["lsq_damp"] == 0.05 and cfg["fisher_fraction"] == 0.75
     report = json.loads((out / "report.json").read_text())
     assert report["compensation"] == "lsq"
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
@@ -118,6 +119,8 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "measured allocation"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--ratio", 0.95], "needs more than the measured allocation"),
     (lambda t, m, f: ["--model", m, "--compensation", "lsq", "--lsq-damp", 0], "lsq_damp must be positive"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--fisher-fraction", 0], "fisher_fraction must be in"),
+    (lambda t, m, f: ["--model", m, "--fisher-fraction", 0.5], "fisher_fraction is an option of method obs"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, model_dir, text_file, capsys, make_args, words):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")

@@ -244,6 +244,16 @@ def test_lsq_damp_defaults_to_the_methods():
             PruneConfig(method="obs", lsq_damp=bad)
 
 
+def test_fisher_fraction_is_checked_and_kept():
+    assert PruneConfig(method="obs").fisher_fraction == 1.0
+    assert PruneConfig.from_dict(PruneConfig(method="obs", fisher_fraction=0.5).to_dict()).fisher_fraction == 0.5
+    for bad in (0, -0.5, 1.5, True, "0.5"):
+        with pytest.raises(FlapError, match="fisher_fraction must be in"):
+            PruneConfig(method="obs", fisher_fraction=bad)
+    with pytest.raises(FlapError, match="option of method obs"):
+        PruneConfig(compensation="lsq", fisher_fraction=0.5)
+
+
 def test_obs_options_are_checked():
     with pytest.raises(FlapError, match="selection"):
         PruneConfig(method="obs", selection="best")
