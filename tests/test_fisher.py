@@ -8,7 +8,6 @@ import torch
 
 from conftest import VOCAB, calibration, tiny_model
 from flap_llm.arch import spec_of
-from flap_llm.errors import FlapError
 from flap_llm.fisher import output_fisher, sample_labels, weighting, window_selected, window_uniforms
 from flap_llm.methods.obs import _covariances
 from flap_llm.walk import output_projections
@@ -129,7 +128,12 @@ def test_a_fraction_of_the_windows_is_the_fisher_of_those_windows_alone():
             torch.testing.assert_close(a[k].cov, b[k].cov, rtol=1e-4, atol=1e-6 * float(b[k].cov.abs().max()))  # float32 products
 
 
-def test_no_window_drawn_is_a_clear_error():
+def test_when_no_window_is_drawn_every_window_counts():
     model = tiny_model("llama-gqa")
-    with pytest.raises(FlapError, match="fisher_fraction"):
-        output_fisher(model, spec_of(model), list(calibration(n=2).split(2)), fraction=1e-9)
+    ids = calibration(n=3, length=12, seed=4)
+    assert not window_selected(ids, 0, 1e-9).any()
+    few = output_fisher(model, spec_of(model), list(ids.split(2)), fraction=1e-9)
+    full = output_fisher(model, spec_of(model), list(ids.split(2)))
+    for x, y in zip(few, full):
+        for k in x:
+            assert torch.equal(x[k], y[k])

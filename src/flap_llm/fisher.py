@@ -8,7 +8,7 @@ draws whatever the batching or the number of processes. One forward
 and backward pass of the whole model per calibration batch; no parameter gradients are kept.
 
 `fraction` < 1 estimates F from that share of the windows (each drawn by a hash of its tokens, so again the
-same whatever the batching): the others, when their inputs are still to be recorded, only run through the
+same whatever the batching; all of them if none is drawn): the others, when their inputs are still to be recorded, only run through the
 decoder, without the vocabulary projection or a backward pass, which are most of the cost on small models
 with large vocabularies.
 """
@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import ArchSpec, decoder_layers
-from .errors import FlapError
 from .stats import Covariance
 from .walk import output_projections, record_inputs
 
@@ -111,8 +110,11 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
         with torch.enable_grad(), _grad_recorders(model, spec, sums), ExitStack() as recording:
             for layer, sinks in zip(layers, inputs or []):
                 recording.enter_context(record_inputs(output_projections(layer, spec), sinks))
-            for ids in tqdm(batches, desc="obs: output sensitivity", disable=not progress, unit="batch"):
-                picked = window_selected(ids, seed, fraction)
+            picks = [window_selected(ids, seed, fraction) for ids in batches]
+            if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
+                picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+            for ids, picked in tqdm(list(zip(batches, picks)), desc="obs: output sensitivity", disable=not progress,
+                                    unit="batch"):
                 if picked.any():
                     sub = ids[picked]
                     logits = model(input_ids=sub.to(device), use_cache=False).logits  # [B, L, V]
@@ -126,9 +128,6 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
         for p in params:
             p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
-    if tokens.item() == 0:
-        raise FlapError(f"no calibration window was drawn for the Fisher estimate (fisher_fraction {fraction}); "
-                        "use more windows or a larger fisher_fraction")
     return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
 
 
