@@ -137,3 +137,16 @@ def test_when_no_window_is_drawn_every_window_counts():
     for x, y in zip(few, full):
         for k in x:
             assert torch.equal(x[k], y[k])
+
+
+def test_the_windows_drawn_do_not_depend_on_the_process():
+    """Python salts string hashes per process; the draw must not (a re-run must draw the same windows)."""
+    import subprocess
+    import sys
+    code = ("import torch; from flap_llm.fisher import window_selected; "
+            "ids = torch.arange(600).reshape(50, 12) % 97; print(window_selected(ids, 0, 0.5).int().tolist())")
+    runs = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert len(runs) == 1
+    picked = eval(runs.pop())
+    assert 10 <= sum(picked) <= 40

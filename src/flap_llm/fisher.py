@@ -69,7 +69,8 @@ def window_selected(ids: torch.Tensor, seed: int, fraction: float) -> torch.Tens
     probability, by a draw seeded from the seed and the window's own tokens (not those of its labels)."""
     if fraction >= 1:
         return torch.ones(ids.shape[0], dtype=torch.bool)
-    draws = [torch.rand(1, generator=torch.Generator().manual_seed(hash(("window", seed, *w.tolist())) & 0x7FFFFFFF),
+    # integers only: Python salts the hashes of strings per process, not those of ints
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(hash((seed, -1, *w.tolist())) & 0x7FFFFFFF),
                         dtype=torch.float64) for w in ids.cpu()]
     return torch.cat(draws) < fraction
 
