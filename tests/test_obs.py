@@ -11,6 +11,7 @@ import torch
 import flap_llm
 from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
+from flap_llm.config import FISHER_FRACTION
 from flap_llm.methods import obs as obs_method
 from flap_llm.reconstruct import allocate, damped, refit_error, removal_path
 
@@ -245,7 +246,9 @@ def test_lsq_damp_defaults_to_the_methods():
 
 
 def test_fisher_fraction_is_checked_and_kept():
-    assert PruneConfig(method="obs").fisher_fraction == 1.0
+    assert PruneConfig(method="obs").fisher_fraction == FISHER_FRACTION
+    assert PruneConfig(method="flap").fisher_fraction is None
+    assert PruneConfig.from_dict({"method": "obs"}).fisher_fraction == 1.0  # saved before the option: all windows
     assert PruneConfig.from_dict(PruneConfig(method="obs", fisher_fraction=0.5).to_dict()).fisher_fraction == 0.5
     for bad in (0, -0.5, 1.5, True, "0.5"):
         with pytest.raises(FlapError, match="fisher_fraction must be in"):

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
     p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
                    help="obs: per-module widths by measured refit error (default) or by FLAP's --structure")
-    p.add_argument("--fisher-fraction", type=float, default=FISHER_FRACTION,
+    p.add_argument("--fisher-fraction", type=float, default=None,
                    help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
                         f"(default {FISHER_FRACTION}; less is faster and noisier)")
     p.add_argument("--mode", default="prune", choices=MODES)

@@ -50,7 +50,7 @@ class PruneConfig:
     fisher_fraction: obs only: the share of the calibration windows (each drawn by a hash of its tokens)
         whose backward pass estimates the output Fisher; the others still give the covariances. Less is
         faster (the backward and the vocabulary projection are most of obs's first pass on small models) and
-        noisier. Default 1.0.
+        noisier. None (default): FISHER_FRACTION.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -67,7 +67,7 @@ class PruneConfig:
     align: int | None = None
     selection: str = "obs"
     allocation: str = "measured"
-    fisher_fraction: float = FISHER_FRACTION
+    fisher_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -87,11 +87,15 @@ class PruneConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
             raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
-        if (isinstance(self.fisher_fraction, bool) or not isinstance(self.fisher_fraction, (int, float))
-                or not 0 < self.fisher_fraction <= 1):
-            raise FlapError(f"fisher_fraction must be in (0, 1], got {self.fisher_fraction!r}")
-        if self.method != "obs" and self.fisher_fraction != FISHER_FRACTION:
-            raise FlapError(f"fisher_fraction is an option of method obs; method {self.method} has no Fisher pass")
+        if self.method != "obs":
+            if self.fisher_fraction is not None:
+                raise FlapError(f"fisher_fraction is an option of method obs; method {self.method} has no Fisher pass")
+        else:
+            if self.fisher_fraction is None:
+                object.__setattr__(self, "fisher_fraction", FISHER_FRACTION)
+            if (isinstance(self.fisher_fraction, bool) or not isinstance(self.fisher_fraction, (int, float))
+                    or not 0 < self.fisher_fraction <= 1):
+                raise FlapError(f"fisher_fraction must be in (0, 1] (None: obs's default), got {self.fisher_fraction!r}")
         if self.method == "obs" and self.compensation not in ("bias", "lsq"):
             raise FlapError("method obs always refits the kept columns by least squares; leave compensation unset")
         uses_structure = self.method == "flap" or (self.method == "obs" and self.allocation == "structure")
@@ -142,4 +146,6 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("method") == "obs" and "fisher_fraction" not in known:
+            known["fisher_fraction"] = 1.0  # saved before the option existed: every window estimated the Fisher
         return cls(**known)
