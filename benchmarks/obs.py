@@ -31,20 +31,21 @@ from flap_llm.report import versions  # noqa: E402
 from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 
 # name -> PruneConfig fields (besides ratio)
+ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows
 ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
     "flap+lsq damp 0.1": {"compensation": "lsq", "lsq_damp": 0.1},  # FLAP+lsq with obs's ridge
     "flap+lsq UL-UM": {"compensation": "lsq", "structure": "UL-UM"},
     # the parts, each at FLAP+lsq's ridge (0.01)
-    "+selection": {"method": "obs", "allocation": "structure", "sequential": False, "lsq_damp": 0.01},
+    "+selection": {"method": "obs", "allocation": "structure", "sequential": False, "lsq_damp": 0.01, **ALL},
     "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False,
-                         "lsq_damp": 0.01},
-    "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01},
-    "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01},
-    "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01},  # both parts, sequential
-    "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1
-    "obs fisher 0.5": {"method": "obs", "fisher_fraction": 0.5},  # the Fisher from half the windows
+                         "lsq_damp": 0.01, **ALL},
+    "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01, **ALL},
+    "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01, **ALL},
+    "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01, **ALL},  # both parts, sequential
+    "obs fisher 1.0": {"method": "obs", **ALL},  # sequential, lsq_damp 0.1, the Fisher from every window
+    "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1, the Fisher from half the windows
 }
 
 

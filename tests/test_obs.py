@@ -12,6 +12,7 @@ import flap_llm
 from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
 from flap_llm.config import FISHER_FRACTION
+from flap_llm.fisher import window_selected
 from flap_llm.methods import obs as obs_method
 from flap_llm.reconstruct import allocate, damped, refit_error, removal_path
 
@@ -183,31 +184,37 @@ def test_obs_mask_equals_prune_and_reloads(arch, sequential, tmp_path):
     assert flap_llm.PrunePlan.from_dict(rp.plan.to_dict()) == rp.plan
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])
+@pytest.mark.parametrize("arch, fraction", [("llama-gqa", 1.0), ("gemma3", 1.0), ("llama-gqa", 0.5)])
 @pytest.mark.parametrize("allocation", ["measured", "structure"])
-def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, allocation, monkeypatch):
+def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, fraction, allocation, monkeypatch):
     """The dense covariances come from the Fisher pass's forward when they fit, else from a walk of their own:
-    the same plan and the same refit weights either way, and one pass fewer over the model."""
+    the same plan and the same refit weights either way, and one pass fewer over the model (with a Fisher
+    from part of the windows, the others still pass once, through the decoder only)."""
     model, cal = tiny_model(arch), calibration()
-    cfg = PruneConfig(ratio=0.4, method="obs", allocation=allocation)
+    cfg = PruneConfig(ratio=0.4, method="obs", allocation=allocation, fisher_fraction=fraction)
     assert obs_method.covariance_bytes(flap_llm.arch.dims_of(model)) <= obs_method.FUSED_COVARIANCE_BYTES
-    layer_calls = []
+    windows = {True: 0, False: 0}  # windows through layer 0, fused or walked
     runs = {}
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(obs_method, "FUSED_COVARIANCE_BYTES", 0)
         m = copy.deepcopy(model)
         first = m.model.layers[0]
-        hook = first.register_forward_pre_hook(lambda mod, args: layer_calls.append(fused))
+
+        def count(mod, args, kwargs, fused=fused):
+            windows[fused] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        hook = first.register_forward_pre_hook(count, with_kwargs=True)
         runs[fused] = (prune(m, cal, cfg), m)
         hook.remove()
     (rf, mf), (rw, mw) = runs[True], runs[False]
     assert rf.plan == rw.plan
     ids = calibration(3, 16, seed=5)
     torch.testing.assert_close(_logits(mf, ids), _logits(mw, ids), rtol=1e-4, atol=1e-5)
-    batches = -(-cal.shape[0] // 8)  # prune's default batch size
-    # the walk of its own: per batch, its capture of layer 0's inputs and layer 0's forward
-    assert layer_calls.count(False) - layer_calls.count(True) == 2 * batches
+    n, picked = cal.shape[0], int(window_selected(cal, 0, fraction).sum())
+    assert 0 < picked <= n and (picked == n) == (fraction == 1.0)
+    # walked: the Fisher's windows, then the walk's capture of layer 0's inputs and its forward (2n);
+    # fused: every window once
+    assert windows[False] - windows[True] == picked + 2 * n - n
 
 
 def test_obs_lowers_the_layer_error_below_flap_lsq():

@@ -13,7 +13,7 @@ from .select import MANUAL_STRUCTURES, STRUCTURES
 MODES = ("prune", "mask")
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
-FISHER_FRACTION = 1.0  # obs: the share of calibration windows whose backward pass estimates the output Fisher
+FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pass estimates the output Fisher
 
 
 def _check_choice(name: str, value: str, choices) -> None:
