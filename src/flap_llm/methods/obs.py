@@ -2,7 +2,8 @@
 budget over layers and modules by the measured error, not by standardized scores.
 
 Two passes, like FLAP + lsq:
-0. One forward and backward pass of the whole model gives the Fisher information F of the next-token
+0. One forward and backward pass of the whole model (over `fisher_fraction` of the windows, half by default;
+   the others only run through the decoder) gives the Fisher information F of the next-token
    distribution with respect to every o_proj/down_proj output (`fisher.py`): an output error e costs about
    1/2 e^T F e of KL divergence, so errors weighted by F^(1/2) are comparable across layers and modules.
    Its forward also records the dense input covariances of step 1 when all layers' fit in
@@ -17,7 +18,7 @@ Two passes, like FLAP + lsq:
    ablation), the least-squares refit of the kept columns, and the layer is pruned.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "measured" | "structure" (FLAP's `structure`
-on FLAP's scores), sequential (on by default for obs). selection="metric" with allocation="structure" and
+on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with allocation="structure" and
 sequential=False is FLAP + lsq.
 """
 
