@@ -8,9 +8,9 @@ draws whatever the batching or the number of processes. One forward
 and backward pass of the whole model per calibration batch; no parameter gradients are kept.
 
 `fraction` < 1 estimates F from that share of the windows (each drawn by a hash of its tokens, so again the
-same whatever the batching; all of them if none is drawn): the others, when their inputs are still to be recorded, only run through the
-decoder, without the vocabulary projection or a backward pass, which are most of the cost on small models
-with large vocabularies.
+same whatever the batching; all of them if none is drawn): the others, when their inputs are still to be
+recorded, only run through the decoder, without the vocabulary projection or a backward pass, which are most
+of the cost on small models with large vocabularies.
 """
 
 from __future__ import annotations
@@ -54,14 +54,17 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
             h.remove()
 
 
+def _window_draws(ids: torch.Tensor, key: tuple[int, ...], n: int) -> torch.Tensor:
+    """n uniform numbers per window [B, n], from a generator seeded by `key` and the window's own tokens.
+    The key holds integers only: Python salts the hashes of strings per process, not those of ints."""
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(hash((*key, *w.tolist())) & 0x7FFFFFFF),
+                                   dtype=torch.float64) for w in ids.cpu()])
+
+
 def window_uniforms(ids: torch.Tensor, seed: int) -> torch.Tensor:
     """One uniform number per token [B, L], drawn from a generator seeded by the seed and the window's own
     tokens: any split of the windows over batches or processes draws the same labels."""
-    rows = []
-    for window in ids.cpu():
-        g = torch.Generator().manual_seed(hash((seed, *window.tolist())) & 0x7FFFFFFF)
-        rows.append(torch.rand(window.numel(), generator=g, dtype=torch.float64))
-    return torch.stack(rows)
+    return _window_draws(ids, (seed,), ids.shape[1])
 
 
 def window_selected(ids: torch.Tensor, seed: int, fraction: float) -> torch.Tensor:
@@ -69,10 +72,7 @@ def window_selected(ids: torch.Tensor, seed: int, fraction: float) -> torch.Tens
     probability, by a draw seeded from the seed and the window's own tokens (not those of its labels)."""
     if fraction >= 1:
         return torch.ones(ids.shape[0], dtype=torch.bool)
-    # integers only: Python salts the hashes of strings per process, not those of ints
-    draws = [torch.rand(1, generator=torch.Generator().manual_seed(hash((seed, -1, *w.tolist())) & 0x7FFFFFFF),
-                        dtype=torch.float64) for w in ids.cpu()]
-    return torch.cat(draws) < fraction
+    return _window_draws(ids, (seed, -1), 1)[:, 0] < fraction
 
 
 def sample_labels(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

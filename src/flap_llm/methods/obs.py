@@ -18,8 +18,8 @@ Two passes, like FLAP + lsq:
    ablation), the least-squares refit of the kept columns, and the layer is pruned.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "measured" | "structure" (FLAP's `structure`
-on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with allocation="structure" and
-sequential=False is FLAP + lsq.
+on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
+allocation="structure" and sequential=False is FLAP + lsq.
 """
 
 from __future__ import annotations
