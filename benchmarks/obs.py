@@ -92,6 +92,35 @@ def render_timing(results: Path) -> str:
     return "\n".join(out)
 
 
+def _boolq_yes_share(limit: int) -> float:
+    """The share of "yes" answers among the first `limit` BoolQ examples the zero-shot subsets score."""
+    from itertools import islice
+    from flap_llm.zeroshot import _boolq
+    golds = [d["gold"] for d in islice(_boolq(), limit)]
+    return sum(golds) / len(golds)
+
+
+def render_zeroshot(paths: list[Path]) -> str:
+    """Per-task zero-shot accuracy of every row that has it, with the average and the average without BoolQ
+    (whose first examples are mostly "yes": a model that always answers one way scores that share or its
+    complement there)."""
+    rows = [r for p in paths for r in read_jsonl(p) if r.get("zeroshot")]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for limit in sorted({r["zeroshot"]["limit"] for r in rows if r["model"] == model}):
+            mine = [r for r in rows if r["model"] == model and r["zeroshot"]["limit"] == limit]
+            out += [f"#### {model}, first {limit} examples per task (BoolQ: {_boolq_yes_share(limit):.0%} of them "
+                    "answer yes)\n",
+                    "| ratio | row | " + " | ".join(TASKS) + " | average | average without boolq |",
+                    "|---:|---|" + "---:|" * (len(TASKS) + 2)]
+            for r in sorted(mine, key=lambda r: (r["ratio"], list(ROWS).index(r["name"]) if r["name"] in ROWS else -1)):
+                acc = [r["zeroshot"][t]["acc"] for t in TASKS]
+                out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(f"{100 * a:.0f}" for a in acc)
+                           + f" | {100 * sum(acc) / len(acc):.1f} | {100 * sum(acc[1:]) / (len(acc) - 1):.1f} |")
+            out.append("")
+    return "\n".join(out)
+
+
 def timing(args, model, calib) -> None:
     """Prune with FLAP + lsq and with obs (or the row `--timing-row`) alternately; record the wall times and
     obs's sections."""
@@ -150,7 +179,12 @@ def main() -> None:
     ap.add_argument("--timing-row", default="obs", help="--timing: the obs row to time against FLAP+lsq")
     ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
     ap.add_argument("--render-timing", action="store_true")
+    ap.add_argument("--render-zeroshot", nargs="+", default=None, metavar="JSONL",
+                    help="print per-task zero-shot accuracy of the rows in these result files")
     args = ap.parse_args()
+    if args.render_zeroshot:
+        print(render_zeroshot([Path(p) for p in args.render_zeroshot]))
+        return
     if args.render:
         print(render(Path(args.results)))
         return
