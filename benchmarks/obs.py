@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from common import MODELS, append_jsonl, command_line, commands_of, load, read_j
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
-from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
 
 # name -> PruneConfig fields (besides ratio)
 ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows
@@ -92,11 +94,10 @@ def render_timing(results: Path) -> str:
     return "\n".join(out)
 
 
+@functools.lru_cache
 def _boolq_yes_share(limit: int) -> float:
     """The share of "yes" answers among the first `limit` BoolQ examples the zero-shot subsets score."""
-    from itertools import islice
-    from flap_llm.zeroshot import _boolq
-    golds = [d["gold"] for d in islice(_boolq(), limit)]
+    golds = [d["gold"] for d in islice(SOURCES["boolq"](), limit)]
     return sum(golds) / len(golds)
 
 
@@ -114,9 +115,10 @@ def render_zeroshot(paths: list[Path]) -> str:
                     "| ratio | row | " + " | ".join(TASKS) + " | average | average without boolq |",
                     "|---:|---|" + "---:|" * (len(TASKS) + 2)]
             for r in sorted(mine, key=lambda r: (r["ratio"], list(ROWS).index(r["name"]) if r["name"] in ROWS else -1)):
-                acc = [r["zeroshot"][t]["acc"] for t in TASKS]
-                out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(f"{100 * a:.0f}" for a in acc)
-                           + f" | {100 * sum(acc) / len(acc):.1f} | {100 * sum(acc[1:]) / (len(acc) - 1):.1f} |")
+                acc = {t: r["zeroshot"][t]["acc"] for t in TASKS}
+                rest = [a for t, a in acc.items() if t != "boolq"]
+                out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(f"{100 * a:.0f}" for a in acc.values())
+                           + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * sum(rest) / len(rest):.1f} |")
             out.append("")
     return "\n".join(out)
 
