@@ -7,6 +7,13 @@ floor (one forward+backward of the student on the same batches, timed in the sam
 
 On a GPU (bf16 autocast and gradient checkpointing turn on by themselves on CUDA):
   .venv/bin/python benchmarks/heal.py --model qwen1.5b --device cuda --ratio 0.5 --tokens 2000000 --batch-size 16
+
+Several heal settings from one pruned model (each "tokens:lr:kd_weight"; the student is pruned and measured once):
+  .venv/bin/python benchmarks/heal.py --model qwen0.5b --device cuda --sweep 250000:5e-5:1 1000000:1e-4:0.5
+
+Throughput alone, on a model of a real 1B-class shape with random weights and random tokens (no quality numbers:
+the weights mean nothing, but a step's arithmetic and memory are those of the real model):
+  .venv/bin/python benchmarks/heal.py --synthetic qwen2.5-1.5b --device cuda --tokens 262144 --seqlen 1024
 """
 
 from __future__ import annotations
@@ -28,6 +35,16 @@ from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 
+# Real 1B-class shapes (the models' published configs), for --synthetic throughput runs.
+SHAPES = {
+    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 32768},
+    "llama3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                    "tie_word_embeddings": True, "rope_theta": 500000.0, "max_position_embeddings": 131072},
+}
+
 
 def _quality(model, tok, args) -> dict:
     out = {d: perplexity(model, tok, d, 128, args.eval_batch, args.eval_limit)["ppl"]
@@ -45,9 +62,11 @@ def _floor_tokens_per_s(student, data: torch.Tensor, batch_size: int, device: st
     for p in params:
         p.requires_grad_(True)
     cuda = torch.device(device).type == "cuda"
+    if cuda:  # as heal() runs it
+        student.gradient_checkpointing_enable()
     tokens, seconds = 0, 0.0
     for i in range(batches + 1):  # the first batch warms up
-        ids = data[i * batch_size:(i + 1) * batch_size].to(device)
+        ids = data[(torch.arange(batch_size) + i * batch_size) % data.shape[0]].to(device)
         synchronize(device)
         t = time.perf_counter()
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda):
@@ -59,6 +78,8 @@ def _floor_tokens_per_s(student, data: torch.Tensor, batch_size: int, device: st
             seconds += time.perf_counter() - t
             tokens += ids.numel()
     student.zero_grad(set_to_none=True)
+    if cuda:
+        student.gradient_checkpointing_disable()
     for p, f in zip(params, flags):
         p.requires_grad_(f)
     student.eval()
@@ -67,25 +88,96 @@ def _floor_tokens_per_s(student, data: torch.Tensor, batch_size: int, device: st
 
 def render(results: Path) -> str:
     rows = read_jsonl(results)
-    out = ["| model | prune | heal tokens | method | lr | wiki ppl before → after | books ppl before → after | "
-           "zero-shot avg before → after | heal tok/s | floor tok/s | ratio | heal (s) |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        b, a = r["before"], r["after"]
-        zs = (f"{100 * b['zeroshot_avg']:.1f} → {100 * a['zeroshot_avg']:.1f}" if b["zeroshot_avg"] is not None
-              else "–")
-        out.append(f"| {r['model']} | {r['prune']} | {r['heal']['tokens']:,} | {r['heal']['config']['method']} | "
-                   f"{r['heal']['config']['lr']:g} | {b['ppl_wiki']:.2f} → {a['ppl_wiki']:.2f} "
+    real = [r for r in rows if not r.get("synthetic")]
+    out = ["| model | prune | heal tokens | method | lr | kd weight | wiki ppl before → after | books ppl before → after | "
+           "zero-shot avg before → after | heal tok/s | floor tok/s | ratio | heal (s) | device |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in real:
+        b, a, cfg = r["before"], r["after"], r["heal"]["config"]
+        zs = (f"{100 * b['zeroshot_avg']:.1f} → {100 * a['zeroshot_avg']:.1f}"
+              if b["zeroshot_avg"] is not None and a["zeroshot_avg"] is not None else "–")
+        out.append(f"| {r['model']} | {r['prune']} | {r['heal']['tokens']:,} | {cfg['method']} | "
+                   f"{cfg['lr']:g} | {cfg['kd_weight']:g} | {b['ppl_wiki']:.2f} → {a['ppl_wiki']:.2f} "
                    f"({a['ppl_wiki'] / b['ppl_wiki']:.2f}x) | {b['ppl_books']:.2f} → {a['ppl_books']:.2f} | {zs} | "
                    f"{r['heal']['tokens_per_s']:.0f} | {r['floor_tokens_per_s']:.0f} | "
-                   f"{r['heal']['tokens_per_s'] / r['floor_tokens_per_s']:.2f} | {r['heal']['seconds']:.0f} |")
-    out.append("\n" + commands_of(rows))
+                   f"{r['heal']['tokens_per_s'] / r['floor_tokens_per_s']:.2f} | {r['heal']['seconds']:.0f} | "
+                   f"{r.get('device_name') or r['device']} |")
+    out.append("\n" + commands_of(real))
+    synthetic = [r for r in rows if r.get("synthetic")]
+    if synthetic:
+        out += ["", "Random weights (throughput only):", "",
+                "| shape | parameters dense → pruned | prune | window | batch | heal tokens | heal tok/s | floor tok/s | "
+                "ratio | peak GiB | device |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in synthetic:
+            out.append(f"| {r['model']} | {r['params_dense'] / 1e9:.2f}B → {r['params_pruned'] / 1e9:.2f}B | "
+                       f"{r['prune']} | {r['seqlen']} | {r['heal']['config']['batch_size']} | {r['heal']['tokens']:,} | "
+                       f"{r['heal']['tokens_per_s']:,.0f} | {r['floor_tokens_per_s']:,.0f} | "
+                       f"{r['heal']['tokens_per_s'] / r['floor_tokens_per_s']:.2f} | {r.get('peak_gib', float('nan')):.1f} | "
+                       f"{r.get('device_name') or r['device']} |")
+        out.append("\n" + commands_of(synthetic))
     return "\n".join(out)
+
+
+def _runs(args) -> list[tuple[int, float | None, float]]:
+    """(tokens, lr, kd_weight) of each heal: --sweep's specs, or the single run of --tokens/--lr/--kd-weight."""
+    if not args.sweep:
+        return [(args.tokens, args.lr, args.kd_weight)]
+    runs = []
+    for spec in args.sweep:
+        try:
+            tokens, lr, kd = spec.split(":")
+            runs.append((int(float(tokens)), float(lr), float(kd)))
+        except ValueError:
+            raise SystemExit(f"--sweep takes tokens:lr:kd_weight, e.g. 1000000:1e-4:0.5; got {spec!r}")
+    return runs
+
+
+def _device_facts(device: str) -> dict:
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"device_name": torch.cuda.get_device_name(torch.device(device)),
+            "peak_gib": torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 30}
+
+
+def _synthetic(args) -> None:
+    """Prune and heal a randomly initialised model of a real shape on random tokens: tokens/s and memory only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    shape = dict(SHAPES[args.synthetic])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(args.device).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    student = copy.deepcopy(teacher)
+    dense = sum(p.numel() for p in teacher.parameters())
+    synchronize(args.device)
+    t = time.perf_counter()
+    flap_llm.prune(student, calib, flap_llm.PruneConfig(ratio=args.ratio, compensation=args.compensation),
+                   batch_size=args.batch_size)
+    synchronize(args.device)
+    prune_s = time.perf_counter() - t
+    pruned = sum(p.numel() for p in student.parameters())
+    tokens, lr, kd = _runs(args)[0]
+    data = torch.randint(config.vocab_size, (-(-tokens // args.seqlen), args.seqlen), generator=g)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+    floor = _floor_tokens_per_s(student, data, args.batch_size, args.device)
+    result = heal(student, teacher, data, HealConfig(tokens=tokens, lr=lr, kd_weight=kd, method=args.method,
+                                                     batch_size=args.batch_size), progress=True)
+    row = {"model": args.synthetic, "synthetic": True, "prune": f"FLAP {args.ratio:.0%} + {args.compensation}",
+           "prune_seconds": prune_s, "params_dense": dense, "params_pruned": pruned, "seqlen": args.seqlen,
+           "heal": result.to_dict(), "floor_tokens_per_s": floor, "device": args.device,
+           **_device_facts(args.device), "versions": versions(), "command": command_line()}
+    append_jsonl(Path(args.results), row)
+    print(f"{args.synthetic} (random weights) {dense / 1e9:.2f}B -> {pruned / 1e9:.2f}B, pruned in {prune_s:.1f}s; "
+          f"healed {result.tokens} tokens at {result.tokens_per_s:.0f} tok/s (floor {floor:.0f}), "
+          f"peak {row.get('peak_gib', 0):.1f} GiB", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--synthetic", choices=sorted(SHAPES), help="random weights of this shape: throughput only")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--compensation", default="lsq")
     ap.add_argument("--nsamples", type=int, default=128, help="pruning calibration windows")
@@ -93,6 +185,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--method", default="full", choices=["full", "lora"])
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--kd-weight", type=float, default=1.0, help="the KL's weight; the rest goes to the LM loss")
+    ap.add_argument("--sweep", nargs="+", metavar="TOKENS:LR:KD", help="several heals of one pruned model")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-limit", type=int, default=48)
@@ -104,28 +198,38 @@ def main() -> None:
     if args.render:
         print(render(Path(args.results)))
         return
+    runs = _runs(args)
+    if args.synthetic:
+        _synthetic(args)
+        return
     teacher, tok, _ = load(args.model)
     teacher = teacher.to(args.device)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
-    student = copy.deepcopy(teacher)
+    pruned = copy.deepcopy(teacher)
     prune_cfg = flap_llm.PruneConfig(ratio=args.ratio, compensation=args.compensation)
-    flap_llm.prune(student, calib, prune_cfg, batch_size=args.batch_size)
-    before = _quality(student, tok, args)
+    flap_llm.prune(pruned, calib, prune_cfg, batch_size=args.batch_size)
+    before = _quality(pruned, tok, args)
     print(f"{args.model} FLAP {args.ratio:.0%} {args.compensation}: wiki {before['ppl_wiki']:.2f}, books "
-          f"{before['ppl_books']:.2f}", flush=True)
+          f"{before['ppl_books']:.2f}, zero-shot {before['zeroshot_avg']}", flush=True)
     # training windows: the calibration split of builtin:wiki (seed 1: not the pruning windows' draw)
-    data = calibration_windows("builtin:wiki", tok, -(-args.tokens // args.seqlen), args.seqlen, 1)
-    floor = _floor_tokens_per_s(student, data, args.batch_size, args.device)
-    result = heal(student, teacher, data, HealConfig(tokens=args.tokens, lr=args.lr, method=args.method,
-                                                     batch_size=args.batch_size), progress=True)
-    after = _quality(student, tok, args)
-    row = {"model": args.model, "prune": f"FLAP {args.ratio:.0%} + {args.compensation}", "before": before,
-           "after": after, "heal": result.to_dict(), "floor_tokens_per_s": floor, "device": args.device,
-           "versions": versions(), "command": command_line()}
-    append_jsonl(Path(args.results), row)
-    print(f"healed {result.tokens} tokens in {result.seconds:.0f}s ({result.tokens_per_s:.0f} tok/s, floor "
-          f"{floor:.0f}): wiki {before['ppl_wiki']:.2f} -> {after['ppl_wiki']:.2f}, books {before['ppl_books']:.2f} "
-          f"-> {after['ppl_books']:.2f}", flush=True)
+    data = calibration_windows("builtin:wiki", tok, -(-max(r[0] for r in runs) // args.seqlen), args.seqlen, 1)
+    for tokens, lr, kd in runs:
+        student = copy.deepcopy(pruned) if len(runs) > 1 else pruned
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+        floor = _floor_tokens_per_s(student, data, args.batch_size, args.device)
+        result = heal(student, teacher, data, HealConfig(tokens=tokens, lr=lr, kd_weight=kd, method=args.method,
+                                                         batch_size=args.batch_size), progress=True)
+        after = _quality(student, tok, args)
+        row = {"model": args.model, "prune": f"FLAP {args.ratio:.0%} + {args.compensation}", "before": before,
+               "after": after, "heal": result.to_dict(), "floor_tokens_per_s": floor, "device": args.device,
+               **_device_facts(args.device), "versions": versions(), "command": command_line()}
+        append_jsonl(Path(args.results), row)
+        print(f"healed {result.tokens} tokens (lr {result.config.learning_rate:g}, kd {kd:g}) in {result.seconds:.0f}s "
+              f"({result.tokens_per_s:.0f} tok/s, floor {floor:.0f}): wiki {before['ppl_wiki']:.2f} -> "
+              f"{after['ppl_wiki']:.2f}, books {before['ppl_books']:.2f} -> {after['ppl_books']:.2f}, zero-shot "
+              f"{after['zeroshot_avg']}", flush=True)
+        del student
 
 
 if __name__ == "__main__":
