@@ -96,7 +96,9 @@ def render(results: Path) -> str:
         b, a, cfg = r["before"], r["after"], r["heal"]["config"]
         zs = (f"{100 * b['zeroshot_avg']:.1f} → {100 * a['zeroshot_avg']:.1f}"
               if b["zeroshot_avg"] is not None and a["zeroshot_avg"] is not None else "–")
-        out.append(f"| {r['model']} | {r['prune']} | {r['heal']['tokens']:,} | {cfg['method']} | "
+        data = r.get("train_data", "builtin:wiki")
+        method = cfg["method"] + ("" if data == "builtin:wiki" else f" on {data}")
+        out.append(f"| {r['model']} | {r['prune']} | {r['heal']['tokens']:,} | {method} | "
                    f"{cfg['lr']:g} | {cfg['kd_weight']:g} | {b['ppl_wiki']:.2f} → {a['ppl_wiki']:.2f} "
                    f"({a['ppl_wiki'] / b['ppl_wiki']:.2f}x) | {b['ppl_books']:.2f} → {a['ppl_books']:.2f} | {zs} | "
                    f"{r['heal']['tokens_per_s']:.0f} | {r['floor_tokens_per_s']:.0f} | "
@@ -187,6 +189,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--kd-weight", type=float, default=1.0, help="the KL's weight; the rest goes to the LM loss")
     ap.add_argument("--sweep", nargs="+", metavar="TOKENS:LR:KD", help="several heals of one pruned model")
+    ap.add_argument("--train-data", default="builtin:wiki",
+                    help="comma-separated texts to heal on, their calibration splits in equal shares of the windows "
+                         "(the evaluation splits are never trained on)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-limit", type=int, default=48)
@@ -211,8 +216,10 @@ def main() -> None:
     before = _quality(pruned, tok, args)
     print(f"{args.model} FLAP {args.ratio:.0%} {args.compensation}: wiki {before['ppl_wiki']:.2f}, books "
           f"{before['ppl_books']:.2f}, zero-shot {before['zeroshot_avg']}", flush=True)
-    # training windows: the calibration split of builtin:wiki (seed 1: not the pruning windows' draw)
-    data = calibration_windows("builtin:wiki", tok, -(-max(r[0] for r in runs) // args.seqlen), args.seqlen, 1)
+    # training windows: the calibration splits of --train-data (seed 1: not the pruning windows' draw)
+    specs = args.train_data.split(",")
+    n = -(-max(r[0] for r in runs) // args.seqlen)
+    data = torch.cat([calibration_windows(spec, tok, -(-n // len(specs)), args.seqlen, 1) for spec in specs])[:n]
     for tokens, lr, kd in runs:
         student = copy.deepcopy(pruned) if len(runs) > 1 else pruned
         if torch.device(args.device).type == "cuda":
@@ -222,6 +229,7 @@ def main() -> None:
                                                          batch_size=args.batch_size), progress=True)
         after = _quality(student, tok, args)
         row = {"model": args.model, "prune": f"FLAP {args.ratio:.0%} + {args.compensation}", "before": before,
+               "train_data": args.train_data,
                "after": after, "heal": result.to_dict(), "floor_tokens_per_s": floor, "device": args.device,
                **_device_facts(args.device), "versions": versions(), "command": command_line()}
         append_jsonl(Path(args.results), row)

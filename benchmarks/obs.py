@@ -48,6 +48,7 @@ ROWS = {
     "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01, **ALL},  # both parts, sequential
     "obs fisher 1.0": {"method": "obs", **ALL},  # sequential, lsq_damp 0.1, the Fisher from every window
     "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1, the Fisher from half the windows
+    "obs held-out": {"method": "obs", "allocation": "held-out"},  # the default with held-out error curves
 }
 
 

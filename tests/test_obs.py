@@ -14,7 +14,8 @@ from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
 from flap_llm.config import FISHER_FRACTION
 from flap_llm.fisher import window_selected
 from flap_llm.methods import obs as obs_method
-from flap_llm.reconstruct import allocate, damped, refit_error, removal_path
+from flap_llm.reconstruct import allocate, damped, held_out_moment, refit_change, refit_error, removal_path
+from flap_llm.stats import Covariance, SplitCovariance
 
 
 def _problem(d: int, d_out: int, seed: int, n: int = 300):
@@ -274,3 +275,69 @@ def test_obs_options_are_checked():
     with pytest.raises(FlapError, match="remove_heads"):
         PruneConfig(method="obs", allocation="structure", structure="AL-MM")
     PruneConfig(method="obs", allocation="structure", structure="AL-MM", remove_heads=1)
+
+
+@pytest.mark.parametrize("unit_size, block", [(1, 1), (1, 3), (4, 1), (2, 2)])
+def test_held_out_curve_scores_each_prefix_refit_on_other_inputs(unit_size, block):
+    """The path's held-out curve is, for every prefix, the refit fitted on one set of inputs scored on
+    another: against the refit solved directly, and against the mean squared output change on the held-out
+    inputs themselves (the refit bias absorbs the calibration mean)."""
+    g = torch.Generator().manual_seed(unit_size * 10 + block)
+    d, n = 24, 200
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3
+    xa = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.5
+    xb = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.2  # another sample, another mean
+    w = torch.randn(10, d, generator=g, dtype=torch.float64)
+    h = damped(torch.cov(xa.T, correction=0), 0.05)
+    v = held_out_moment(torch.cov(xb.T, correction=0), xb.mean(0), xa.mean(0))
+    path = removal_path(w, h, unit_size, d // unit_size - 1, block, held_out=v)
+    assert path.held_out.shape == path.error.shape and float(path.held_out[0]) == 0.0
+    for k in range(0, path.order.numel() + 1, block):  # prefixes that end a step are exact
+        change = refit_change(w, h, _columns(path.order[:k], unit_size))
+        direct = float(((xb - xa.mean(0)) @ change.T).pow(2).sum(1).mean())
+        assert float(path.held_out[k]) == pytest.approx(direct, rel=1e-5, abs=1e-9)
+        # and the fit curve is the same refits scored on their own inputs
+        assert float(path.error[k]) == pytest.approx(float((change @ h * change).sum()), rel=1e-6, abs=1e-9)
+    assert removal_path(w, h, unit_size, 3, block).held_out is None
+
+
+def test_split_covariance_halves_alternate_windows_and_merge_to_the_whole():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 6, generator=g)  # 5 windows of 7 tokens
+    split, whole = SplitCovariance(6), Covariance(6)
+    split.update(x[:3])
+    split.update(x[3:])  # a second batch: its first window goes to the first half again
+    whole.update(x)
+    first, second = split.halves
+    assert (first.n, second.n) == (3 * 7, 2 * 7)
+    ref = Covariance(6)
+    ref.update(torch.cat([x[0:1], x[2:3], x[3:4]]))
+    torch.testing.assert_close(first.sum, ref.sum)
+    torch.testing.assert_close(first.outer, ref.outer)
+    merged = split.merged()
+    assert merged.n == whole.n
+    torch.testing.assert_close(merged.cov, whole.cov)
+    torch.testing.assert_close(merged.mean, whole.mean)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen3", "gemma3"])
+def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, tmp_path, monkeypatch):
+    """allocation="held-out": the budget is met, mask == prune, the checkpoint reloads exactly, and the
+    fused (Fisher-pass) and walked covariances give the same plan when every window is in the Fisher pass."""
+    model, cal = tiny_model(arch), calibration(16)
+    cfg = PruneConfig(ratio=0.4, method="obs", allocation="held-out", fisher_fraction=1.0)
+    assert cfg.label == "obs, obs selection, held-out allocation"
+    pruned, masked, walked = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    rp = prune(pruned, cal, cfg)
+    rm = prune(masked, cal, PruneConfig(**{**cfg.to_dict(), "mode": "mask"}))
+    assert rp.plan == rm.plan
+    assert rp.report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
+    ids = calibration(3, 16, seed=5)
+    assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
+    save_pruned(pruned, tmp_path / "ckpt", result=rp)
+    assert torch.equal(_logits(pruned, ids), _logits(load_pruned(tmp_path / "ckpt"), ids))
+    monkeypatch.setattr(obs_method, "FUSED_COVARIANCE_BYTES", 0)
+    assert prune(walked, cal, cfg).plan == rp.plan
+    # the held-out curves are not the fit curves: the allocation differs from "measured" here
+    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", fisher_fraction=1.0))
+    assert fit.plan != rp.plan

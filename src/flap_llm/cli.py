@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", default="obs", choices=list(SELECTIONS),
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
     p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
-                   help="obs: per-module widths by measured refit error (default) or by FLAP's --structure")
+                   help="obs: per-module widths by measured refit error (default), by refit error on held-out "
+                        "halves of the windows (held-out), or by FLAP's --structure")
     p.add_argument("--fisher-fraction", type=float, default=None,
                    help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
                         f"(default {FISHER_FRACTION}; less is faster and noisier)")
@@ -184,7 +185,7 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
         if getattr(args, name) < 1:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
     _check_eval_args(args)
-    if args.export == "hf-uniform" and args.method == "obs" and args.allocation == "measured":
+    if args.export == "hf-uniform" and args.method == "obs" and args.allocation != "structure":
         raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's measured "
                         "allocation does not give; use --allocation structure --structure UL-UM, or --export flap")
     if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):

@@ -45,7 +45,9 @@ class PruneConfig:
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
         "metric" (FLAP's `metric` order).
     allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
-        error against its width, weighed by the output Fisher, split under the budget) or
+        error against its width, weighed by the output Fisher, split under the budget), "held-out" (the same
+        with each refit scored on the half of the windows it was not fitted on, both ways round: errors that
+        do not flatter wide projections for fitting their own windows; the paths cost twice) or
         "structure" (FLAP's `structure` on FLAP's scores).
     fisher_fraction: obs only: the share of the calibration windows (each drawn by a hash of its tokens)
         whose backward pass estimates the output Fisher; the others still give the covariances. Less is
@@ -125,7 +127,8 @@ class PruneConfig:
     def label(self) -> str:
         """The method and what shapes its plan, for messages and plot titles."""
         if self.method == "obs":
-            alloc = "measured allocation" if self.allocation == "measured" else self.structure
+            alloc = {"measured": "measured allocation", "held-out": "held-out allocation"}.get(self.allocation,
+                                                                                               self.structure)
             return f"obs, {self.selection} selection, {alloc}"
         if self.method == "flap":
             return f"flap, {self.structure}, {self.metric}"

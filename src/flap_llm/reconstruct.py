@@ -11,6 +11,11 @@ Removing one more unit u (its columns U) from the current kept set with the curr
 Q = H_KK^-1 costs tr(W_U (Q_UU)^-1 W_U^T); afterwards W <- W - W_U (Q_UU)^-1 Q_U,: and
 Q <- Q - Q_:,U (Q_UU)^-1 Q_U,: (the structured OBS step). A sequence of such steps adds up to E(P) exactly,
 so the path's error curve is the refit error of every prefix of its removal order.
+
+The same refit can be scored on other tokens: with V the second moment of held-out inputs about the
+calibration mean (the refit bias absorbs that mean), the held-out error of a prefix is tr(D V D^T), where
+D = W' - W is the refit's total change (the removed columns' weights included). D changes by a rank-|U| term
+per step, so G = D V is kept up to date at the cost of that term times V.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class RemovalPath:
 
     order: torch.Tensor  # [n_removed] LongTensor of unit indices, first removed first
     error: torch.Tensor  # [n_removed + 1] float64: error[k] = E(order[:k]), error[0] = 0
+    held_out: torch.Tensor | None = None  # [n_removed + 1] float64: the same refits' error on held-out inputs
 
 
 def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
@@ -51,6 +57,25 @@ def refit_error(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) ->
     return (wp @ s * wp).sum()
 
 
+def held_out_moment(cov: torch.Tensor, mean: torch.Tensor, fit_mean: torch.Tensor) -> torch.Tensor:
+    """V = C + (mu - mu_fit)(mu - mu_fit)^T: held-out inputs' second moment about the calibration mean."""
+    delta = (mean - fit_mean).to(torch.float64)
+    return cov.to(torch.float64) + torch.outer(delta, delta)
+
+
+def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """D = W' - W of the refit that removes the columns `removed` (W'_P = 0, W'_K = W H_:K H_KK^-1), solved
+    directly (the reference for the path's held-out errors)."""
+    w = weight.to(torch.float64)
+    kept = torch.ones(h.shape[0], dtype=torch.bool, device=w.device)
+    kept[removed.to(w.device)] = False
+    k = torch.nonzero(kept).flatten()
+    new = torch.zeros_like(w)
+    if k.numel():
+        new[:, k] = torch.linalg.solve(h[k][:, k], (w @ h[:, k]).T).T
+    return new - w
+
+
 def _unit_scores(w: torch.Tensor, q: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """tr(W_U (Q_UU)^-1 W_U^T) of every unit; cols: [n_units, s] column indices into w and q."""
     if cols.shape[1] == 1:
@@ -62,13 +87,14 @@ def _unit_scores(w: torch.Tensor, q: torch.Tensor, cols: torch.Tensor) -> torch.
 
 
 def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, block: int = 1,
-                 order: torch.Tensor | None = None) -> RemovalPath:
+                 order: torch.Tensor | None = None, held_out: torch.Tensor | None = None) -> RemovalPath:
     """Remove `n_remove` units of `unit_size` adjacent columns greedily (or in the given `order`), each step
     taking the `block` units whose removal with the refit raises the output error least.
 
     weight: [d_out, d]; h: the damped input covariance [d, d] (`damped`). Steps of several units are exact
     for the units they take; within a step the error is spread linearly over its units (its own order is by
-    single-unit cost). Works on a compacted copy in float64.
+    single-unit cost). Works on a compacted copy in float64. held_out: V [d, d] (`held_out_moment`): also
+    score every prefix's refit on those inputs (the path's `held_out` curve; float32 products).
     """
     d = h.shape[0]
     if unit_size < 1 or d % unit_size:
@@ -86,6 +112,13 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     offsets = torch.arange(unit_size, device=dev)
     taken: list[int] = []
     errors = [torch.zeros((), dtype=torch.float64, device=dev)]
+    tracking = held_out is not None
+    if tracking:
+        v_rows = held_out.to(device=dev, dtype=torch.float32)  # V's rows of the (compacted) columns of w and q
+        column = torch.arange(d, device=dev)  # the original column at each (compacted) column of w and q
+        change = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)  # D = W' - W
+        change_v = torch.zeros_like(change)  # G = D V
+        held = [torch.zeros((), dtype=torch.float64, device=dev)]
     while len(taken) < n_remove:
         b = min(block, n_remove - len(taken))
         pos = torch.nonzero(alive).flatten()
@@ -106,6 +139,12 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
         share = scores[pick].clamp_min(0)  # the step's cost spread over its units by their own costs
         share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / b)
         errors.extend((errors[-1] + step * torch.cumsum(share, 0)).unbind())
+        if tracking:  # D -= W_U X over the live columns; G -= W_U (X V)
+            w_c32, x32 = w_c.to(torch.float32), x.to(torch.float32)
+            change[:, column] -= w_c32 @ x32
+            change_v -= w_c32 @ (x32 @ v_rows)
+            total = (change.to(torch.float64) * change_v.to(torch.float64)).sum()
+            held.extend((held[-1] + (total - held[-1]) * torch.cumsum(share, 0)).unbind())
         taken.extend(int(u) for u in unit[pos[pick]])
         alive[pos[pick]] = False
         if alive.sum() * 4 < alive.numel() * 3:  # compact once a quarter of the positions are dead
@@ -113,7 +152,10 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
             kc = (keep[:, None] * unit_size + offsets).flatten()
             w, q, unit = w[:, kc], q[kc][:, kc], unit[keep]
             alive = torch.ones(keep.numel(), dtype=torch.bool, device=dev)
-    return RemovalPath(torch.tensor(taken, dtype=torch.long), torch.stack(errors).cpu())
+            if tracking:
+                column, v_rows = column[kc], v_rows[kc]
+    return RemovalPath(torch.tensor(taken, dtype=torch.long), torch.stack(errors).cpu(),
+                       torch.stack(held).cpu() if tracking else None)
 
 
 def _lower_hull(y: torch.Tensor) -> list[int]:

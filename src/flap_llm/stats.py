@@ -123,3 +123,26 @@ class Covariance:
         """Population covariance C = E[x x^T] - mu mu^T."""
         mu = self.mean
         return self.outer / max(self.n, 1) - torch.outer(mu, mu)
+
+
+class SplitCovariance:
+    """The calibration windows' inputs in two halves (window i of each batch goes to half i % 2), for refits
+    fitted on one half and scored on the other; `merged` is the Covariance of all of them."""
+
+    def __init__(self, dim: int, compute_dtype: torch.dtype = torch.float64) -> None:
+        self.dim = dim
+        self.halves = (Covariance(dim, compute_dtype), Covariance(dim, compute_dtype))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        x = x.reshape(-1, 1, self.dim) if x.dim() < 3 else x.reshape(x.shape[0], -1, self.dim)  # [windows, L, d]
+        self.halves[0].update(x[0::2])
+        self.halves[1].update(x[1::2])
+
+    def all_reduce_(self) -> None:
+        for half in self.halves:
+            half.all_reduce_()
+
+    def merged(self) -> Covariance:
+        a, b = self.halves
+        return Covariance(self.dim, a.compute_dtype, a.n + b.n, a.sum + b.sum, a.outer + b.outer)

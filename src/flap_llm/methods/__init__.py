@@ -16,4 +16,4 @@ METHODS = {"flap": prune_flap, "obs": prune_obs, "wanda-sp": prune_wanda_sp, "ma
 DATA_FREE = ("mag-sp",)
 # obs's options (PruneConfig.selection / .allocation)
 SELECTIONS = ("obs", "metric")
-ALLOCATIONS = ("measured", "structure")
+ALLOCATIONS = ("measured", "held-out", "structure")

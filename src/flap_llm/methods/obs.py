@@ -12,13 +12,16 @@ Two passes, like FLAP + lsq:
    measured allocation, each module's removal path (`reconstruct.removal_path`: greedy structured OBS on the
    Fisher-weighted output error, with its refit error after every prefix), split under the budget by
    `reconstruct.allocate`. (The refit itself is the plain least squares: weighting the outputs by any
-   invertible matrix leaves its solution unchanged.)
+   invertible matrix leaves its solution unchanged.) With allocation "held-out" the curves are held-out
+   errors instead: the windows are split in two halves, each module's path is fitted on one half and every
+   prefix's refit scored on the other, both ways round, and the two curves averaged (the calibration fit
+   error flatters wide projections, which fit their own windows' noise).
 2. The refit pass (`flap.refit_walk`): per layer the units chosen (greedy OBS again on this pass's
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns, and the layer is pruned.
 
-Options (PruneConfig): selection "obs" | "metric", allocation "measured" | "structure" (FLAP's `structure`
-on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
+Options (PruneConfig): selection "obs" | "metric", allocation "measured" | "held-out" | "structure" (FLAP's
+`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
 allocation="structure" and sequential=False is FLAP + lsq.
 """
 
@@ -34,9 +37,9 @@ from ..arch import Dims
 from ..errors import FlapError
 from ..fisher import output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
-from ..reconstruct import RemovalPath, allocate, damped, removal_path
+from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
 from ..select import aligned_count, select, total_weight
-from ..stats import ChannelStats, Covariance, LayerStats
+from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
 from .flap import channel_scores, refit_walk
 from .job import Job
@@ -57,9 +60,11 @@ def covariance_bytes(dims: Dims) -> int:
     return 8 * dims.n_layers * ((dims.n_heads * dims.head_dim) ** 2 + dims.d_ff ** 2)
 
 
-def _covariances(proj: dict[str, nn.Linear]) -> dict[str, Covariance]:
-    """Empty input covariances of a layer's output projections (float32 products, float64 sums)."""
-    return {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
+def _covariances(proj: dict[str, nn.Linear], split: bool = False) -> dict[str, Covariance | SplitCovariance]:
+    """Empty input covariances of a layer's output projections (float32 products, float64 sums); `split`: in
+    two halves of the windows."""
+    kind = SplitCovariance if split else Covariance
+    return {k: kind(m.in_features, torch.float32) for k, m in proj.items()}
 
 
 def _stats_of(cov: Covariance) -> ChannelStats:
@@ -72,10 +77,11 @@ def _metric_order(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tuple[int, int],
-           orders: tuple[torch.Tensor, torch.Tensor] | None,
-           weights: dict[str, torch.Tensor] | None) -> tuple[RemovalPath, RemovalPath]:
+           orders: tuple[torch.Tensor, torch.Tensor] | None, weights: dict[str, torch.Tensor] | None,
+           held_out: dict[str, Covariance] | None = None) -> tuple[RemovalPath, RemovalPath]:
     """Removal paths of one layer's o_proj (KV groups) and down_proj (channels), to the given counts, on the
-    Fisher-weighted output error (`weights`: F^(1/2) per projection; None: the plain output error)."""
+    Fisher-weighted output error (`weights`: F^(1/2) per projection; None: the plain output error); with
+    `held_out` covariances, every prefix's refit is also scored on those inputs."""
     dims, damp = job.dims, job.config.lsq_damp
     proj = output_projections(layer, job.spec)
 
@@ -83,11 +89,24 @@ def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tupl
         weight = proj[name].weight.detach().to(torch.float64)
         return weight if weights is None else weights[name].to(weight.device) @ weight
 
+    def v(name):
+        return None if held_out is None else held_out_moment(held_out[name].cov, held_out[name].mean, covs[name].mean)
+
     attn = removal_path(w("attn"), damped(covs["attn"].cov, damp), dims.group_size * dims.head_dim,
-                        counts[0], 1, None if orders is None else orders[0])
+                        counts[0], 1, None if orders is None else orders[0], v("attn"))
     mlp = removal_path(w("mlp"), damped(covs["mlp"].cov, damp), 1, counts[1],
-                       max(1, dims.d_ff // STEPS), None if orders is None else orders[1])
+                       max(1, dims.d_ff // STEPS), None if orders is None else orders[1], v("mlp"))
     return attn, mlp
+
+
+def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covariance, Covariance]],
+                     counts: tuple[int, int], orders: tuple[torch.Tensor, torch.Tensor] | None,
+                     weights: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o_proj's and down_proj's error curves as the mean of two held-out curves: paths fitted on one half of
+    the windows, scored on the other, and the other way round."""
+    folds = [_paths(layer, job, {k: h[a] for k, h in halves.items()}, counts, orders, weights,
+                    {k: h[1 - a] for k, h in halves.items()}) for a in (0, 1)]
+    return tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds))
 
 
 def _layer_plan(dims: Dims, removed_groups: torch.Tensor, removed_channels: torch.Tensor) -> LayerPlan:
@@ -106,19 +125,21 @@ def _aligned(n_removed: int, d_ff: int, multiple: int | None) -> int:
 
 def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     cfg, dims = job.config, job.dims
-    measured = cfg.allocation == "measured"
+    measured = cfg.allocation in ("measured", "held-out")
+    split = cfg.allocation == "held-out"
     mlp_cap = min(dims.d_ff, math.floor(MAX_MLP_REMOVED * dims.d_ff))
     stats: list[LayerStats] = []
     scores: list[tuple[torch.Tensor, torch.Tensor]] = []
-    dense_paths: list[tuple[RemovalPath, RemovalPath]] = []
+    curves: list[tuple[torch.Tensor, torch.Tensor]] = []  # each layer's o_proj and down_proj error curves
+    dense_paths: list[tuple[RemovalPath, RemovalPath]] = []  # allocation "measured": the curves' paths
     weights: list[dict[str, torch.Tensor]] | None = None
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
                             "without --offload, or with selection='metric' and allocation='structure'")
-        if covariance_bytes(dims) <= FUSED_COVARIANCE_BYTES:
-            recorded = [_covariances(output_projections(layer, job.spec)) for layer in job.layers.modules]
+        if covariance_bytes(dims) * (2 if split else 1) <= FUSED_COVARIANCE_BYTES:
+            recorded = [_covariances(output_projections(layer, job.spec), split) for layer in job.layers.modules]
         with job.timer("sensitivity"):
             fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
                                    fraction=cfg.fisher_fraction)
@@ -132,17 +153,24 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         return _metric_order(attn.reshape(dims.n_kv_heads, -1).sum(1)), _metric_order(mlp)
 
     def survey(idx, layer, covs):
-        """FLAP's statistics and scores of one layer, and its dense removal paths, from its covariances."""
+        """FLAP's statistics and scores of one layer, and its dense error curves, from its covariances."""
         for c in covs.values():
             c.all_reduce_()
+        halves = {k: c.halves for k, c in covs.items()} if split else None
+        if split:
+            covs = {k: c.merged() for k, c in covs.items()}
         stats.append(LayerStats(_stats_of(covs["attn"]), _stats_of(covs["mlp"])))
         scores.append(channel_scores(layer, job.spec, stats[-1], cfg.metric))
-        if measured:
-            dense_paths.append(_paths(layer, job, covs, (dims.n_kv_heads, mlp_cap), order_of(idx), weights[idx]))
+        counts = (dims.n_kv_heads, mlp_cap)
+        if split:
+            curves.append(_held_out_curves(layer, job, halves, counts, order_of(idx), weights[idx]))
+        elif measured:
+            dense_paths.append(_paths(layer, job, covs, counts, order_of(idx), weights[idx]))
+            curves.append((dense_paths[-1][0].error, dense_paths[-1][1].error))
 
     def walked(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
-        covs = _covariances(proj)
+        covs = _covariances(proj, split)
         with record_inputs(proj, covs):
             forward_all(layer, inputs, keep=True)
         survey(idx, layer, covs)
@@ -159,12 +187,9 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
 
     with job.timer("plan"):
         if measured:
-            curves, costs = [], []
-            for attn, mlp in dense_paths:
-                curves += [attn.error, mlp.error]
-                costs += [dims.group_weight, 1.0]
             budget = cfg.ratio * total_weight(dims)
-            counts = allocate(curves, costs, budget)
+            costs = [dims.group_weight, 1.0] * dims.n_layers
+            counts = allocate([c for pair in curves for c in pair], costs, budget)
             if sum(k * c for k, c in zip(counts, costs)) < budget - 1:
                 raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head and "
                                 f"{MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
@@ -182,7 +207,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         if cfg.selection == "metric":
             attn_order, mlp_order = order_of(idx)
             return _layer_plan(dims, attn_order[:g], mlp_order[:c])
-        if measured and not cfg.sequential and c <= dense_paths[idx][1].order.numel():
+        if dense_paths and not cfg.sequential and c <= dense_paths[idx][1].order.numel():
             return _layer_plan(dims, dense_paths[idx][0].order[:g], dense_paths[idx][1].order[:c])
         attn, mlp = _paths(layer, job, covs, (g, c), None, weights[idx])  # greedy OBS on this pass's covariances
         return _layer_plan(dims, attn.order, mlp.order)
