@@ -14,8 +14,10 @@ so the path's error curve is the refit error of every prefix of its removal orde
 
 The same refit can be scored on other tokens: with V the second moment of held-out inputs about the
 calibration mean (the refit bias absorbs that mean), the held-out error of a prefix is tr(D V D^T), where
-D = W' - W is the refit's total change (the removed columns' weights included). D changes by a rank-|U| term
-per step, so G = D V is kept up to date at the cost of that term times V.
+D = W' - W is the refit's total change (the removed columns' weights included). Each step changes D by
+A = W_U X (X = (Q_UU)^-1 Q_U,:), so with G = D V kept up to date (G -= W_U (X V)) the error moves by
+-2 <A, G> + tr(A V A^T), both read off |U|-row products: <A, G> = <X, W_U^T G> and
+tr(A V A^T) = <W_U^T W_U, X V X^T>.
 """
 
 from __future__ import annotations
@@ -116,8 +118,7 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     if tracking:
         v_rows = held_out.to(device=dev, dtype=torch.float32)  # V's rows of the (compacted) columns of w and q
         column = torch.arange(d, device=dev)  # the original column at each (compacted) column of w and q
-        change = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)  # D = W' - W
-        change_v = torch.zeros_like(change)  # G = D V
+        change_v = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)  # G = D V, D = W' - W
         held = [torch.zeros((), dtype=torch.float64, device=dev)]
     while len(taken) < n_remove:
         b = min(block, n_remove - len(taken))
@@ -139,12 +140,14 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
         share = scores[pick].clamp_min(0)  # the step's cost spread over its units by their own costs
         share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / b)
         errors.extend((errors[-1] + step * torch.cumsum(share, 0)).unbind())
-        if tracking:  # D -= W_U X over the live columns; G -= W_U (X V)
-            w_c32, x32 = w_c.to(torch.float32), x.to(torch.float32)
-            change[:, column] -= w_c32 @ x32
-            change_v -= w_c32 @ (x32 @ v_rows)
-            total = (change.to(torch.float64) * change_v.to(torch.float64)).sum()
-            held.extend((held[-1] + (total - held[-1]) * torch.cumsum(share, 0)).unbind())
+        if tracking:  # D -= A = W_U X (X over the live columns); G -= W_U (X V); the error moves by
+            w_c32, x32 = w_c.to(torch.float32), x.to(torch.float32)  # -2 <A, G> + tr(A V A^T)
+            xv = x32 @ v_rows  # [|U|, d]
+            cross = ((w_c32.T @ change_v)[:, column].double() * x).sum()
+            own = ((w_c.T @ w_c) * (xv[:, column] @ x32.T).double()).sum()
+            change_v.addmm_(w_c32, xv, alpha=-1.0)
+            moved = own - 2 * cross
+            held.extend((held[-1] + moved * torch.cumsum(share, 0)).unbind())
         taken.extend(int(u) for u in unit[pos[pick]])
         alive[pos[pick]] = False
         if alive.sum() * 4 < alive.numel() * 3:  # compact once a quarter of the positions are dead
