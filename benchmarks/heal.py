@@ -134,6 +134,11 @@ def _runs(args) -> list[tuple[int, float | None, float]]:
     return runs
 
 
+def _reset_peak_memory(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
 def _device_facts(device: str) -> dict:
     if torch.device(device).type != "cuda":
         return {}
@@ -141,7 +146,7 @@ def _device_facts(device: str) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 30}
 
 
-def _synthetic(args) -> None:
+def _synthetic(args, run: tuple[int, float | None, float]) -> None:
     """Prune and heal a randomly initialised model of a real shape on random tokens: tokens/s and memory only."""
     from transformers import AutoConfig, AutoModelForCausalLM
     shape = dict(SHAPES[args.synthetic])
@@ -159,10 +164,9 @@ def _synthetic(args) -> None:
     synchronize(args.device)
     prune_s = time.perf_counter() - t
     pruned = sum(p.numel() for p in student.parameters())
-    tokens, lr, kd = _runs(args)[0]
+    tokens, lr, kd = run
     data = torch.randint(config.vocab_size, (-(-tokens // args.seqlen), args.seqlen), generator=g)
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+    _reset_peak_memory(args.device)
     floor = _floor_tokens_per_s(student, data, args.batch_size, args.device)
     result = heal(student, teacher, data, HealConfig(tokens=tokens, lr=lr, kd_weight=kd, method=args.method,
                                                      batch_size=args.batch_size), progress=True)
@@ -205,7 +209,9 @@ def main() -> None:
         return
     runs = _runs(args)
     if args.synthetic:
-        _synthetic(args)
+        if len(runs) > 1:
+            raise SystemExit("--synthetic measures one heal; give --tokens/--lr/--kd-weight, not --sweep")
+        _synthetic(args, runs[0])
         return
     teacher, tok, _ = load(args.model)
     teacher = teacher.to(args.device)
@@ -222,8 +228,7 @@ def main() -> None:
     data = torch.cat([calibration_windows(spec, tok, -(-n // len(specs)), args.seqlen, 1) for spec in specs])[:n]
     for tokens, lr, kd in runs:
         student = copy.deepcopy(pruned) if len(runs) > 1 else pruned
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+        _reset_peak_memory(args.device)
         floor = _floor_tokens_per_s(student, data, args.batch_size, args.device)
         result = heal(student, teacher, data, HealConfig(tokens=tokens, lr=lr, kd_weight=kd, method=args.method,
                                                          batch_size=args.batch_size), progress=True)

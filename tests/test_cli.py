@@ -117,6 +117,8 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", "builtin:gpt5"], "unknown built-in model"),
     (lambda t, m, f: ["--model", m, "--selection", "metric"], "options of method obs"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "measured allocation"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--allocation", "held-out", "--export", "hf-uniform"],
+     "held-out variant"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--ratio", 0.95], "needs more than the measured allocation"),
     (lambda t, m, f: ["--model", m, "--compensation", "lsq", "--lsq-damp", 0], "lsq_damp must be positive"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--fisher-fraction", 0], "fisher_fraction must be in"),

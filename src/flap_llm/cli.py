@@ -187,7 +187,8 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     _check_eval_args(args)
     if args.export == "hf-uniform" and args.method == "obs" and args.allocation != "structure":
         raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's measured "
-                        "allocation does not give; use --allocation structure --structure UL-UM, or --export flap")
+                        "allocation (and its held-out variant) does not give; use --allocation structure --structure "
+                        "UL-UM, or --export flap")
     if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
         raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "
                         f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
