@@ -301,6 +301,27 @@ def test_held_out_curve_scores_each_prefix_refit_on_other_inputs(unit_size, bloc
     assert removal_path(w, h, unit_size, 3, block).held_out is None
 
 
+def test_float32_path_follows_the_float64_one():
+    """The held-out folds' paths work in float32: on a wide, correlated layer with a few outlier channels they
+    take the same units as in float64 and their curves agree to 1e-5."""
+    g = torch.Generator().manual_seed(3)
+    d, n = 192, 2000
+    scale = torch.ones(d, dtype=torch.float64)
+    scale[:4] = 20.0  # outlier channels, as real MLP inputs have
+    mix = torch.eye(d, dtype=torch.float64) + torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    xa = (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix) * scale
+    xb = (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix) * scale
+    w = torch.randn(32, d, generator=g, dtype=torch.float64)
+    h = damped(torch.cov(xa.T, correction=0), 0.1)
+    v = held_out_moment(torch.cov(xb.T, correction=0), xb.mean(0), xa.mean(0))
+    exact = removal_path(w, h, 1, 170, 4, held_out=v)
+    fast = removal_path(w, h, 1, 170, 4, held_out=v, dtype=torch.float32)
+    assert fast.error.dtype == fast.held_out.dtype == torch.float64
+    assert torch.equal(fast.order, exact.order)
+    torch.testing.assert_close(fast.error, exact.error, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(fast.held_out, exact.held_out, rtol=1e-5, atol=1e-9)
+
+
 def test_split_covariance_halves_alternate_windows_and_merge_to_the_whole():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, 6, generator=g)  # 5 windows of 7 tokens
