@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl, synchronize  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
+from flap_llm.data import calibration_windows, training_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
 from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -223,9 +223,7 @@ def main() -> None:
     print(f"{args.model} FLAP {args.ratio:.0%} {args.compensation}: wiki {before['ppl_wiki']:.2f}, books "
           f"{before['ppl_books']:.2f}, zero-shot {before['zeroshot_avg']}", flush=True)
     # training windows: the calibration splits of --train-data (seed 1: not the pruning windows' draw)
-    specs = args.train_data.split(",")
-    n = -(-max(r[0] for r in runs) // args.seqlen)
-    data = torch.cat([calibration_windows(spec, tok, -(-n // len(specs)), args.seqlen, 1) for spec in specs])[:n]
+    data = training_windows(args.train_data, tok, -(-max(r[0] for r in runs) // args.seqlen), args.seqlen, 1)
     for tokens, lr, kd in runs:
         student = copy.deepcopy(pruned) if len(runs) > 1 else pruned
         _reset_peak_memory(args.device)

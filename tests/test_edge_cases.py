@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import flap_llm
 from flap_llm.arch import dims_of, spec_of
+from flap_llm.errors import FlapError
 from flap_llm.modeling_flap import ConstantAttention
 from flap_llm.plan import LayerPlan, PrunePlan
 from conftest import calibration, tiny_model
@@ -82,6 +84,27 @@ def test_everything_pruned_by_flap_still_generates():
     gen = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 9)
     assert torch.equal(gen, _greedy(model, ids[:1, :4], 5))
+
+
+def test_training_windows_take_an_equal_share_of_each_text(tmp_path):
+    """heal --data a,b: the windows come from every text named, in order, each as its own calibration draw;
+    a file whose name holds a comma is one text; an empty name is refused."""
+    from flap_llm.data import calibration_windows, training_windows
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    b.write_text("A stitch in time saves nine, they say. " * 40)
+    both = training_windows(f"{a},{b}", tok, 7, 10, 3)
+    assert both.shape == (7, 10)
+    assert torch.equal(both[:4], calibration_windows(str(a), tok, 4, 10, 3))
+    assert torch.equal(both[4:], calibration_windows(str(b), tok, 4, 10, 3)[:3])
+    assert torch.equal(training_windows(str(a), tok, 5, 10, 3), calibration_windows(str(a), tok, 5, 10, 3))
+    odd = tmp_path / "x,y.txt"
+    odd.write_text(a.read_text())
+    assert torch.equal(training_windows(str(odd), tok, 5, 10, 3), calibration_windows(str(a), tok, 5, 10, 3))
+    with pytest.raises(FlapError, match="empty text name"):
+        training_windows(f"{a},,{b}", tok, 4, 10, 3)
 
 
 def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one(tmp_path):

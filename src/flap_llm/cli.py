@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dense model it was pruned from (default: the base model its manifest names)")
     h.add_argument("--data", default="builtin:wiki",
                    help="training text: builtin:wiki (default; its calibration articles, never the held-out ones), "
-                        "builtin:books, a .txt or .jsonl file")
+                        "builtin:books, a .txt or .jsonl file, or several, comma-separated (an equal share of each)")
     h.add_argument("--tokens", type=int, default=250_000, help="training tokens (default 250000)")
     h.add_argument("--seqlen", type=int, default=128, help="training window length (default 128)")
     h.add_argument("--method", default="full", choices=["full", "lora"], help="full fine-tuning (default) or LoRA")
@@ -332,9 +332,9 @@ def _prune(args) -> int:
 
 
 def _heal_windows(args, tokenizer, spec: str, tokens: int, seqlen: int):
-    """Training windows of the text's calibration split (the evaluation split is never trained on)."""
-    from .data import calibration_windows
-    return calibration_windows(spec, tokenizer, -(-tokens // seqlen), seqlen, args.seed)
+    """Training windows of the texts' calibration splits (the evaluation splits are never trained on)."""
+    from .data import training_windows
+    return training_windows(spec, tokenizer, -(-tokens // seqlen), seqlen, args.seed)
 
 
 def _heal_after_prune(args, model, teacher, tokenizer, progress: bool) -> dict:

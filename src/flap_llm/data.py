@@ -173,3 +173,14 @@ def calibration_windows(spec: str, tokenizer, nsamples: int, seqlen: int, seed: 
     on that position, and statistics that never see it remove what the model needs there."""
     return sample_windows(tokenize_corpus(load_texts(spec, "calib"), tokenizer), nsamples, seqlen, seed, spec,
                           bos_id(tokenizer))
+
+
+def training_windows(specs: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows from the calibration splits of one text or several, comma-separated
+    ("builtin:wiki,notes.jsonl"), an equal share from each in the order given (a file whose own name holds a
+    comma is read whole)."""
+    parts = [specs] if Path(specs).expanduser().is_file() else [s.strip() for s in specs.split(",")]
+    if not all(parts):
+        raise FlapError(f"empty text name in {specs!r}; separate texts with single commas")
+    share = -(-nsamples // len(parts))
+    return torch.cat([calibration_windows(s, tokenizer, share, seqlen, seed) for s in parts])[:nsamples]
