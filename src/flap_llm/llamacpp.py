@@ -66,10 +66,11 @@ def tokenize(gguf: Path, text_file: Path) -> list[int]:
     return json.loads(line)
 
 
-def perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int, threads: int = 2) -> float:
+def perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int, threads: int = 2, tries: int = 10) -> float:
     """llama-perplexity's final estimate on the first `chunks` chunks of n_ctx tokens."""
     out, err = run("llama-perplexity", ["-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
-                                        "--chunks", str(chunks)], threads=threads, done=r"Final estimate: PPL = ")
+                                        "--chunks", str(chunks)], threads=threads, done=r"Final estimate: PPL = ",
+                   tries=tries)
     return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out + err).group(1))
 
 
