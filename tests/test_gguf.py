@@ -219,8 +219,7 @@ def _llama_vs_transformers(model, tok, path: Path, tmp_path: Path, n_ctx: int = 
     ids = tok(TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
     assert llamacpp.tokenize(path, text_file) == ids.tolist()
     ours = chunked_perplexity(model, ids, n_ctx, chunks)
-    # one compute thread and many tries: on a busy machine llama.cpp's logger thread often loses the last lines
-    theirs = llamacpp.perplexity(path, text_file, n_ctx, chunks, threads=1, tries=40)
+    theirs = llamacpp.perplexity(path, text_file, n_ctx, chunks)
     return ours, theirs
 
 

@@ -96,8 +96,8 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
 
     weight: [d_out, d]; h: the damped input covariance [d, d] (`damped`). Steps of several units are exact
     for the units they take; within a step the error is spread linearly over its units (its own order is by
-    single-unit cost). Works on a compacted copy in `dtype` (float32 is about 1.5x faster on wide layers;
-    the curves stay float64 sums). held_out: V [d, d] (`held_out_moment`): also score every prefix's refit on
+    single-unit cost). Works on a compacted copy in `dtype` (float32 is faster on wide layers; the curves
+    stay float64 sums). held_out: V [d, d] (`held_out_moment`): also score every prefix's refit on
     those inputs (the path's `held_out` curve; float32 products).
     """
     d = h.shape[0]

@@ -106,8 +106,8 @@ def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covaria
                      weights: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """o_proj's and down_proj's error curves as the mean of two held-out curves: paths fitted on one half of
     the windows, scored on the other, and the other way round. These paths only estimate curves (the units
-    are chosen again in the refit pass), so they work in float32: about 1.5x faster on wide MLPs, the same
-    curves to ~1e-6 (tested against float64)."""
+    are chosen again in the refit pass), so they work in float32: the same units and curves as float64 to
+    1e-5 (tested), faster on wide MLPs (BENCHMARKS.md, the held-out timing rows)."""
     folds = [_paths(layer, job, {k: h[a] for k, h in halves.items()}, counts, orders, weights,
                     {k: h[1 - a] for k, h in halves.items()}, torch.float32) for a in (0, 1)]
     return tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds))
