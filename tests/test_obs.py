@@ -193,12 +193,12 @@ def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, fraction,
     from part of the windows, the others still pass once, through the decoder only)."""
     model, cal = tiny_model(arch), calibration()
     cfg = PruneConfig(ratio=0.4, method="obs", allocation=allocation, fisher_fraction=fraction)
-    assert obs_method.covariance_bytes(flap_llm.arch.dims_of(model)) <= obs_method.FUSED_COVARIANCE_BYTES
+    assert obs_method.covariance_bytes(flap_llm.arch.dims_of(model)) <= obs_method.fused_budget(torch.device("cpu"))
     windows = {True: 0, False: 0}  # windows through layer 0, fused or walked
     runs = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(obs_method, "FUSED_COVARIANCE_BYTES", 0)
+            monkeypatch.setattr(obs_method, "fused_budget", lambda device: 0)
         m = copy.deepcopy(model)
         first = m.model.layers[0]
 
@@ -335,18 +335,40 @@ def test_split_covariance_halves_alternate_windows_and_merge_to_the_whole():
     ref.update(torch.cat([x[0:1], x[2:3], x[3:4]]))
     torch.testing.assert_close(first.sum, ref.sum)
     torch.testing.assert_close(first.outer, ref.outer)
+    # a batch run in two groups (rows: their windows' positions in the batch) splits as the batch would
+    grouped = SplitCovariance(6)
+    for batch, groups in ((x[:3], ([1, 2], [0])), (x[3:], ([1], [0]))):
+        for rows in groups:
+            grouped.rows = torch.tensor(rows)
+            grouped.update(batch[rows])
+    grouped.rows = None
+    for a, b in zip(grouped.halves, split.halves):
+        assert a.n == b.n
+        torch.testing.assert_close(a.outer, b.outer)
     merged = split.merged()
     assert merged.n == whole.n
     torch.testing.assert_close(merged.cov, whole.cov)
     torch.testing.assert_close(merged.mean, whole.mean)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen3", "gemma3"])
-def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, tmp_path, monkeypatch):
+def test_fused_budget_is_a_share_of_the_available_memory(monkeypatch):
+    free = obs_method.available_bytes(torch.device("cpu"))
+    assert free is not None and free > 0  # Linux's MemAvailable
+    monkeypatch.setattr(obs_method, "available_bytes", lambda device: 10 * 2**30)
+    assert obs_method.fused_budget(torch.device("cpu")) == int(obs_method.FUSED_COVARIANCE_SHARE * 10 * 2**30)
+    monkeypatch.setattr(obs_method, "available_bytes", lambda device: None)
+    assert obs_method.fused_budget(torch.device("cpu")) == obs_method.FUSED_COVARIANCE_BYTES
+
+
+@pytest.mark.parametrize("arch, fraction", [("llama-gqa", 1.0), ("qwen3", 1.0), ("gemma3", 1.0), ("llama-gqa", 0.5)])
+def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_path, monkeypatch):
     """allocation="held-out": the budget is met, mask == prune, the checkpoint reloads exactly, and the
-    fused (Fisher-pass) and walked covariances give the same plan when every window is in the Fisher pass."""
+    fused (Fisher-pass) and walked covariances give the same plan, also when the Fisher pass runs each batch's
+    windows in two groups (each window still goes to the half of its position in the batch)."""
     model, cal = tiny_model(arch), calibration(16)
-    cfg = PruneConfig(ratio=0.4, method="obs", allocation="held-out", fisher_fraction=1.0)
+    cfg = PruneConfig(ratio=0.4, method="obs", allocation="held-out", fisher_fraction=fraction)
+    picked = int(window_selected(cal, 0, fraction).sum())
+    assert 0 < picked <= cal.shape[0] and (picked == cal.shape[0]) == (fraction == 1.0)
     assert cfg.label == "obs, obs selection, held-out allocation"
     pruned, masked, walked = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     rp = prune(pruned, cal, cfg)
@@ -357,8 +379,8 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, tmp_path, monkey
     assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
     save_pruned(pruned, tmp_path / "ckpt", result=rp)
     assert torch.equal(_logits(pruned, ids), _logits(load_pruned(tmp_path / "ckpt"), ids))
-    monkeypatch.setattr(obs_method, "FUSED_COVARIANCE_BYTES", 0)
+    monkeypatch.setattr(obs_method, "fused_budget", lambda device: 0)
     assert prune(walked, cal, cfg).plan == rp.plan
     # the held-out curves are not the fit curves: the allocation differs from "measured" here
-    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", fisher_fraction=1.0))
+    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", fisher_fraction=fraction))
     assert fit.plan != rp.plan

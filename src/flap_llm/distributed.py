@@ -55,6 +55,15 @@ def reduce_count(n: int, like: torch.Tensor) -> int:
     return int(t.item())
 
 
+def reduce_min(n: int, like: torch.Tensor) -> int:
+    """The smallest n over all ranks (so that every rank takes the same branch)."""
+    if not active():
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=like.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def init_from_env(device: str) -> bool:
     """Join the process group torchrun describes in the environment; True when there is one."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():

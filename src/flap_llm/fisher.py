@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import ArchSpec, decoder_layers
-from .stats import Covariance
+from .stats import Covariance, SplitCovariance
 from .walk import output_projections, record_inputs
 
 
@@ -92,6 +92,14 @@ def _logit_gradient(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def _hold_rows(inputs: list[dict[str, Covariance]] | None, rows: torch.Tensor | None) -> None:
+    """Tell the split sinks which windows of the batch the next forward holds (None: all of them)."""
+    for sinks in inputs or []:
+        for sink in sinks.values():
+            if isinstance(sink, SplitCovariance):
+                sink.rows = rows
+
+
 def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
                   progress: bool = False, inputs: list[dict[str, Covariance]] | None = None,
                   fraction: float = 1.0) -> list[dict[str, torch.Tensor]]:
@@ -117,15 +125,18 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
             for ids, picked in tqdm(list(zip(batches, picks)), desc="obs: output sensitivity", disable=not progress,
                                     unit="batch"):
                 if picked.any():
+                    _hold_rows(inputs, torch.nonzero(picked).flatten())
                     sub = ids[picked]
                     logits = model(input_ids=sub.to(device), use_cache=False).logits  # [B, L, V]
                     flat = logits.reshape(-1, logits.shape[-1])
                     flat.backward(_logit_gradient(flat, window_uniforms(sub, seed)).to(flat.dtype))
                     tokens += flat.shape[0]
                 if inputs and not picked.all():  # the other windows' inputs, through the decoder only
+                    _hold_rows(inputs, torch.nonzero(~picked).flatten())
                     with torch.no_grad():
                         model.base_model(input_ids=ids[~picked].to(device), use_cache=False)
     finally:
+        _hold_rows(inputs, None)
         for p in params:
             p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])

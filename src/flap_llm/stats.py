@@ -127,17 +127,26 @@ class Covariance:
 
 class SplitCovariance:
     """The calibration windows' inputs in two halves (window i of each batch goes to half i % 2), for refits
-    fitted on one half and scored on the other; `merged` is the Covariance of all of them."""
+    fitted on one half and scored on the other; `merged` is the Covariance of all of them.
+
+    `rows`: when a forward holds only some windows of a batch (the Fisher pass runs a batch's windows in two
+    groups), their positions in the batch [n], so each still goes to the half of its position; None: the
+    whole batch, in order."""
 
     def __init__(self, dim: int, compute_dtype: torch.dtype = torch.float64) -> None:
         self.dim = dim
         self.halves = (Covariance(dim, compute_dtype), Covariance(dim, compute_dtype))
+        self.rows: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         x = x.reshape(-1, 1, self.dim) if x.dim() < 3 else x.reshape(x.shape[0], -1, self.dim)  # [windows, L, d]
-        self.halves[0].update(x[0::2])
-        self.halves[1].update(x[1::2])
+        rows = torch.arange(x.shape[0]) if self.rows is None else self.rows
+        if rows.numel() != x.shape[0]:
+            raise ValueError(f"{rows.numel()} row positions for {x.shape[0]} windows")
+        first = (rows % 2 == 0).to(x.device)
+        self.halves[0].update(x[first])
+        self.halves[1].update(x[~first])
 
     def all_reduce_(self) -> None:
         for half in self.halves:

@@ -7,7 +7,7 @@ Two passes, like FLAP + lsq:
    distribution with respect to every o_proj/down_proj output (`fisher.py`): an output error e costs about
    1/2 e^T F e of KL divergence, so errors weighted by F^(1/2) are comparable across layers and modules.
    Its forward also records the dense input covariances of step 1 when all layers' fit in
-   FUSED_COVARIANCE_BYTES (else step 1 walks the layers for them, one at a time).
+   `fused_budget` (else step 1 walks the layers for them, one at a time).
 1. On the dense model, each layer's o_proj/down_proj input covariances give FLAP's statistics and, for the
    measured allocation, each module's removal path (`reconstruct.removal_path`: greedy structured OBS on the
    Fisher-weighted output error, with its refit error after every prefix), split under the budget by
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..arch import Dims
 from ..errors import FlapError
 from ..fisher import output_fisher, weighting
@@ -49,7 +50,10 @@ MAX_MLP_REMOVED = 0.9
 # the Fisher weighting's ridge, as a fraction of the Fisher matrix's mean eigenvalue
 FISHER_RIDGE = 0.01
 # the dense covariances are recorded during the Fisher pass (saving a forward pass of their own) when all
-# layers' together take at most this many bytes; otherwise they come from a layer walk, one layer at a time
+# layers' together take at most this share of the memory available on the model's device (`fused_budget`);
+# otherwise they come from a layer walk, one layer at a time
+FUSED_COVARIANCE_SHARE = 0.6
+# the budget where the available memory cannot be read
 FUSED_COVARIANCE_BYTES = 8 * 2**30
 # MLP channels taken per greedy OBS step: 1/STEPS of the layer's width (heads go one KV group at a time)
 STEPS = 128
@@ -58,6 +62,27 @@ STEPS = 128
 def covariance_bytes(dims: Dims) -> int:
     """Bytes of the float64 input covariances of every layer's o_proj and down_proj."""
     return 8 * dims.n_layers * ((dims.n_heads * dims.head_dim) ** 2 + dims.d_ff ** 2)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory available for new tensors on `device`: free CUDA memory, or Linux's MemAvailable for the CPU;
+    None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def fused_budget(device: torch.device) -> int:
+    """Bytes the Fisher pass may spend on recording every layer's dense covariances."""
+    free = available_bytes(device)
+    return FUSED_COVARIANCE_BYTES if free is None else int(FUSED_COVARIANCE_SHARE * free)
 
 
 def _covariances(proj: dict[str, nn.Linear], split: bool = False) -> dict[str, Covariance | SplitCovariance]:
@@ -142,7 +167,8 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
                             "without --offload, or with selection='metric' and allocation='structure'")
-        if covariance_bytes(dims) * (2 if split else 1) <= FUSED_COVARIANCE_BYTES:
+        embed = job.model.get_input_embeddings().weight
+        if covariance_bytes(dims) * (2 if split else 1) <= distributed.reduce_min(fused_budget(embed.device), embed):
             recorded = [_covariances(output_projections(layer, job.spec), split) for layer in job.layers.modules]
         with job.timer("sensitivity"):
             fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
