@@ -34,6 +34,7 @@ from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
 
 # name -> PruneConfig fields (besides ratio)
 ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows
+FIT = {"allocation": "measured"}  # the rows measured before the held-out allocation (the default since)
 ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
@@ -43,12 +44,13 @@ ROWS = {
     "+selection": {"method": "obs", "allocation": "structure", "sequential": False, "lsq_damp": 0.01, **ALL},
     "+selection UL-UM": {"method": "obs", "allocation": "structure", "structure": "UL-UM", "sequential": False,
                          "lsq_damp": 0.01, **ALL},
-    "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01, **ALL},
-    "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01, **ALL},
-    "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01, **ALL},  # both parts, sequential
-    "obs fisher 1.0": {"method": "obs", **ALL},  # sequential, lsq_damp 0.1, the Fisher from every window
-    "obs": {"method": "obs"},  # the default: sequential, lsq_damp 0.1, the Fisher from half the windows
-    "obs held-out": {"method": "obs", "allocation": "held-out"},  # the default with held-out error curves
+    "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01, **ALL, **FIT},
+    "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01, **ALL, **FIT},
+    "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01, **ALL, **FIT},  # both parts, sequential
+    "obs fisher 1.0": {"method": "obs", **ALL, **FIT},  # sequential, lsq_damp 0.1, the Fisher from every window
+    # sequential, lsq_damp 0.1, the Fisher from half the windows: obs's default before held-out allocation
+    "obs": {"method": "obs", **FIT},
+    "obs held-out": {"method": "obs", "allocation": "held-out"},  # the same with held-out curves: the default
 }
 
 
@@ -148,7 +150,7 @@ def timing(args, model, calib) -> None:
                "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
                **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
                "same_plan_as_quality_row": None if before is None
-               else before["kept_per_layer"] == kept, "versions": versions(),
+               else before["kept_per_layer"] == kept, "obs_kept_per_layer": kept, "versions": versions(),
                "command": command_line()}
         append_jsonl(Path(args.timing_results), row)
         print(f"{args.model} {ratio}: flap+lsq {times['flap+lsq']} obs {times['obs']} "
@@ -173,13 +175,13 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all of ROWS)")
     ap.add_argument("--eval-limit", type=int, default=48)
     ap.add_argument("--zs-limit", type=int, default=20, help="zero-shot examples per task (0 = skip)")
-    ap.add_argument("--zs-rows", default="dense,flap,flap+lsq,obs", help="rows that get zero-shot (comma-separated)")
+    ap.add_argument("--zs-rows", default="dense,flap,flap+lsq,obs,obs held-out", help="rows that get zero-shot (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
     ap.add_argument("--repeats", type=int, default=2, help="--timing: runs of each")
-    ap.add_argument("--timing-row", default="obs", help="--timing: the obs row to time against FLAP+lsq")
+    ap.add_argument("--timing-row", default="obs held-out", help="--timing: the obs row to time against FLAP+lsq")
     ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
     ap.add_argument("--render-timing", action="store_true")
     ap.add_argument("--render-zeroshot", nargs="+", default=None, metavar="JSONL",

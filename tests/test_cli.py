@@ -76,7 +76,7 @@ def test_prune_obs(tmp_path, model_dir, text_file):
     assert rc == 0
     manifest = json.loads((out / "flap_manifest.json").read_text())
     cfg = manifest["prune_config"]
-    assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "measured", True)
+    assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "held-out", True)
     assert cfg["lsq_damp"] == 0.05 and cfg["fisher_fraction"] == 0.75
     report = json.loads((out / "report.json").read_text())
     assert report["compensation"] == "lsq"
@@ -116,9 +116,9 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", t / "bad.gguf"], "could not load the GGUF"),
     (lambda t, m, f: ["--model", "builtin:gpt5"], "unknown built-in model"),
     (lambda t, m, f: ["--model", m, "--selection", "metric"], "options of method obs"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "measured allocation"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--allocation", "held-out", "--export", "hf-uniform"],
-     "held-out variant"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "allocation by measured errors"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--allocation", "measured", "--export", "hf-uniform"],
+     "held-out or measured"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--ratio", 0.95], "needs more than the measured allocation"),
     (lambda t, m, f: ["--model", m, "--compensation", "lsq", "--lsq-damp", 0], "lsq_damp must be positive"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--fisher-fraction", 0], "fisher_fraction must be in"),

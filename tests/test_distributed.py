@@ -58,7 +58,8 @@ def _spawn_two(script: Path) -> None:
 
 
 @pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
-                                 dict(ratio=0.4, compensation="lsq"), dict(ratio=0.4, method="obs", sequential=True)])
+                                 dict(ratio=0.4, compensation="lsq"), dict(ratio=0.4, method="obs", sequential=True),
+                                 dict(ratio=0.4, method="obs", allocation="measured")])
 def test_two_processes_same_plan_as_one(tmp_path, cfg):
     _two_equals_one(tmp_path, cfg, "llama-gqa")
 

@@ -327,35 +327,42 @@ def test_split_covariance_halves_alternate_windows_and_merge_to_the_whole():
     x = torch.randn(5, 7, 6, generator=g)  # 5 windows of 7 tokens
     split, whole = SplitCovariance(6), Covariance(6)
     split.update(x[:3])
-    split.update(x[3:])  # a second batch: its first window goes to the first half again
+    split.update(x[3:])  # a second batch: its windows are windows 3 and 4 of the whole
     whole.update(x)
     first, second = split.halves
     assert (first.n, second.n) == (3 * 7, 2 * 7)
     ref = Covariance(6)
-    ref.update(torch.cat([x[0:1], x[2:3], x[3:4]]))
+    ref.update(x[0::2])
     torch.testing.assert_close(first.sum, ref.sum)
     torch.testing.assert_close(first.outer, ref.outer)
-    # a batch run in two groups (rows: their windows' positions in the batch) splits as the batch would
+    # batches run in two groups (rows: their windows' positions) split as the batches would
     grouped = SplitCovariance(6)
-    for batch, groups in ((x[:3], ([1, 2], [0])), (x[3:], ([1], [0]))):
-        for rows in groups:
-            grouped.rows = torch.tensor(rows)
-            grouped.update(batch[rows])
-    grouped.rows = None
+    for rows in ([1, 2], [0], [4], [3]):
+        grouped.rows = torch.tensor(rows)
+        grouped.update(x[rows])
     for a, b in zip(grouped.halves, split.halves):
         assert a.n == b.n
         torch.testing.assert_close(a.outer, b.outer)
+        torch.testing.assert_close(a.sum, b.sum)
+    # one window per batch still fills both halves
+    single = SplitCovariance(6)
+    for i in range(5):
+        single.update(x[i:i + 1])
+    assert [h.n for h in single.halves] == [h.n for h in split.halves]
+    torch.testing.assert_close(single.halves[1].outer, second.outer)
     merged = split.merged()
     assert merged.n == whole.n
     torch.testing.assert_close(merged.cov, whole.cov)
     torch.testing.assert_close(merged.mean, whole.mean)
 
 
-def test_fused_budget_is_a_share_of_the_available_memory(monkeypatch):
+def test_fused_budget_is_capped_by_the_available_memory(monkeypatch):
     free = obs_method.available_bytes(torch.device("cpu"))
     assert free is not None and free > 0  # Linux's MemAvailable
-    monkeypatch.setattr(obs_method, "available_bytes", lambda device: 10 * 2**30)
-    assert obs_method.fused_budget(torch.device("cpu")) == int(obs_method.FUSED_COVARIANCE_SHARE * 10 * 2**30)
+    monkeypatch.setattr(obs_method, "available_bytes", lambda device: 4 * 2**30)
+    assert obs_method.fused_budget(torch.device("cpu")) == int(obs_method.FUSED_COVARIANCE_SHARE * 4 * 2**30)
+    monkeypatch.setattr(obs_method, "available_bytes", lambda device: 64 * 2**30)
+    assert obs_method.fused_budget(torch.device("cpu")) == obs_method.FUSED_COVARIANCE_BYTES
     monkeypatch.setattr(obs_method, "available_bytes", lambda device: None)
     assert obs_method.fused_budget(torch.device("cpu")) == obs_method.FUSED_COVARIANCE_BYTES
 
@@ -379,8 +386,12 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_pa
     assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
     save_pruned(pruned, tmp_path / "ckpt", result=rp)
     assert torch.equal(_logits(pruned, ids), _logits(load_pruned(tmp_path / "ckpt"), ids))
+    # the halves do not depend on the batching (one window per batch still fills both)
+    assert prune(copy.deepcopy(model), cal, cfg, batch_size=3).plan == rp.plan
     monkeypatch.setattr(obs_method, "fused_budget", lambda device: 0)
     assert prune(walked, cal, cfg).plan == rp.plan
+    assert prune(copy.deepcopy(model), cal, cfg, batch_size=1).plan == rp.plan
     # the held-out curves are not the fit curves: the allocation differs from "measured" here
-    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", fisher_fraction=fraction))
+    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation="measured",
+                                                       fisher_fraction=fraction))
     assert fit.plan != rp.plan

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
+from .config import ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obs: second-pass statistics from the dense model")
     p.add_argument("--selection", default="obs", choices=list(SELECTIONS),
                    help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
-    p.add_argument("--allocation", default="measured", choices=list(ALLOCATIONS),
-                   help="obs: per-module widths by measured refit error (default), by refit error on held-out "
-                        "halves of the windows (held-out), or by FLAP's --structure")
+    p.add_argument("--allocation", default=ALLOCATION, choices=list(ALLOCATIONS),
+                   help="obs: per-module widths by refit error on held-out halves of the windows (held-out, "
+                        "default), by the refit error on the windows fitted (measured: faster), or by FLAP's "
+                        "--structure")
     p.add_argument("--fisher-fraction", type=float, default=None,
                    help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
                         f"(default {FISHER_FRACTION}; less is faster and noisier)")
@@ -186,8 +187,8 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
     _check_eval_args(args)
     if args.export == "hf-uniform" and args.method == "obs" and args.allocation != "structure":
-        raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's measured "
-                        "allocation (and its held-out variant) does not give; use --allocation structure --structure "
+        raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's allocation "
+                        "by measured errors (held-out or measured) does not give; use --allocation structure --structure "
                         "UL-UM, or --export flap")
     if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
         raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "

@@ -13,6 +13,7 @@ from .select import MANUAL_STRUCTURES, STRUCTURES
 MODES = ("prune", "mask")
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
+ALLOCATION = "held-out"  # obs's default allocation ("measured" before 0.2: older configs record it)
 FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pass estimates the output Fisher
 
 
@@ -26,8 +27,8 @@ class PruneConfig:
     """What to prune and how.
 
     ratio: fraction of the decoder's attention+MLP weight parameters to remove, in [0, 1).
-    method: "flap" (the paper, the default); "obs" (structured OBS selection, measured allocation and the
-        least-squares refit: see methods/obs.py); or the baselines "wanda-sp" and "mag-sp" (uniform, no
+    method: "flap" (the paper, the default); "obs" (structured OBS selection, allocation by held-out refit
+        errors and the least-squares refit: see methods/obs.py); or the baselines "wanda-sp" and "mag-sp" (uniform, no
         compensation).
     metric: FLAP's fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
     structure: how units are allotted to layers and modules; "AL-AM" (default, adaptive) or
@@ -44,11 +45,11 @@ class PruneConfig:
         None (default) means on for obs (it measured better there), off otherwise.
     selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
         "metric" (FLAP's `metric` order).
-    allocation: obs only: how many units each layer and module gives up: "measured" (each module's refit
-        error against its width, weighed by the output Fisher, split under the budget), "held-out" (the same
-        with each refit scored on the half of the windows it was not fitted on, both ways round: errors that
-        do not flatter wide projections for fitting their own windows; the paths cost twice) or
-        "structure" (FLAP's `structure` on FLAP's scores).
+    allocation: obs only: how many units each layer and module gives up: "held-out" (default: each module's
+        refit error against its width, weighed by the output Fisher, with each refit scored on the half of the
+        windows it was not fitted on, both ways round, split under the budget), "measured" (the same scored on
+        the windows each refit was fitted on: cheaper, but those errors flatter wide projections for fitting
+        their own windows) or "structure" (FLAP's `structure` on FLAP's scores).
     fisher_fraction: obs only: the share of the calibration windows (each drawn by a hash of its tokens)
         whose backward pass estimates the output Fisher; the others still give the covariances. Less is
         faster (the backward and the vocabulary projection are most of obs's first pass on small models) and
@@ -68,7 +69,7 @@ class PruneConfig:
     sequential: bool | None = None
     align: int | None = None
     selection: str = "obs"
-    allocation: str = "measured"
+    allocation: str = ALLOCATION
     fisher_fraction: float | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +88,7 @@ class PruneConfig:
             raise FlapError(f"sequential must be True, False or None (the method's default), got {self.sequential!r}")
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
-        if self.method != "obs" and (self.selection, self.allocation) != ("obs", "measured"):
+        if self.method != "obs" and (self.selection != "obs" or self.allocation not in (ALLOCATION, "measured")):
             raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
         if self.method != "obs":
             if self.fisher_fraction is not None:

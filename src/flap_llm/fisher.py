@@ -93,7 +93,7 @@ def _logit_gradient(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _hold_rows(inputs: list[dict[str, Covariance]] | None, rows: torch.Tensor | None) -> None:
-    """Tell the split sinks which windows of the batch the next forward holds (None: all of them)."""
+    """Tell the split sinks which of this process's windows the next forward holds (None: the next ones)."""
     for sinks in inputs or []:
         for sink in sinks.values():
             if isinstance(sink, SplitCovariance):
@@ -122,17 +122,20 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
             picks = [window_selected(ids, seed, fraction) for ids in batches]
             if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
                 picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+            offset = 0  # windows before this batch
             for ids, picked in tqdm(list(zip(batches, picks)), desc="obs: output sensitivity", disable=not progress,
                                     unit="batch"):
+                rows = offset + torch.arange(ids.shape[0])
+                offset += ids.shape[0]
                 if picked.any():
-                    _hold_rows(inputs, torch.nonzero(picked).flatten())
+                    _hold_rows(inputs, rows[picked])
                     sub = ids[picked]
                     logits = model(input_ids=sub.to(device), use_cache=False).logits  # [B, L, V]
                     flat = logits.reshape(-1, logits.shape[-1])
                     flat.backward(_logit_gradient(flat, window_uniforms(sub, seed)).to(flat.dtype))
                     tokens += flat.shape[0]
                 if inputs and not picked.all():  # the other windows' inputs, through the decoder only
-                    _hold_rows(inputs, torch.nonzero(~picked).flatten())
+                    _hold_rows(inputs, rows[~picked])
                     with torch.no_grad():
                         model.base_model(input_ids=ids[~picked].to(device), use_cache=False)
     finally:

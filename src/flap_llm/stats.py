@@ -126,25 +126,33 @@ class Covariance:
 
 
 class SplitCovariance:
-    """The calibration windows' inputs in two halves (window i of each batch goes to half i % 2), for refits
-    fitted on one half and scored on the other; `merged` is the Covariance of all of them.
+    """The calibration windows' inputs in two halves, for refits fitted on one half and scored on the other:
+    window g of the whole calibration set (over every process) goes to half g % 2, whatever the batching or
+    the number of processes (each process records its own windows; the halves are summed over them).
+    `merged` is the Covariance of all of them.
 
-    `rows`: when a forward holds only some windows of a batch (the Fisher pass runs a batch's windows in two
-    groups), their positions in the batch [n], so each still goes to the half of its position; None: the
-    whole batch, in order."""
+    Updates see this process's windows in order, a batch at a time; `rows`: when a forward holds only some
+    of them (the Fisher pass runs a batch's windows in two groups), their positions in this process's
+    sequence of windows [n]. None: the next windows in order."""
 
     def __init__(self, dim: int, compute_dtype: torch.dtype = torch.float64) -> None:
         self.dim = dim
         self.halves = (Covariance(dim, compute_dtype), Covariance(dim, compute_dtype))
+        self.seen = 0  # windows of this process recorded in order so far
         self.rows: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
+        from .distributed import rank, world_size
         x = x.detach()
         x = x.reshape(-1, 1, self.dim) if x.dim() < 3 else x.reshape(x.shape[0], -1, self.dim)  # [windows, L, d]
-        rows = torch.arange(x.shape[0]) if self.rows is None else self.rows
-        if rows.numel() != x.shape[0]:
-            raise ValueError(f"{rows.numel()} row positions for {x.shape[0]} windows")
-        first = (rows % 2 == 0).to(x.device)
+        if self.rows is None:
+            local = torch.arange(self.seen, self.seen + x.shape[0])
+            self.seen += x.shape[0]
+        else:
+            local = self.rows
+        if local.numel() != x.shape[0]:
+            raise ValueError(f"{local.numel()} row positions for {x.shape[0]} windows")
+        first = ((rank() + world_size() * local) % 2 == 0).to(x.device)  # shard() gives rank r windows r::world
         self.halves[0].update(x[first])
         self.halves[1].update(x[~first])
 

@@ -20,7 +20,7 @@ Two passes, like FLAP + lsq:
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns, and the layer is pruned.
 
-Options (PruneConfig): selection "obs" | "metric", allocation "measured" | "held-out" | "structure" (FLAP's
+Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
 `structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
 allocation="structure" and sequential=False is FLAP + lsq.
 """
@@ -50,11 +50,10 @@ MAX_MLP_REMOVED = 0.9
 # the Fisher weighting's ridge, as a fraction of the Fisher matrix's mean eigenvalue
 FISHER_RIDGE = 0.01
 # the dense covariances are recorded during the Fisher pass (saving a forward pass of their own) when all
-# layers' together take at most this share of the memory available on the model's device (`fused_budget`);
-# otherwise they come from a layer walk, one layer at a time
-FUSED_COVARIANCE_SHARE = 0.6
-# the budget where the available memory cannot be read
+# layers' together take at most this many bytes, and at most this share of the memory available on the model's
+# device (`fused_budget`); otherwise they come from a layer walk, one layer at a time
 FUSED_COVARIANCE_BYTES = 8 * 2**30
+FUSED_COVARIANCE_SHARE = 0.6
 # MLP channels taken per greedy OBS step: 1/STEPS of the layer's width (heads go one KV group at a time)
 STEPS = 128
 
@@ -82,7 +81,7 @@ def available_bytes(device: torch.device) -> int | None:
 def fused_budget(device: torch.device) -> int:
     """Bytes the Fisher pass may spend on recording every layer's dense covariances."""
     free = available_bytes(device)
-    return FUSED_COVARIANCE_BYTES if free is None else int(FUSED_COVARIANCE_SHARE * free)
+    return FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES, int(FUSED_COVARIANCE_SHARE * free))
 
 
 def _covariances(proj: dict[str, nn.Linear], split: bool = False) -> dict[str, Covariance | SplitCovariance]:
