@@ -13,7 +13,7 @@ from .select import MANUAL_STRUCTURES, STRUCTURES
 MODES = ("prune", "mask")
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
-ALLOCATION = "held-out"  # obs's default allocation ("measured" before 0.2: older configs record it)
+ALLOCATION = "held-out"  # obs's default allocation ("measured" before it: older configs record that)
 FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pass estimates the output Fisher
 
 

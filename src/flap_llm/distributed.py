@@ -47,21 +47,22 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
-def reduce_count(n: int, like: torch.Tensor) -> int:
+def _reduce_int(n: int, like: torch.Tensor, op) -> int:
+    """n reduced over all ranks by `op`, on `like`'s device under nccl (n itself in a single process)."""
     if not active():
         return n
     t = torch.tensor([n], dtype=torch.int64, device=like.device if dist.get_backend() == "nccl" else "cpu")
-    all_reduce_sum_(t)
+    dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def reduce_count(n: int, like: torch.Tensor) -> int:
+    return _reduce_int(n, like, dist.ReduceOp.SUM)
 
 
 def reduce_min(n: int, like: torch.Tensor) -> int:
     """The smallest n over all ranks (so that every rank takes the same branch)."""
-    if not active():
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=like.device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return _reduce_int(n, like, dist.ReduceOp.MIN)
 
 
 def init_from_env(device: str) -> bool:
