@@ -371,7 +371,8 @@ def test_fused_budget_is_capped_by_the_available_memory(monkeypatch):
 def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_path, monkeypatch):
     """allocation="held-out": the budget is met, mask == prune, the checkpoint reloads exactly, and the
     fused (Fisher-pass) and walked covariances give the same plan, also when the Fisher pass runs each batch's
-    windows in two groups (each window still goes to the half of its position in the batch)."""
+    windows in two groups and at other batch sizes (each window goes to the half of its index in the
+    calibration set)."""
     model, cal = tiny_model(arch), calibration(16)
     cfg = PruneConfig(ratio=0.4, method="obs", allocation="held-out", fisher_fraction=fraction)
     picked = int(window_selected(cal, 0, fraction).sum())
@@ -386,7 +387,7 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_pa
     assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
     save_pruned(pruned, tmp_path / "ckpt", result=rp)
     assert torch.equal(_logits(pruned, ids), _logits(load_pruned(tmp_path / "ckpt"), ids))
-    # the halves do not depend on the batching (one window per batch still fills both)
+    # the halves do not depend on the batching (below: one window per batch still fills both)
     assert prune(copy.deepcopy(model), cal, cfg, batch_size=3).plan == rp.plan
     monkeypatch.setattr(obs_method, "fused_budget", lambda device: 0)
     assert prune(walked, cal, cfg).plan == rp.plan
