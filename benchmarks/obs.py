@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -52,6 +53,19 @@ ROWS = {
     "obs": {"method": "obs", **FIT},
     "obs held-out": {"method": "obs", "allocation": "held-out"},  # the same with held-out curves: the default
 }
+
+
+def plan_digest(plan) -> str:
+    """A fingerprint of the exact units a plan keeps (rows with equal digests pruned the same model)."""
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_plan(before: dict | None, kept: list, digest: str) -> bool | None:
+    """Whether a timing run's plan is its quality row's: by the units kept where that row recorded them
+    (`plan_sha`), else by the per-layer counts only (rows measured before the digest was recorded)."""
+    if before is None:
+        return None
+    return before["plan_sha"] == digest if "plan_sha" in before else before["kept_per_layer"] == kept
 
 
 def render(results: Path) -> str:
@@ -132,25 +146,25 @@ def timing(args, model, calib) -> None:
     quality = {(r["model"], r["ratio"]): r for r in read_jsonl(Path(args.results)) if r["name"] == args.timing_row}
     for ratio in (float(r) for r in args.ratios.split(",")):
         times = {"flap+lsq": [], "obs": []}
-        sections, kept = [], None
+        sections, kept, digest = [], None, None
         for _ in range(args.repeats):
             for name in ("flap+lsq", "obs"):
                 m = copy.deepcopy(model)
                 t = time.perf_counter()
                 config = ROWS[name if name == "flap+lsq" else args.timing_row]
-                report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **config),
-                                        batch_size=args.batch_size).report
+                result = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **config),
+                                        batch_size=args.batch_size)
                 times[name].append(time.perf_counter() - t)
                 if name == "obs":
-                    sections.append(report["timings_s"])
-                    kept = report["layers"]["per_layer"]
+                    sections.append(result.report["timings_s"])
+                    kept, digest = result.report["layers"]["per_layer"], plan_digest(result.plan)
                 del m
         before = quality.get((args.model, ratio))
         row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
                "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
                **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
-               "same_plan_as_quality_row": None if before is None
-               else before["kept_per_layer"] == kept, "obs_kept_per_layer": kept, "versions": versions(),
+               "same_plan_as_quality_row": same_plan(before, kept, digest), "obs_kept_per_layer": kept,
+               "obs_plan_sha": digest, "versions": versions(),
                "command": command_line()}
         append_jsonl(Path(args.timing_results), row)
         print(f"{args.model} {ratio}: flap+lsq {times['flap+lsq']} obs {times['obs']} "
@@ -217,15 +231,16 @@ def main() -> None:
         if (args.model, name, ratio) in done:
             continue
         m = copy.deepcopy(model)
-        report, t = None, time.perf_counter()
+        report, digest, t = None, None, time.perf_counter()
         if name != "dense":
-            report = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
-                                    batch_size=args.batch_size).report
+            result = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
+                                    batch_size=args.batch_size)
+            report, digest = result.report, plan_digest(result.plan)
         prune_s = time.perf_counter() - t
         row = {**common, "name": name, "ratio": ratio, "config": ROWS.get(name, {}), "prune_s": prune_s,
                "timings_s": report["timings_s"] if report else None,
                "removed_decoder": report["params"]["decoder_removed_fraction"] if report else 0.0,
-               "kept_per_layer": report["layers"]["per_layer"] if report else None,
+               "kept_per_layer": report["layers"]["per_layer"] if report else None, "plan_sha": digest,
                **_measure(m, tok, args, name)}
         append_jsonl(results, row)
         print(f"{args.model} {name} {ratio}: wiki {row['ppl_wiki']:.2f} books {row['ppl_books']:.2f} "

@@ -78,14 +78,83 @@ def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -
     return new - w
 
 
-def _unit_scores(w: torch.Tensor, q: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """tr(W_U (Q_UU)^-1 W_U^T) of every unit; cols: [n_units, s] column indices into w and q."""
+def _unit_scores(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """tr(W_U (Q_UU)^-1 W_U^T) of every unit; blocks: their Q_UU [n_units, s, s]; cols: [n_units, s] column
+    indices into w."""
     if cols.shape[1] == 1:
-        c = cols[:, 0]
-        return torch.linalg.vector_norm(w, dim=0).square()[c] / q.diagonal()[c]
-    q_uu = q[cols[:, :, None], cols[:, None, :]]  # [n, s, s]
+        return w.square().sum(0)[cols[:, 0]] / blocks[:, 0, 0]
     w_u = w[:, cols].permute(1, 2, 0)  # [n, s, d_out]
-    return (w_u * torch.linalg.solve(q_uu, w_u)).sum((1, 2))
+    return (w_u * torch.linalg.solve(blocks, w_u)).sum((1, 2))
+
+
+class _Pending:
+    """The steps since the last flush, kept apart as a low-rank correction instead of applied one by one.
+
+    The inverse after those steps is Q = Q0 - R^T X (R: the rows Q_U,: each step read, X: its
+    (Q_UU)^-1 Q_U,:), so a step reads the current rows of its units as Q0_U,: - R_:,U^T X, and the whole
+    correction is applied in one product at a flush: fewer passes over the [d, d] inverse, and a rank-r
+    product instead of r/|U| thin ones. The held-out score of the same steps is also settled at a flush: it
+    does not steer the path, and one product X V for all of them replaces a thin one per step.
+    """
+
+    def __init__(self, q0: torch.Tensor, d_out: int, capacity: int, held_out: torch.Tensor | None) -> None:
+        d, dev, dtype = q0.shape[0], q0.device, q0.dtype
+        self.q0, self.n, self.capacity = q0, 0, capacity
+        self.r_t = torch.empty(d, capacity, dtype=dtype, device=dev)  # R^T: its rows are gathered
+        self.x = torch.empty(capacity, d, dtype=dtype, device=dev)
+        self.w = torch.empty(d_out, capacity, dtype=dtype, device=dev)  # each step's W_U, for the held-out score
+        self.steps: list[tuple[int, torch.Tensor]] = []  # (rows, the step's shares of its cost) per step
+        self.v = None if held_out is None else held_out.to(device=dev, dtype=torch.float32)  # V on live columns
+        self.change_v = None if held_out is None else torch.zeros(d_out, d, dtype=torch.float32, device=dev)  # G = D V
+        self.held = [torch.zeros((), dtype=torch.float64, device=dev)]
+
+    def rows(self, c: torch.Tensor) -> torch.Tensor:
+        """The current Q_c,: [|c|, d]."""
+        if not self.n:
+            return self.q0[c]
+        return torch.addmm(self.q0[c], self.r_t[c, :self.n], self.x[:self.n], alpha=-1.0)
+
+    def push(self, rows: torch.Tensor, x: torch.Tensor, w_c: torch.Tensor, share: torch.Tensor) -> None:
+        k = rows.shape[0]
+        self.r_t[:, self.n:self.n + k], self.x[self.n:self.n + k], self.w[:, self.n:self.n + k] = rows.T, x, w_c
+        self.steps.append((k, share))
+        self.n += k
+
+    def flush(self, keep: torch.Tensor | None = None) -> None:
+        """Apply the pending steps to Q0 (restricted to the columns `keep`, when compacting) and score them
+        on the held-out inputs."""
+        n, x = self.n, self.x[:self.n]
+        if self.v is not None and n:
+            self._score(x, self.w[:, :n])
+        if keep is not None:
+            self.q0 = self.q0[keep][:, keep]
+            if n:
+                self.q0.addmm_(self.r_t[keep, :n], x[:, keep], alpha=-1.0)
+            if self.v is not None:
+                self.v, self.change_v = self.v[keep][:, keep], self.change_v[:, keep]
+            self.r_t, self.x = self.r_t[:keep.numel()], self.x[:, :keep.numel()]  # the buffers' memory, narrower
+        elif n:
+            self.q0.addmm_(self.r_t[:, :n], x, alpha=-1.0)
+        self.n, self.steps = 0, []
+
+    def _score(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        """Held-out errors of the pending steps. Step t changes D by A_t = W_t X_t, which moves tr(D V D^T) by
+        -2 <A_t, G> + tr(A_t V A_t^T) with G = D V before it; G before step t is G at the flush less the
+        earlier pending steps' A_s V, and every term is a block of (W^T W) * (X V X^T) or of (W^T G) * X."""
+        x32 = x.to(torch.float32)
+        xv = x32 @ self.v  # [n, d]
+        pair = (w.T @ w).double() * (xv @ x32.T).double()  # [n, n]: <W_i^T W_j, (X V X^T)_ij> per row pair
+        first = ((w.to(torch.float32).T @ self.change_v).double() * x).sum(1)  # [n]: <A_t, G at the flush>
+        self.change_v.addmm_(w.to(torch.float32), xv, alpha=-1.0)
+        step = torch.repeat_interleave(torch.arange(len(self.steps), device=x.device),
+                                       torch.tensor([k for k, _ in self.steps], device=x.device))
+        k = len(self.steps)
+        sums = torch.zeros(k, k, dtype=torch.float64, device=x.device)
+        sums.index_put_((step[:, None].expand_as(pair), step[None, :].expand_as(pair)), pair, accumulate=True)
+        cross = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, step, first)
+        moved = sums.diagonal() - 2 * (cross - sums.tril(-1).sum(1))
+        for t, (_, share) in enumerate(self.steps):
+            self.held.extend((self.held[-1] + moved[t] * torch.cumsum(share, 0)).unbind())
 
 
 def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, block: int = 1,
@@ -114,54 +183,50 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     unit = torch.arange(n_units, device=dev)  # the unit at each position of the (compacted) w and q
     alive = torch.ones(n_units, dtype=torch.bool, device=dev)  # per position
     offsets = torch.arange(unit_size, device=dev)
+    every = unit[:, None] * unit_size + offsets  # [positions, unit_size]: each position's columns
+    blocks = q[every[:, :, None], every[:, None, :]]  # [positions, s, s]: each unit's current Q_UU
+    widest = min(block, n_remove) * unit_size  # columns one step removes at most
+    # a quarter of the positions die before each compaction (and its flush): room for that and one step more
+    pending = _Pending(q, w.shape[0], d // 4 + 2 * widest, held_out)
     taken: list[int] = []
     errors = [torch.zeros((), dtype=torch.float64, device=dev)]
-    tracking = held_out is not None
-    if tracking:
-        v = held_out.to(device=dev, dtype=torch.float32)  # V over the (compacted) columns of w and q
-        change_v = torch.zeros(w.shape[0], d, dtype=torch.float32, device=dev)  # G = D V on those columns
-        held = [torch.zeros((), dtype=torch.float64, device=dev)]
     while len(taken) < n_remove:
         b = min(block, n_remove - len(taken))
+        if pending.n + b * unit_size > pending.capacity:
+            pending.flush()
         pos = torch.nonzero(alive).flatten()
-        cols = pos[:, None] * unit_size + offsets  # [n_alive, unit_size] columns of w and q
-        scores = _unit_scores(w, q, cols)
+        scores = _unit_scores(w, blocks[pos], every[pos])
         if order is None:
             pick = torch.sort(scores, stable=True).indices[:b]
         else:
             want = order[len(taken):len(taken) + b].to(dev)
             pick = torch.stack([torch.nonzero(unit[pos] == u)[0, 0] for u in want])
-        c = cols[pick].flatten()
-        q_c, w_c = q[c], w[:, c]  # copies: [b*s, d], [d_out, b*s]
+        c = every[pos[pick]].flatten()
+        q_c, w_c = pending.rows(c), w[:, c]  # [b*s, d], [d_out, b*s]
         q_cc = q_c[:, c]
         x = torch.linalg.solve(q_cc, q_c)  # (Q_UU)^-1 Q_U,:
         step = (w_c * torch.linalg.solve(q_cc, w_c.T).T).sum().double()
         w.addmm_(w_c, x, alpha=-1.0)
-        q.addmm_(q_c.T, x, alpha=-1.0)
+        if unit_size == 1:  # Q <- Q - Q_:,U X on the units' blocks (here its diagonal)
+            blocks[:, 0, 0] -= (q_c * x).sum(0)
+        else:
+            blocks -= torch.einsum("kns,knt->nst", q_c[:, every], x[:, every])
         share = scores[pick].double().clamp_min(0)  # the step's cost spread over its units by their own costs
         share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / b)
         errors.extend((errors[-1] + step * torch.cumsum(share, 0)).unbind())
-        if tracking:
-            # D -= A = W_U X; G -= W_U (X V); the error moves by -2 <A, G> + tr(A V A^T). X is zero off the
-            # live columns, so G is needed only on them, and V only between them.
-            w_c32, x32 = w_c.to(torch.float32), x.to(torch.float32)
-            xv = x32 @ v  # [|U|, live columns]
-            cross = ((w_c32.T @ change_v).double() * x).sum()
-            own = ((w_c.T @ w_c) * (xv @ x32.T).double()).sum()
-            change_v.addmm_(w_c32, xv, alpha=-1.0)
-            moved = own - 2 * cross
-            held.extend((held[-1] + moved * torch.cumsum(share, 0)).unbind())
+        pending.push(q_c, x, w_c, share)
         taken.extend(int(u) for u in unit[pos[pick]])
         alive[pos[pick]] = False
         if alive.sum() * 4 < alive.numel() * 3:  # compact once a quarter of the positions are dead
             keep = torch.nonzero(alive).flatten()
-            kc = (keep[:, None] * unit_size + offsets).flatten()
-            w, q, unit = w[:, kc], q[kc[:, None], kc], unit[keep]
+            kc = every[keep].flatten()
+            pending.flush(kc)
+            w, unit, blocks = w[:, kc], unit[keep], blocks[keep]
             alive = torch.ones(keep.numel(), dtype=torch.bool, device=dev)
-            if tracking:
-                v, change_v = v[kc[:, None], kc], change_v[:, kc]
+            every = torch.arange(keep.numel(), device=dev)[:, None] * unit_size + offsets
+    pending.flush()
     return RemovalPath(torch.tensor(taken, dtype=torch.long), torch.stack(errors).cpu(),
-                       torch.stack(held).cpu() if tracking else None)
+                       torch.stack(pending.held).cpu() if held_out is not None else None)
 
 
 def _lower_hull(y: torch.Tensor) -> list[int]:
