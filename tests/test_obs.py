@@ -14,6 +14,7 @@ from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
 from flap_llm.config import FISHER_FRACTION
 from flap_llm.fisher import window_selected
 from flap_llm.methods import obs as obs_method
+from flap_llm import reconstruct
 from flap_llm.reconstruct import allocate, damped, held_out_moment, refit_change, refit_error, removal_path
 from flap_llm.stats import Covariance, SplitCovariance
 
@@ -275,6 +276,33 @@ def test_obs_options_are_checked():
     with pytest.raises(FlapError, match="remove_heads"):
         PruneConfig(method="obs", allocation="structure", structure="AL-MM")
     PruneConfig(method="obs", allocation="structure", structure="AL-MM", remove_heads=1)
+
+
+@pytest.mark.parametrize("unit_size, block", [(1, 4), (3, 1)])
+def test_pending_steps_give_the_path_of_steps_applied_at_once(unit_size, block, monkeypatch):
+    """The path keeps each step's update of the inverse (and its held-out score) pending until a flush: with
+    room for one step only, every step is flushed before the next, i.e. applied at once as in the plain
+    greedy; the units and both curves are the same as with the default room."""
+    g = torch.Generator().manual_seed(7)
+    d, n = 48, 400
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3
+    xa = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix
+    xb = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + 0.1
+    w = torch.randn(12, d, generator=g, dtype=torch.float64)
+    h = damped(torch.cov(xa.T, correction=0), 0.05)
+    v = held_out_moment(torch.cov(xb.T, correction=0), xb.mean(0), xa.mean(0))
+    default = removal_path(w, h, unit_size, d // unit_size - 2, block, held_out=v)
+    flushed = []
+    monkeypatch.setattr(reconstruct, "_pending_capacity", lambda d, widest: widest)
+    real_flush = reconstruct._Pending.flush
+    monkeypatch.setattr(reconstruct._Pending, "flush", lambda self, keep=None: (flushed.append(self.n),
+                                                                                real_flush(self, keep)))
+    eager = removal_path(w, h, unit_size, d // unit_size - 2, block, held_out=v)
+    steps = -(-(d // unit_size - 2) // block)
+    assert max(flushed) <= block * unit_size and len(flushed) >= steps  # a flush per step
+    assert torch.equal(eager.order, default.order)
+    torch.testing.assert_close(eager.error, default.error, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(eager.held_out, default.held_out, rtol=1e-5, atol=1e-9)  # float32 products
 
 
 @pytest.mark.parametrize("unit_size, block", [(1, 1), (1, 3), (4, 1), (2, 2)])

@@ -157,6 +157,12 @@ class _Pending:
             self.held.extend((self.held[-1] + moved[t] * torch.cumsum(share, 0)).unbind())
 
 
+def _pending_capacity(d: int, widest: int) -> int:
+    """Columns of pending steps kept before a flush: a quarter of the positions die before each compaction
+    (which flushes), so room for that and a step more; a fuller buffer is flushed without compacting."""
+    return d // 4 + 2 * widest
+
+
 def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove: int, block: int = 1,
                  order: torch.Tensor | None = None, held_out: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float64) -> RemovalPath:
@@ -186,8 +192,7 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     every = unit[:, None] * unit_size + offsets  # [positions, unit_size]: each position's columns
     blocks = q[every[:, :, None], every[:, None, :]]  # [positions, s, s]: each unit's current Q_UU
     widest = min(block, n_remove) * unit_size  # columns one step removes at most
-    # a quarter of the positions die before each compaction (and its flush): room for that and one step more
-    pending = _Pending(q, w.shape[0], d // 4 + 2 * widest, held_out)
+    pending = _Pending(q, w.shape[0], _pending_capacity(d, widest), held_out)
     taken: list[int] = []
     errors = [torch.zeros((), dtype=torch.float64, device=dev)]
     while len(taken) < n_remove:
