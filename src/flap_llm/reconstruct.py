@@ -18,6 +18,9 @@ D = W' - W is the refit's total change (the removed columns' weights included). 
 A = W_U X (X = (Q_UU)^-1 Q_U,:), so with G = D V kept up to date (G -= W_U (X V)) the error moves by
 -2 <A, G> + tr(A V A^T), both read off |U|-row products: <A, G> = <X, W_U^T G> and
 tr(A V A^T) = <W_U^T W_U, X V X^T>.
+
+Both updates are kept pending over a group of steps (`_Pending`) and applied in one product each: the
+inverse's as Q0 - R^T X, the held-out terms of the whole group from one X V.
 """
 
 from __future__ import annotations
