@@ -174,10 +174,52 @@ def timing(args, model, calib) -> None:
 def _measure(m, tok, args, name: str) -> dict:
     ppl = {d: perplexity(m, tok, d, 128, args.batch_size, args.eval_limit)["ppl"]
            for d in ("builtin:wiki", "builtin:books")}
-    zs = (evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size)
+    zs = (evaluate_zeroshot(m, tok, TASKS, args.zs_limit, args.batch_size, per_example=args.zs_per_example)
           if args.zs_limit and name in args.zs_rows.split(",") else None)
     return {"ppl_wiki": ppl["builtin:wiki"], "ppl_books": ppl["builtin:books"],
             "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
+
+
+def paired(mine: dict, ref: dict, n: int) -> dict:
+    """Two rows' zero-shot answers on the first `n` examples of each task: both averages, the mean difference
+    with its standard error (the paired one: each task's mean of per-example differences, variances summed
+    over the tasks), and the examples only one of the two got right."""
+    diff, var, only_mine, only_ref = 0.0, 0.0, 0, 0
+    for t in TASKS:
+        a, b = mine["zeroshot"][t]["correct"][:n], ref["zeroshot"][t]["correct"][:n]
+        if len(a) < n or len(b) < n:
+            raise SystemExit(f"{mine['name']} or {ref['name']} scored fewer than {n} examples of {t}")
+        d = [x - y for x, y in zip(a, b)]
+        mean = sum(d) / n
+        diff += mean / len(TASKS)
+        var += sum((x - mean) ** 2 for x in d) / (n - 1) / n / len(TASKS) ** 2
+        only_mine += sum(x > 0 for x in d)
+        only_ref += sum(x < 0 for x in d)
+    def average(row: dict) -> float:
+        return sum(sum(row["zeroshot"][t]["correct"][:n]) / n for t in TASKS) / len(TASKS)
+    return {"avg": average(mine), "ref_avg": average(ref), "diff": diff, "se": var ** 0.5,
+            "only_mine": only_mine, "only_ref": only_ref}
+
+
+def render_paired(results: Path) -> str:
+    """Every row with per-example zero-shot answers against FLAP + lsq's at the same ratio, on the first 20, 50,
+    ... examples per task (the quality tables' subsets are prefixes of the larger ones)."""
+    rows = [r for r in read_jsonl(results) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
+    out = ["| model | ratio | row | examples per task | row avg | FLAP+lsq avg | difference ± s.e. (paired) | "
+           "right only in row / only in FLAP+lsq |", "|---|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        ref = next((q for q in rows if (q["model"], q["ratio"], q["name"]) == (r["model"], r["ratio"], "flap+lsq")),
+                   None)
+        if ref is None or r is ref:
+            continue
+        limit = min(r["zeroshot"]["limit"], ref["zeroshot"]["limit"])
+        for n in sorted({k for k in (20, 50) if k < limit} | {limit}):
+            p = paired(r, ref, n)
+            out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
+                       f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
+                       f"{p['only_mine']} / {p['only_ref']} |")
+    out.append("\n" + commands_of(rows))
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -190,6 +232,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=48)
     ap.add_argument("--zs-limit", type=int, default=20, help="zero-shot examples per task (0 = skip)")
     ap.add_argument("--zs-rows", default="dense,flap,flap+lsq,obs,obs held-out", help="rows that get zero-shot (comma-separated)")
+    ap.add_argument("--zs-per-example", action="store_true",
+                    help="record each zero-shot answer (right or wrong), for --render-paired")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
@@ -200,9 +244,14 @@ def main() -> None:
     ap.add_argument("--render-timing", action="store_true")
     ap.add_argument("--render-zeroshot", nargs="+", default=None, metavar="JSONL",
                     help="print per-task zero-shot accuracy of the rows in these result files")
+    ap.add_argument("--render-paired", action="store_true",
+                    help="compare each row's zero-shot answers with FLAP + lsq's, example by example (--results)")
     args = ap.parse_args()
     if args.render_zeroshot:
         print(render_zeroshot([Path(p) for p in args.render_zeroshot]))
+        return
+    if args.render_paired:
+        print(render_paired(Path(args.results)))
         return
     if args.render:
         print(render(Path(args.results)))

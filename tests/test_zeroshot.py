@@ -38,6 +38,7 @@ def test_every_task_runs_offline(results, monkeypatch):
         assert r["n"] == 3
         assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] is not None
         assert ("acc_norm" in r) == (task not in ("boolq", "winogrande"))
+        assert "correct" not in r
     assert results["average"] == pytest.approx(sum(results[t]["acc"] for t in TASKS) / 7)
 
 
@@ -51,10 +52,11 @@ def _loglik(model, tok, context: str, continuation: str) -> float:
 
 
 def test_accuracy_matches_an_independent_computation(tiny):
-    """lm-eval's acc on our piqa and winogrande data equals argmax log-likelihood computed here."""
+    """lm-eval's acc on our piqa and winogrande data equals argmax log-likelihood computed here, example by
+    example (`per_example`)."""
     model, tok = tiny
     folder = prepare_tasks()
-    res = evaluate_zeroshot(model, tok, ["piqa", "winogrande"], limit=6, batch_size=2)
+    res = evaluate_zeroshot(model, tok, ["piqa", "winogrande"], limit=6, batch_size=2, per_example=True)
     rows = {t: [json.loads(line) for line in open(folder / f"{t}.jsonl")][:6] for t in ("piqa", "winogrande")}
     piqa = [max(range(2), key=lambda i: _loglik(model, tok, r["query"], " " + r["choices"][i])) == r["gold"]
             for r in rows["piqa"]]
@@ -62,6 +64,8 @@ def test_accuracy_matches_an_independent_computation(tiny):
             for r in rows["winogrande"]]
     assert res["piqa"]["acc"] == pytest.approx(sum(piqa) / 6)
     assert res["winogrande"]["acc"] == pytest.approx(sum(wino) / 6)
+    assert res["piqa"]["correct"] == [int(c) for c in piqa]
+    assert res["winogrande"]["correct"] == [int(c) for c in wino]
 
 
 def _module(path: Path):

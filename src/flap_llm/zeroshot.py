@@ -119,8 +119,13 @@ def prepare_tasks(folder: Path | None = None) -> Path:
 
 
 def evaluate_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str, ...] = TASKS,
-                      limit: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
-    """Per-task acc/acc_norm with stderr and the average, through lm-eval's HFLM on the in-memory model."""
+                      limit: int | None = None, batch_size: int = 8, progress: bool = False,
+                      per_example: bool = False) -> dict:
+    """Per-task acc/acc_norm with stderr and the average, through lm-eval's HFLM on the in-memory model.
+
+    With `per_example`, each task's row also holds `correct`: 1 or 0 for each example scored, in the task's
+    order (the first `limit` examples), so two models can be compared answer by answer on the same examples.
+    """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise FlapError(f"unknown task(s) {', '.join(unknown)}; choose from: {', '.join(TASKS)}")
@@ -141,7 +146,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     out = lm_eval.simple_evaluate(model=lm, tasks=[PREFIX + t for t in tasks], limit=limit, task_manager=manager,
-                                  log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
+                                  log_samples=per_example, bootstrap_iters=1000, verbosity="ERROR")
     results: dict = {}
     for task in tasks:
         r = out["results"][PREFIX + task]
@@ -149,6 +154,9 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str,
         if "acc_norm,none" in r:
             row.update(acc_norm=r["acc_norm,none"], acc_norm_stderr=r.get("acc_norm_stderr,none"))
         row["n"] = out["n-samples"][PREFIX + task]["effective"]
+        if per_example:
+            scored = sorted(out["samples"][PREFIX + task], key=lambda e: e["doc_id"])
+            row["correct"] = [int(e["acc"]) for e in scored]
         results[task] = row
     results["average"] = sum(results[t]["acc"] for t in tasks) / len(tasks)
     results["limit"] = limit

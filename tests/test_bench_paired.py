@@ -1,0 +1,47 @@
+"""The paired zero-shot comparison of benchmarks/obs.py, on hand-made answers."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def obs():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_obs", BENCH / "obs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(name, answers):
+    return {"name": name, "zeroshot": {t: {"correct": a} for t, a in answers.items()}}
+
+
+def test_paired_difference_and_its_standard_error(obs):
+    tasks = obs.TASKS
+    mine = {t: [1, 1, 0, 0] for t in tasks}
+    ref = {t: [1, 0, 1, 0] for t in tasks}
+    mine["boolq"], ref["boolq"] = [1, 1, 1, 0], [0, 0, 0, 0]
+    p = obs.paired(_row("a", mine), _row("b", ref), 4)
+    # boolq: differences 1, 1, 1, 0 (mean 0.75, sample variance 0.25);
+    # the six others: 0, 1, -1, 0 (mean 0, sample variance 2/3)
+    assert p["diff"] == pytest.approx(0.75 / 7)
+    assert p["se"] == pytest.approx(((0.25 / 4) + 6 * (2 / 3) / 4) ** 0.5 / 7)
+    assert p["avg"] == pytest.approx((0.75 + 6 * 0.5) / 7)
+    assert p["ref_avg"] == pytest.approx(6 * 0.5 / 7)
+    assert (p["only_mine"], p["only_ref"]) == (3 + 6, 6)
+    # on a prefix: the first two examples only
+    p2 = obs.paired(_row("a", mine), _row("b", ref), 2)
+    assert p2["diff"] == pytest.approx((1.0 + 6 * 0.5) / 7)
+    assert (p2["only_mine"], p2["only_ref"]) == (2 + 6, 0)
+
+
+def test_paired_refuses_a_prefix_longer_than_the_answers(obs):
+    answers = {t: [1, 0] for t in obs.TASKS}
+    with pytest.raises(SystemExit, match="fewer than 3"):
+        obs.paired(_row("a", answers), _row("b", answers), 3)
