@@ -144,11 +144,11 @@ class _Pending:
         """Held-out errors of the pending steps. Step t changes D by A_t = W_t X_t, which moves tr(D V D^T) by
         -2 <A_t, G> + tr(A_t V A_t^T) with G = D V before it; G before step t is G at the flush less the
         earlier pending steps' A_s V, and every term is a block of (W^T W) * (X V X^T) or of (W^T G) * X."""
-        x32 = x.to(torch.float32)
+        x32, w32 = x.to(torch.float32), w.to(torch.float32)
         xv = x32 @ self.v  # [n, d]
         pair = (w.T @ w).double() * (xv @ x32.T).double()  # [n, n]: <W_i^T W_j, (X V X^T)_ij> per row pair
-        first = ((w.to(torch.float32).T @ self.change_v).double() * x).sum(1)  # [n]: <A_t, G at the flush>
-        self.change_v.addmm_(w.to(torch.float32), xv, alpha=-1.0)
+        first = ((w32.T @ self.change_v).double() * x).sum(1)  # [n]: <A_t, G at the flush>
+        self.change_v.addmm_(w32, xv, alpha=-1.0)
         step = torch.repeat_interleave(torch.arange(len(self.steps), device=x.device),
                                        torch.tensor([k for k, _ in self.steps], device=x.device))
         k = len(self.steps)
