@@ -213,7 +213,7 @@ def render_paired(results: Path) -> str:
         if ref is None or r is ref:
             continue
         limit = min(r["zeroshot"]["limit"], ref["zeroshot"]["limit"])
-        for n in sorted({k for k in (20, 50) if k < limit} | {limit}):
+        for n in sorted({k for k in (20, 50, 100) if k < limit} | {limit}):
             p = paired(r, ref, n)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
                        f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
