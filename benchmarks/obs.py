@@ -134,7 +134,10 @@ def render_zeroshot(paths: list[Path]) -> str:
             for r in sorted(mine, key=lambda r: (r["ratio"], list(ROWS).index(r["name"]) if r["name"] in ROWS else -1)):
                 acc = {t: r["zeroshot"][t]["acc"] for t in TASKS}
                 rest = [a for t, a in acc.items() if t != "boolq"]
-                out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(f"{100 * a:.0f}" for a in acc.values())
+                cells = [f"{100 * a:.0f}" for a in acc.values()]
+                if "correct" in r["zeroshot"]["boolq"]:
+                    cells[0] += f" (answered yes: {boolq_says_yes(r):.0%})"
+                out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(cells)
                            + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * sum(rest) / len(rest):.1f} |")
             out.append("")
     return "\n".join(out)
@@ -180,6 +183,11 @@ def _measure(m, tok, args, name: str) -> dict:
             "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
 
 
+def cut(row: dict, n: int) -> dict:
+    """A row with per-example answers, on the first `n` examples of each task only."""
+    return {**row, "zeroshot": {t: {"correct": row["zeroshot"][t]["correct"][:n]} for t in TASKS}}
+
+
 def paired(mine: dict, ref: dict, n: int) -> dict:
     """Two rows' zero-shot answers on the first `n` examples of each task: both averages, the mean difference
     with its standard error (the paired one: each task's mean of per-example differences, variances summed
@@ -201,12 +209,21 @@ def paired(mine: dict, ref: dict, n: int) -> dict:
             "only_mine": only_mine, "only_ref": only_ref}
 
 
+def boolq_says_yes(row: dict) -> float:
+    """The share of BoolQ examples a row with per-example answers answered "yes" (a right answer is the gold
+    one, a wrong one the other): how far the model leans one way."""
+    correct = row["zeroshot"]["boolq"]["correct"]
+    golds = [d["gold"] for d in islice(SOURCES["boolq"](), len(correct))]
+    return sum(g if right else 1 - g for g, right in zip(golds, correct)) / len(correct)
+
+
 def render_paired(results: Path) -> str:
     """Every row with per-example zero-shot answers against FLAP + lsq's at the same ratio, on the first 20, 50,
     ... examples per task (the quality tables' subsets are prefixes of the larger ones)."""
     rows = [r for r in read_jsonl(results) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
     out = ["| model | ratio | row | examples per task | row avg | FLAP+lsq avg | difference ± s.e. (paired) | "
-           "right only in row / only in FLAP+lsq |", "|---|---:|---|---:|---:|---:|---|---|"]
+           "right only in row / only in FLAP+lsq | BoolQ answered yes: row / FLAP+lsq |",
+           "|---|---:|---|---:|---:|---:|---|---|---|"]
     for r in rows:
         ref = next((q for q in rows if (q["model"], q["ratio"], q["name"]) == (r["model"], r["ratio"], "flap+lsq")),
                    None)
@@ -217,7 +234,8 @@ def render_paired(results: Path) -> str:
             p = paired(r, ref, n)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
                        f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
-                       f"{p['only_mine']} / {p['only_ref']} |")
+                       f"{p['only_mine']} / {p['only_ref']} | {boolq_says_yes(cut(r, n)):.0%} / "
+                       f"{boolq_says_yes(cut(ref, n)):.0%} |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
