@@ -112,9 +112,14 @@ def render_timing(results: Path) -> str:
 
 
 @functools.lru_cache
+def _boolq_golds(limit: int) -> tuple[int, ...]:
+    """The gold answers (1 = yes) of the first `limit` BoolQ examples the zero-shot subsets score."""
+    return tuple(d["gold"] for d in islice(SOURCES["boolq"](), limit))
+
+
 def _boolq_yes_share(limit: int) -> float:
     """The share of "yes" answers among the first `limit` BoolQ examples the zero-shot subsets score."""
-    golds = [d["gold"] for d in islice(SOURCES["boolq"](), limit)]
+    golds = _boolq_golds(limit)
     return sum(golds) / len(golds)
 
 
@@ -136,7 +141,7 @@ def render_zeroshot(paths: list[Path]) -> str:
                 rest = [a for t, a in acc.items() if t != "boolq"]
                 cells = [f"{100 * a:.0f}" for a in acc.values()]
                 if "correct" in r["zeroshot"]["boolq"]:
-                    cells[0] += f" (answered yes: {boolq_says_yes(r):.0%})"
+                    cells[0] += f" (answered yes: {boolq_says_yes(r['zeroshot']['boolq']['correct']):.0%})"
                 out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(cells)
                            + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * sum(rest) / len(rest):.1f} |")
             out.append("")
@@ -183,37 +188,31 @@ def _measure(m, tok, args, name: str) -> dict:
             "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
 
 
-def cut(row: dict, n: int) -> dict:
-    """A row with per-example answers, on the first `n` examples of each task only."""
-    return {**row, "zeroshot": {t: {"correct": row["zeroshot"][t]["correct"][:n]} for t in TASKS}}
-
-
 def paired(mine: dict, ref: dict, n: int) -> dict:
     """Two rows' zero-shot answers on the first `n` examples of each task: both averages, the mean difference
     with its standard error (the paired one: each task's mean of per-example differences, variances summed
     over the tasks), and the examples only one of the two got right."""
-    diff, var, only_mine, only_ref = 0.0, 0.0, 0, 0
+    avg, ref_avg, diff, var, only_mine, only_ref = 0.0, 0.0, 0.0, 0.0, 0, 0
     for t in TASKS:
         a, b = mine["zeroshot"][t]["correct"][:n], ref["zeroshot"][t]["correct"][:n]
         if len(a) < n or len(b) < n:
             raise SystemExit(f"{mine['name']} or {ref['name']} scored fewer than {n} examples of {t}")
+        avg += sum(a) / n / len(TASKS)
+        ref_avg += sum(b) / n / len(TASKS)
         d = [x - y for x, y in zip(a, b)]
         mean = sum(d) / n
         diff += mean / len(TASKS)
         var += sum((x - mean) ** 2 for x in d) / (n - 1) / n / len(TASKS) ** 2
         only_mine += sum(x > 0 for x in d)
         only_ref += sum(x < 0 for x in d)
-    def average(row: dict) -> float:
-        return sum(sum(row["zeroshot"][t]["correct"][:n]) / n for t in TASKS) / len(TASKS)
-    return {"avg": average(mine), "ref_avg": average(ref), "diff": diff, "se": var ** 0.5,
+    return {"avg": avg, "ref_avg": ref_avg, "diff": diff, "se": var ** 0.5,
             "only_mine": only_mine, "only_ref": only_ref}
 
 
-def boolq_says_yes(row: dict) -> float:
-    """The share of BoolQ examples a row with per-example answers answered "yes" (a right answer is the gold
-    one, a wrong one the other): how far the model leans one way."""
-    correct = row["zeroshot"]["boolq"]["correct"]
-    golds = [d["gold"] for d in islice(SOURCES["boolq"](), len(correct))]
+def boolq_says_yes(correct: list[int]) -> float:
+    """The share of "yes" answers given on the first BoolQ examples, from whether each answer was right (a right
+    answer is the gold one, a wrong one the other): how far a model leans one way."""
+    golds = _boolq_golds(len(correct))
     return sum(g if right else 1 - g for g, right in zip(golds, correct)) / len(correct)
 
 
@@ -234,8 +233,9 @@ def render_paired(results: Path) -> str:
             p = paired(r, ref, n)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
                        f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
-                       f"{p['only_mine']} / {p['only_ref']} | {boolq_says_yes(cut(r, n)):.0%} / "
-                       f"{boolq_says_yes(cut(ref, n)):.0%} |")
+                       f"{p['only_mine']} / {p['only_ref']} | "
+                       f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
+                       f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
