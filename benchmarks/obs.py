@@ -188,21 +188,21 @@ def _measure(m, tok, args, name: str) -> dict:
             "zeroshot_avg": None if zs is None else zs["average"], "zeroshot": zs}
 
 
-def paired(mine: dict, ref: dict, n: int) -> dict:
-    """Two rows' zero-shot answers on the first `n` examples of each task: both averages, the mean difference
-    with its standard error (the paired one: each task's mean of per-example differences, variances summed
-    over the tasks), and the examples only one of the two got right."""
+def paired(mine: dict, ref: dict, n: int, tasks: tuple[str, ...] | list[str] = TASKS) -> dict:
+    """Two rows' zero-shot answers on the first `n` examples of each of `tasks`: both averages, the mean
+    difference with its standard error (the paired one: each task's mean of per-example differences, variances
+    summed over the tasks), and the examples only one of the two got right."""
     avg, ref_avg, diff, var, only_mine, only_ref = 0.0, 0.0, 0.0, 0.0, 0, 0
-    for t in TASKS:
+    for t in tasks:
         a, b = mine["zeroshot"][t]["correct"][:n], ref["zeroshot"][t]["correct"][:n]
         if len(a) < n or len(b) < n:
             raise SystemExit(f"{mine['name']} or {ref['name']} scored fewer than {n} examples of {t}")
-        avg += sum(a) / n / len(TASKS)
-        ref_avg += sum(b) / n / len(TASKS)
+        avg += sum(a) / n / len(tasks)
+        ref_avg += sum(b) / n / len(tasks)
         d = [x - y for x, y in zip(a, b)]
         mean = sum(d) / n
-        diff += mean / len(TASKS)
-        var += sum((x - mean) ** 2 for x in d) / (n - 1) / n / len(TASKS) ** 2
+        diff += mean / len(tasks)
+        var += sum((x - mean) ** 2 for x in d) / (n - 1) / n / len(tasks) ** 2
         only_mine += sum(x > 0 for x in d)
         only_ref += sum(x < 0 for x in d)
     return {"avg": avg, "ref_avg": ref_avg, "diff": diff, "se": var ** 0.5,
@@ -221,8 +221,10 @@ def render_paired(results: Path) -> str:
     ... examples per task (the quality tables' subsets are prefixes of the larger ones)."""
     rows = [r for r in read_jsonl(results) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
     out = ["| model | ratio | row | examples per task | row avg | FLAP+lsq avg | difference ± s.e. (paired) | "
-           "right only in row / only in FLAP+lsq | BoolQ answered yes: row / FLAP+lsq |",
-           "|---|---:|---|---:|---:|---:|---|---|---|"]
+           "right only in row / only in FLAP+lsq | without BoolQ: difference ± s.e. | "
+           "BoolQ answered yes: row / FLAP+lsq |",
+           "|---|---:|---|---:|---:|---:|---|---|---|---|"]
+    rest = [t for t in TASKS if t != "boolq"]
     for r in rows:
         ref = next((q for q in rows if (q["model"], q["ratio"], q["name"]) == (r["model"], r["ratio"], "flap+lsq")),
                    None)
@@ -230,10 +232,10 @@ def render_paired(results: Path) -> str:
             continue
         limit = min(r["zeroshot"]["limit"], ref["zeroshot"]["limit"])
         for n in sorted({k for k in (20, 50, 100) if k < limit} | {limit}):
-            p = paired(r, ref, n)
+            p, q = paired(r, ref, n), paired(r, ref, n, rest)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
                        f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
-                       f"{p['only_mine']} / {p['only_ref']} | "
+                       f"{p['only_mine']} / {p['only_ref']} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
                        f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                        f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
     out.append("\n" + commands_of(rows))

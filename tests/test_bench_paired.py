@@ -39,6 +39,13 @@ def test_paired_difference_and_its_standard_error(obs):
     p2 = obs.paired(_row("a", mine), _row("b", ref), 2)
     assert p2["diff"] == pytest.approx((1.0 + 6 * 0.5) / 7)
     assert (p2["only_mine"], p2["only_ref"]) == (2 + 6, 0)
+    # on the six tasks other than boolq: differences 0, 1, -1, 0 in each
+    rest = [t for t in tasks if t != "boolq"]
+    p3 = obs.paired(_row("a", mine), _row("b", ref), 4, rest)
+    assert p3["diff"] == pytest.approx(0.0)
+    assert p3["se"] == pytest.approx((6 * (2 / 3) / 4) ** 0.5 / 6)
+    assert (p3["avg"], p3["ref_avg"]) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert (p3["only_mine"], p3["only_ref"]) == (6, 6)
 
 
 def test_paired_refuses_a_prefix_longer_than_the_answers(obs):
