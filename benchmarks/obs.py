@@ -141,7 +141,9 @@ def render_zeroshot(paths: list[Path]) -> str:
                 rest = [a for t, a in acc.items() if t != "boolq"]
                 cells = [f"{100 * a:.0f}" for a in acc.values()]
                 if "correct" in r["zeroshot"]["boolq"]:
-                    cells[0] += f" (answered yes: {boolq_says_yes(r['zeroshot']['boolq']['correct']):.0%})"
+                    correct = r["zeroshot"]["boolq"]["correct"]
+                    cells[0] += (f" (answered yes: {boolq_says_yes(correct):.0%}; by that lean alone: "
+                                 f"{100 * boolq_by_lean(correct):.0f})")
                 out.append(f"| {r['ratio']:.0%} | {r['name']} | " + " | ".join(cells)
                            + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * sum(rest) / len(rest):.1f} |")
             out.append("")
@@ -214,6 +216,14 @@ def boolq_says_yes(correct: list[int]) -> float:
     answer is the gold one, a wrong one the other): how far a model leans one way."""
     golds = _boolq_golds(len(correct))
     return sum(g if right else 1 - g for g, right in zip(golds, correct)) / len(correct)
+
+
+def boolq_by_lean(correct: list[int]) -> float:
+    """The BoolQ accuracy a model would get on the same first examples by answering yes at random with its own
+    yes share, whatever the question (y g + (1 - y)(1 - g) for yes share y and gold yes share g): accuracy
+    above it is what the answers owe to the passages, not to the lean."""
+    y, g = boolq_says_yes(correct), _boolq_yes_share(len(correct))
+    return y * g + (1 - y) * (1 - g)
 
 
 def render_paired(results: Path) -> str:

@@ -64,3 +64,14 @@ def test_boolq_yes_share_follows_from_the_answers_and_the_golds(obs):
     assert obs.boolq_says_yes(right) == pytest.approx(sum(golds) / 6)
     # on a prefix: the golds of the first examples only
     assert obs.boolq_says_yes(right[:2]) == pytest.approx(sum(golds[:2]) / 2)
+
+
+def test_boolq_by_lean_is_the_accuracy_of_answering_at_random_with_the_same_yes_share(obs):
+    from itertools import islice
+    golds = [d["gold"] for d in islice(obs.SOURCES["boolq"](), 8)]
+    g = sum(golds) / 8
+    always_yes = [int(x == 1) for x in golds]
+    assert obs.boolq_by_lean(always_yes) == pytest.approx(g)  # always yes: right on the yes questions only
+    assert obs.boolq_by_lean([1 - c for c in always_yes]) == pytest.approx(1 - g)
+    # every answer right: the yes share is the golds', so the lean alone would give g^2 + (1 - g)^2
+    assert obs.boolq_by_lean([1] * 8) == pytest.approx(g * g + (1 - g) ** 2)
