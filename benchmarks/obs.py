@@ -36,6 +36,8 @@ from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
 # name -> PruneConfig fields (besides ratio)
 ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows
 FIT = {"allocation": "measured"}  # the rows measured before the held-out allocation (the default since)
+# the tasks whose answers are read off the question, not a yes/no lean (see boolq_by_lean)
+WITHOUT_BOOLQ = tuple(t for t in TASKS if t != "boolq")
 ROWS = {
     "flap": {},
     "flap+lsq": {"compensation": "lsq"},
@@ -138,7 +140,7 @@ def render_zeroshot(paths: list[Path]) -> str:
                     "|---:|---|" + "---:|" * (len(TASKS) + 2)]
             for r in sorted(mine, key=lambda r: (r["ratio"], list(ROWS).index(r["name"]) if r["name"] in ROWS else -1)):
                 acc = {t: r["zeroshot"][t]["acc"] for t in TASKS}
-                rest = [a for t, a in acc.items() if t != "boolq"]
+                rest = [acc[t] for t in WITHOUT_BOOLQ]
                 cells = [f"{100 * a:.0f}" for a in acc.values()]
                 if "correct" in r["zeroshot"]["boolq"]:
                     correct = r["zeroshot"]["boolq"]["correct"]
@@ -234,7 +236,6 @@ def render_paired(results: Path) -> str:
            "right only in row / only in FLAP+lsq | without BoolQ: difference ± s.e. | "
            "BoolQ answered yes: row / FLAP+lsq |",
            "|---|---:|---|---:|---:|---:|---|---|---|---|"]
-    rest = [t for t in TASKS if t != "boolq"]
     for r in rows:
         ref = next((q for q in rows if (q["model"], q["ratio"], q["name"]) == (r["model"], r["ratio"], "flap+lsq")),
                    None)
@@ -242,7 +243,7 @@ def render_paired(results: Path) -> str:
             continue
         limit = min(r["zeroshot"]["limit"], ref["zeroshot"]["limit"])
         for n in sorted({k for k in (20, 50, 100) if k < limit} | {limit}):
-            p, q = paired(r, ref, n), paired(r, ref, n, rest)
+            p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
                        f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
                        f"{p['only_mine']} / {p['only_ref']} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
