@@ -253,6 +253,40 @@ def render_paired(results: Path) -> str:
     return "\n".join(out)
 
 
+def render_seeds(paths: list[Path], n: int) -> str:
+    """Every row with per-example zero-shot answers against FLAP + lsq's pruned from the same calibration draw
+    (`seed`; rows without one are seed 0), paired on the first `n` examples per task, one line per draw, and
+    the mean over the draws of each model, ratio and row (its standard error from the draws' paired ones)."""
+    rows = [r for p in paths for r in read_jsonl(p) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
+    key = lambda r: (r["model"], r["ratio"], r.get("seed", 0))  # noqa: E731
+    refs = {key(r): r for r in rows if r["name"] == "flap+lsq"}
+    out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | books ppl: row / FLAP+lsq | "
+           f"zero-shot avg, {n}/task: row / FLAP+lsq | difference ± s.e. (paired) | without BoolQ | "
+           "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---|---|---|---|---|"]
+    means: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
+        ref = refs.get(key(r))
+        if ref is None or r["name"] == "flap+lsq":
+            continue
+        p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
+        means.setdefault((r["model"], r["ratio"], r["name"]), []).append((p, q))
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
+                   f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
+                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
+                   f"{100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
+                   f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
+                   f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
+    for (model, ratio, name), pq in means.items():
+        k = len(pq)
+        mean = [sum(x[i]["diff"] for x in pq) / k for i in (0, 1)]
+        se = [sum(x[i]["se"] ** 2 for x in pq) ** 0.5 / k for i in (0, 1)]
+        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | "
+                   f"{100 * sum(x[0]['avg'] for x in pq) / k:.1f} / {100 * sum(x[0]['ref_avg'] for x in pq) / k:.1f} | "
+                   f"{100 * mean[0]:+.1f} ± {100 * se[0]:.1f} | {100 * mean[1]:+.1f} ± {100 * se[1]:.1f} | |")
+    out.append("\n" + commands_of(rows))
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
@@ -266,6 +300,7 @@ def main() -> None:
     ap.add_argument("--zs-per-example", action="store_true",
                     help="record each zero-shot answer (right or wrong), for --render-paired")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="which calibration windows (every table's rows: 0)")
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
@@ -273,6 +308,9 @@ def main() -> None:
     ap.add_argument("--timing-row", default="obs held-out", help="--timing: the obs row to time against FLAP+lsq")
     ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
     ap.add_argument("--render-timing", action="store_true")
+    ap.add_argument("--render-seeds", nargs="+", default=None, metavar="JSONL",
+                    help="each row's zero-shot answers against FLAP + lsq's from the same calibration seed")
+    ap.add_argument("--paired-n", type=int, default=50, help="--render-seeds: examples per task compared")
     ap.add_argument("--render-zeroshot", nargs="+", default=None, metavar="JSONL",
                     help="print per-task zero-shot accuracy of the rows in these result files")
     ap.add_argument("--render-paired", action="store_true",
@@ -280,6 +318,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.render_zeroshot:
         print(render_zeroshot([Path(p) for p in args.render_zeroshot]))
+        return
+    if args.render_seeds:
+        print(render_seeds([Path(p) for p in args.render_seeds], args.paired_n))
         return
     if args.render_paired:
         print(render_paired(Path(args.results)))
@@ -292,9 +333,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     results = Path(args.results)
-    done = {(r["model"], r["name"], r["ratio"]) for r in read_jsonl(results)}
+    done = {(r["model"], r["name"], r["ratio"], r.get("seed", 0)) for r in read_jsonl(results)}
     model, tok, _ = load(args.model)
-    calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
+    calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed)
     if args.timing:
         if args.timing_row not in ROWS or ROWS[args.timing_row].get("method") != "obs":
             raise SystemExit(f"--timing-row must name an obs row of {list(ROWS)}")
@@ -305,10 +346,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     plan = [("dense", 0.0)] + [(n, float(r)) for r in args.ratios.split(",") for n in names]
-    common = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_limit": args.eval_limit,
-              "zs_limit": args.zs_limit, "versions": versions(), "command": command_line()}
+    common = {"model": args.model, "seed": args.seed, "nsamples": args.nsamples, "seqlen": args.seqlen,
+              "eval_limit": args.eval_limit, "zs_limit": args.zs_limit, "versions": versions(), "command": command_line()}
     for name, ratio in plan:
-        if (args.model, name, ratio) in done:
+        if (args.model, name, ratio, 0 if name == "dense" else args.seed) in done:  # dense: no calibration
             continue
         m = copy.deepcopy(model)
         report, digest, t = None, None, time.perf_counter()

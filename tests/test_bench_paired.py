@@ -75,3 +75,32 @@ def test_boolq_by_lean_is_the_accuracy_of_answering_at_random_with_the_same_yes_
     assert obs.boolq_by_lean([1 - c for c in always_yes]) == pytest.approx(1 - g)
     # every answer right: the yes share is the golds', so the lean alone would give g^2 + (1 - g)^2
     assert obs.boolq_by_lean([1] * 8) == pytest.approx(g * g + (1 - g) ** 2)
+
+
+def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_draws(obs, tmp_path):
+    import json
+    tasks = obs.TASKS
+
+    def row(name, seed, correct, ppl):
+        r = {"model": "m", "ratio": 0.2, "name": name, "ppl_wiki": ppl, "ppl_books": 2 * ppl,
+             "zeroshot": {"limit": 4, **{t: {"correct": c} for t, c in correct.items()}}, "command": "x"}
+        return r if seed is None else {**r, "seed": seed}
+
+    same = {t: [1, 0, 1, 0] for t in tasks}
+    better = {**same, "piqa": [1, 1, 1, 0]}  # one more right answer of 28
+    worse = {**same, "arc_easy": [0, 0, 1, 0], "hellaswag": [0, 0, 1, 0]}  # two fewer
+    rows = [row("flap+lsq", None, same, 10.0), row("obs held-out", None, better, 9.0),  # seed 0, as old rows
+            row("flap+lsq", 1, same, 11.0), row("obs held-out", 1, worse, 9.5),
+            row("obs held-out", 2, better, 9.0)]  # no FLAP + lsq at seed 2: left out
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = [ln for ln in obs.render_seeds([path], 4).splitlines() if ln.startswith("| m |")]
+    assert len(lines) == 3
+    assert "| 0 | 9.00 / 10.00 | 18.00 / 20.00 | 53.6 / 50.0 | +3.6 ±" in lines[0]
+    assert "| 1 | 9.50 / 11.00 |" in lines[1] and "| 42.9 / 50.0 | -7.1 ±" in lines[1]
+    # the mean of +1/28 and -2/28 is -1/56; without BoolQ +1/24 and -2/24 give -1/48
+    assert "| mean of 2 | | | 48.2 / 50.0 | -1.8 ±" in lines[2]
+    assert "| -2.1 ±" in lines[2]
+    se0 = obs.paired(row("a", None, better, 1), row("b", None, same, 1), 4)["se"]
+    se1 = obs.paired(row("a", None, worse, 1), row("b", None, same, 1), 4)["se"]
+    assert f"-1.8 ± {100 * (se0 ** 2 + se1 ** 2) ** 0.5 / 2:.1f} |" in lines[2]
