@@ -104,3 +104,25 @@ def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_dra
     se0 = obs.paired(row("a", None, better, 1), row("b", None, same, 1), 4)["se"]
     se1 = obs.paired(row("a", None, worse, 1), row("b", None, same, 1), 4)["se"]
     assert f"-1.8 ± {100 * (se0 ** 2 + se1 ** 2) ** 0.5 / 2:.1f} |" in lines[2]
+
+
+def test_fisher_spectrum_stats_on_a_hand_made_spectrum():
+    import torch
+    spec = importlib.util.spec_from_file_location("bench_fisher", BENCH / "fisher_spectrum.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # eigenvalues 0, 1, 1, ..., 1, 99 in a rotated basis (100 of them, mean 1.97)
+    vals = torch.ones(100, dtype=torch.float64)
+    vals[0], vals[-1] = 0.0, 99.0
+    q, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    s = mod.spectrum_stats(q @ torch.diag(vals) @ q.T, (0.01, 0.6))
+    mean = vals.mean().item()
+    assert s["median"] == pytest.approx(1 / mean)
+    assert s["min"] == pytest.approx(0.0, abs=1e-12)
+    assert s["top1pct_share"] == pytest.approx(99 / vals.sum().item())
+    assert s["below_0.01"] == pytest.approx(0.01)  # the zero eigenvalue only
+    assert s["below_0.6"] == pytest.approx(0.99)  # 1 / 1.97 = 0.51 < 0.6
+    # F^(1/2) with ridge r: eigenvalues sqrt(v + r mean), against sqrt(v)
+    for r in (0.01, 0.6):
+        want = ((vals + r * mean).sqrt() - vals.sqrt()).norm() / vals.sqrt().norm()
+        assert s[f"weighting_change_{r}"] == pytest.approx(want.item(), rel=1e-6)
