@@ -253,36 +253,43 @@ def render_paired(results: Path) -> str:
     return "\n".join(out)
 
 
+def _mean_answers(rows: list[dict], n: int) -> dict:
+    """A row whose answer to each of the first `n` examples per task is the share of `rows` that got it right."""
+    return {"name": rows[0]["name"], "zeroshot": {t: {"correct": [
+        sum(c) / len(rows) for c in zip(*(r["zeroshot"][t]["correct"][:n] for r in rows))]} for t in TASKS}}
+
+
 def render_seeds(paths: list[Path], n: int) -> str:
     """Every row with per-example zero-shot answers against FLAP + lsq's pruned from the same calibration draw
     (`seed`; rows without one are seed 0), paired on the first `n` examples per task, one line per draw, and
-    the mean over the draws of each model, ratio and row (its standard error from the draws' paired ones)."""
+    the mean over the draws of each model, ratio and row."""
     rows = [r for p in paths for r in read_jsonl(p) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
     key = lambda r: (r["model"], r["ratio"], r.get("seed", 0))  # noqa: E731
     refs = {key(r): r for r in rows if r["name"] == "flap+lsq"}
     out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | books ppl: row / FLAP+lsq | "
            f"zero-shot avg, {n}/task: row / FLAP+lsq | difference ± s.e. (paired) | without BoolQ | "
            "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---|---|---|---|---|"]
-    means: dict[tuple, list[tuple[dict, dict]]] = {}
+    means: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
     for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
         ref = refs.get(key(r))
         if ref is None or r["name"] == "flap+lsq":
             continue
         p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
-        means.setdefault((r["model"], r["ratio"], r["name"]), []).append((p, q))
+        means.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
                    f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
                    f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
                    f"{100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
-    for (model, ratio, name), pq in means.items():
-        k = len(pq)
-        mean = [sum(x[i]["diff"] for x in pq) / k for i in (0, 1)]
-        se = [sum(x[i]["se"] ** 2 for x in pq) ** 0.5 / k for i in (0, 1)]
-        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | "
-                   f"{100 * sum(x[0]['avg'] for x in pq) / k:.1f} / {100 * sum(x[0]['ref_avg'] for x in pq) / k:.1f} | "
-                   f"{100 * mean[0]:+.1f} ± {100 * se[0]:.1f} | {100 * mean[1]:+.1f} ± {100 * se[1]:.1f} | |")
+    for (model, ratio, name), pairs in means.items():
+        # each example's answers averaged over the draws (the same examples in every draw): the paired standard
+        # error of those averages counts the examples, not the draws, as the samples
+        k = len(pairs)
+        avg = [_mean_answers([pair[j] for pair in pairs], n) for j in (0, 1)]
+        p, q = paired(*avg, n), paired(*avg, n, WITHOUT_BOOLQ)
+        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
+                   f"{100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)
 
