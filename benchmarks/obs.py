@@ -340,7 +340,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     results = Path(args.results)
-    done = {(r["model"], r["name"], r["ratio"], r.get("seed", 0)) for r in read_jsonl(results)}
+    # a row per model, name, ratio and calibration seed; one dense row whatever the seed
+    done = {(r["model"], r["name"], r["ratio"], 0 if r["name"] == "dense" else r.get("seed", 0))
+            for r in read_jsonl(results)}
     model, tok, _ = load(args.model)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed)
     if args.timing:
