@@ -260,24 +260,36 @@ def _mean_answers(rows: list[dict], n: int) -> dict:
 
 
 def render_seeds(paths: list[Path], n: int) -> str:
-    """Every row with per-example zero-shot answers against FLAP + lsq's pruned from the same calibration draw
-    (`seed`; rows without one are seed 0), paired on the first `n` examples per task, one line per draw, and
-    the mean over the draws of each model, ratio and row."""
-    rows = [r for p in paths for r in read_jsonl(p) if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
+    """Every row pruned from more than one calibration draw (`seed`; rows without one are seed 0), with per-example
+    zero-shot answers, against FLAP + lsq's from the same draw, paired on the first `n` examples per task: one
+    line per draw, and the mean over the draws of each model, ratio and row."""
+    every = [r for p in paths for r in read_jsonl(p)]
+    rows = [r for r in every if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
+    dense = {r["model"]: r["ppl_wiki"] for r in every if r["name"] == "dense"}
     key = lambda r: (r["model"], r["ratio"], r.get("seed", 0))  # noqa: E731
     refs = {key(r): r for r in rows if r["name"] == "flap+lsq"}
-    out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | books ppl: row / FLAP+lsq | "
+    draws: dict[tuple, int] = {}  # only the rows pruned from more than one draw are shown
+    for r in rows:
+        if r["name"] != "flap+lsq" and key(r) in refs:
+            draws[(r["model"], r["ratio"], r["name"])] = draws.get((r["model"], r["ratio"], r["name"]), 0) + 1
+    rows = [r for r in rows if draws.get((r["model"], r["ratio"], r["name"]), 0) > 1 or r["name"] == "flap+lsq"]
+    shown = {key(r) for r in rows if r["name"] != "flap+lsq"}
+    rows = [r for r in rows if key(r) in shown]
+    out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | gap / FLAP+lsq gap | "
+           f"books ppl: row / FLAP+lsq | "
            f"zero-shot avg, {n}/task: row / FLAP+lsq | difference ± s.e. (paired) | without BoolQ | "
-           "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---|---|---|---|---|"]
+           "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---:|---|---|---|---|---|"]
     means: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
     for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
         ref = refs.get(key(r))
         if ref is None or r["name"] == "flap+lsq":
             continue
         p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
+        d = dense.get(r["model"])
+        gap = "–" if d is None else f"{(r['ppl_wiki'] - d) / (ref['ppl_wiki'] - d):.3f}"
         means.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
-                   f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
+                   f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {gap} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
                    f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
                    f"{100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
@@ -288,7 +300,7 @@ def render_seeds(paths: list[Path], n: int) -> str:
         k = len(pairs)
         avg = [_mean_answers([pair[j] for pair in pairs], n) for j in (0, 1)]
         p, q = paired(*avg, n), paired(*avg, n, WITHOUT_BOOLQ)
-        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
+        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
                    f"{100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | |")
     out.append("\n" + commands_of(rows))
     return "\n".join(out)

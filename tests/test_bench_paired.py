@@ -91,17 +91,19 @@ def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_dra
     worse = {**same, "arc_easy": [0, 0, 1, 0], "hellaswag": [0, 0, 1, 0]}  # two fewer
     rows = [row("flap+lsq", None, same, 10.0), row("obs held-out", None, better, 9.0),  # seed 0, as old rows
             row("flap+lsq", 1, same, 11.0), row("obs held-out", 1, worse, 9.5),
-            row("obs held-out", 2, better, 9.0)]  # no FLAP + lsq at seed 2: left out
+            row("obs held-out", 2, better, 9.0),  # no FLAP + lsq at seed 2: left out
+            {"model": "m", "ratio": 0.0, "name": "dense", "ppl_wiki": 8.0, "command": "x"},
+            row("obs", None, better, 9.0), row("flap+lsq", 5, same, 10.0)]  # one draw only: not shown
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = [ln for ln in obs.render_seeds([path], 4).splitlines() if ln.startswith("| m |")]
-    assert len(lines) == 3
-    assert "| 0 | 9.00 / 10.00 | 18.00 / 20.00 | 53.6 / 50.0 | +3.6 ±" in lines[0]
-    assert "| 1 | 9.50 / 11.00 |" in lines[1] and "| 42.9 / 50.0 | -7.1 ±" in lines[1]
+    assert len(lines) == 3 and not any("| obs |" in ln for ln in lines)
+    assert "| 0 | 9.00 / 10.00 | 0.500 | 18.00 / 20.00 | 53.6 / 50.0 | +3.6 ±" in lines[0]  # gap: 1 / 2
+    assert "| 1 | 9.50 / 11.00 | 0.500 |" in lines[1] and "| 42.9 / 50.0 | -7.1 ±" in lines[1]
     # averaged over the two draws, the differences per example are piqa (0, .5, 0, 0), arc_easy and hellaswag
     # (-.5, 0, 0, 0) each (means +-.125, sample variances .0625): -.125 / 7 in all, standard error
     # sqrt(3 * .0625 / 4) / 7; without BoolQ the same over 6
-    assert "| mean of 2 | | | 48.2 / 50.0 | -1.8 ± 3.1 | -2.1 ± 3.6 | |" in lines[2]
+    assert "| mean of 2 | | | | 48.2 / 50.0 | -1.8 ± 3.1 | -2.1 ± 3.6 | |" in lines[2]
 
 
 def test_fisher_spectrum_stats_on_a_hand_made_spectrum():
