@@ -266,35 +266,28 @@ def render_seeds(paths: list[Path], n: int) -> str:
     every = [r for p in paths for r in read_jsonl(p)]
     rows = [r for r in every if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
     dense = {r["model"]: r["ppl_wiki"] for r in every if r["name"] == "dense"}
-    key = lambda r: (r["model"], r["ratio"], r.get("seed", 0))  # noqa: E731
-    refs = {key(r): r for r in rows if r["name"] == "flap+lsq"}
-    draws: dict[tuple, int] = {}  # only the rows pruned from more than one draw are shown
-    for r in rows:
-        if r["name"] != "flap+lsq" and key(r) in refs:
-            draws[(r["model"], r["ratio"], r["name"])] = draws.get((r["model"], r["ratio"], r["name"]), 0) + 1
-    rows = [r for r in rows if draws.get((r["model"], r["ratio"], r["name"]), 0) > 1 or r["name"] == "flap+lsq"]
-    shown = {key(r) for r in rows if r["name"] != "flap+lsq"}
-    rows = [r for r in rows if key(r) in shown]
+    refs = {(r["model"], r["ratio"], r.get("seed", 0)): r for r in rows if r["name"] == "flap+lsq"}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
+    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
+        ref = refs.get((r["model"], r["ratio"], r.get("seed", 0)))
+        if ref is not None and r is not ref:
+            groups.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
+    groups = {k: pairs for k, pairs in groups.items() if len(pairs) > 1}  # only rows pruned from several draws
     out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | gap / FLAP+lsq gap | "
            f"books ppl: row / FLAP+lsq | "
            f"zero-shot avg, {n}/task: row / FLAP+lsq | difference ± s.e. (paired) | without BoolQ | "
            "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---:|---|---|---|---|---|"]
-    means: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
-    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
-        ref = refs.get(key(r))
-        if ref is None or r["name"] == "flap+lsq":
-            continue
+    for r, ref in (pair for pairs in groups.values() for pair in pairs):
         p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
         d = dense.get(r["model"])
         gap = "–" if d is None else f"{(r['ppl_wiki'] - d) / (ref['ppl_wiki'] - d):.3f}"
-        means.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
                    f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {gap} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
                    f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
                    f"{100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
-    for (model, ratio, name), pairs in means.items():
+    for (model, ratio, name), pairs in groups.items():
         # each example's answers averaged over the draws (the same examples in every draw): the paired standard
         # error of those averages counts the examples, not the draws, as the samples
         k = len(pairs)
@@ -302,7 +295,7 @@ def render_seeds(paths: list[Path], n: int) -> str:
         p, q = paired(*avg, n), paired(*avg, n, WITHOUT_BOOLQ)
         out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
                    f"{100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | |")
-    out.append("\n" + commands_of(rows))
+    out.append("\n" + commands_of([r for pairs in groups.values() for pair in pairs for r in pair]))
     return "\n".join(out)
 
 
