@@ -8,7 +8,8 @@ Each finished row is appended to a JSONL file (stop and resume at will); `--rend
   .venv/bin/python benchmarks/obs.py --render
 
 `--timing` only times: FLAP + lsq and obs pruned alternately (`--repeats` times each, side by side), with
-each run's sections, and whether obs's plan is the one its quality row above recorded; `--render-timing`.
+each run's sections, and whether obs's plan is the one its quality row above (same model, ratio and `--seed`)
+recorded; `--render-timing`.
 """
 
 from __future__ import annotations
@@ -152,10 +153,16 @@ def render_zeroshot(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def quality_rows(rows: list[dict], name: str, seed: int) -> dict[tuple[str, float], dict]:
+    """The quality rows named `name` pruned from calibration draw `seed` (rows without one are seed 0), by
+    model and ratio: what a timing run's plan is compared with."""
+    return {(r["model"], r["ratio"]): r for r in rows if r["name"] == name and r.get("seed", 0) == seed}
+
+
 def timing(args, model, calib) -> None:
     """Prune with FLAP + lsq and with obs (or the row `--timing-row`) alternately; record the wall times and
     obs's sections."""
-    quality = {(r["model"], r["ratio"]): r for r in read_jsonl(Path(args.results)) if r["name"] == args.timing_row}
+    quality = quality_rows(read_jsonl(Path(args.results)), args.timing_row, args.seed)
     for ratio in (float(r) for r in args.ratios.split(",")):
         times = {"flap+lsq": [], "obs": []}
         sections, kept, digest = [], None, None
@@ -172,7 +179,7 @@ def timing(args, model, calib) -> None:
                     kept, digest = result.report["layers"]["per_layer"], plan_digest(result.plan)
                 del m
         before = quality.get((args.model, ratio))
-        row = {"model": args.model, "ratio": ratio, "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
+        row = {"model": args.model, "ratio": ratio, **({"seed": args.seed} if args.seed else {}), "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
                "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
                **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
                "same_plan_as_quality_row": same_plan(before, kept, digest), "obs_kept_per_layer": kept,

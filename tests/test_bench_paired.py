@@ -126,3 +126,16 @@ def test_fisher_spectrum_stats_on_a_hand_made_spectrum():
     for r in (0.01, 0.6):
         want = ((vals + r * mean).sqrt() - vals.sqrt()).norm() / vals.sqrt().norm()
         assert s[f"weighting_change_{r}"] == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_timing_compares_with_the_quality_row_of_its_own_calibration_draw(obs):
+    rows = [{"model": "m", "ratio": 0.2, "name": "obs held-out", "plan_sha": "a"},  # no seed: draw 0
+            {"model": "m", "ratio": 0.2, "name": "obs held-out", "seed": 1, "plan_sha": "b"},
+            {"model": "m", "ratio": 0.2, "name": "flap+lsq", "seed": 1, "plan_sha": "c"},
+            {"model": "m", "ratio": 0.5, "name": "obs held-out", "seed": 1, "plan_sha": "d"}]
+    assert {k: r["plan_sha"] for k, r in obs.quality_rows(rows, "obs held-out", 0).items()} == {("m", 0.2): "a"}
+    assert {k: r["plan_sha"] for k, r in obs.quality_rows(rows, "obs held-out", 1).items()} == {
+        ("m", 0.2): "b", ("m", 0.5): "d"}
+    assert obs.quality_rows(rows, "obs held-out", 2) == {}
+    assert obs.same_plan(obs.quality_rows(rows, "obs held-out", 1)[("m", 0.2)], [], "b") is True
+    assert obs.same_plan(obs.quality_rows(rows, "obs held-out", 0)[("m", 0.2)], [], "b") is False
