@@ -5,12 +5,14 @@ error (mean squared error over the output's variance) is measured on the calibra
 on validation windows drawn from the same calibration articles with another seed (never the evaluation text).
 Variants (rows with their own `ridge` / `steps` fields): `--ridge diagonal` regularizes each input by its own
 variance (H = C + damp diag(C), a ridge on standardized inputs) instead of obs's uniform ridge (H = C + damp
-mean(diag C) I); `--steps` sets the greedy's granularity (obs takes 1/128 of the channels per step).
+mean(diag C) I); `--steps` sets the greedy's granularity (obs takes 1/128 of the channels per step);
+`--select-damps` chooses the channels with other ridges than the refit's (obs uses one ridge for both).
 
   .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b
   .venv/bin/python benchmarks/refit_generalization.py --render [--damps 0.01,0.1]
   .venv/bin/python benchmarks/refit_generalization.py --render-relative
   .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b --ridge diagonal --damps 0.1,0.3,1
+  .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b --damps 0.1 --select-damps 0.3,1,3
   .venv/bin/python benchmarks/refit_generalization.py --render-variants
 """
 
@@ -58,7 +60,8 @@ def relative_error(weight, x, kept, w_kept, bias) -> float:
 def is_default(row: dict) -> bool:
     """A row of obs's own refit: the uniform ridge and obs's greedy steps (rows from before the variants have
     neither field)."""
-    return row.get("ridge", "uniform") == "uniform" and row.get("steps", STEPS) == STEPS
+    return (row.get("ridge", "uniform") == "uniform" and row.get("steps", STEPS) == STEPS
+            and row.get("select_damp", row["damp"]) == row["damp"])
 
 
 def case_of(row: dict) -> tuple:
@@ -81,7 +84,8 @@ def render_variants(path: Path) -> str:
     out = ["| model | calibration tokens | layer | removed | variant | damping | validation rel. error | "
            "/ uniform ridge 0.1, 128 steps |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in variants:
-        name = f"{r['ridge']} ridge" if r["ridge"] != "uniform" else f"{r['steps']} steps"
+        name = (f"{r['ridge']} ridge" if r["ridge"] != "uniform" else f"{r['steps']} steps" if r["steps"] != STEPS
+                else f"chosen with ridge {r['select_damp']}")
         ref = base[case_of(r)]
         out.append(f"| {r['model']} | {r['calib_tokens']:,} | {r['layer']} | {r['removed']:.0%} | {name} | "
                    f"{r['damp']} | {r['valid_error']:.5f} | {r['valid_error'] / ref:.3f} |")
@@ -133,6 +137,8 @@ def main() -> None:
     ap.add_argument("--damps", default="0.001,0.01,0.03,0.1,0.3", help="dampings to run (or to show, with --render)")
     ap.add_argument("--ridge", default="uniform", choices=["uniform", "diagonal"],
                     help="the ridge's shape: obs's uniform one, or each input's variance times the damping")
+    ap.add_argument("--select-damps", default=None,
+                    help="ridges the channels are chosen with (default: each refit's own damping, as obs does)")
     ap.add_argument("--steps", type=int, default=STEPS, help=f"greedy steps over the layer's width (obs: {STEPS})")
     ap.add_argument("--results", default="benchmarks/results/refit_generalization.jsonl")
     ap.add_argument("--render", action="store_true")
@@ -148,6 +154,7 @@ def main() -> None:
         print(render_variants(Path(args.results)))
         return
     damps = [float(d) for d in args.damps.split(",")]
+    select_damps = [float(d) for d in args.select_damps.split(",")] if args.select_damps else None
     if args.render:
         print(render(Path(args.results), damps))
         return
@@ -167,9 +174,10 @@ def main() -> None:
         cov = (x - mean).T @ (x - mean) / x.shape[0]
         for frac in (float(f) for f in args.removed.split(",")):
             n = int(frac * d)
-            for damp in damps:
+            for damp, select_damp in ((a, b) for a in damps for b in (select_damps or [a])):
                 h = regularized(cov, damp, args.ridge)
-                removed = removal_path(weight, h, 1, n, max(1, d // args.steps)).order
+                chooser = h if select_damp == damp else regularized(cov, select_damp, args.ridge)
+                removed = removal_path(weight, chooser, 1, n, max(1, d // args.steps)).order
                 keep = torch.ones(d, dtype=torch.bool)
                 keep[removed] = False
                 kept = torch.nonzero(keep).flatten()
@@ -178,13 +186,14 @@ def main() -> None:
                 w_kept, bias = lsq_compensation(weight, None, mean, cov if uniform else h, kept, removed,
                                                 damp if uniform else 0.0)
                 row = {"model": args.model, "layer": i, "removed": frac, "damp": damp, "calib_tokens": x.shape[0],
-                       "ridge": args.ridge, "steps": args.steps,
+                       "ridge": args.ridge, "steps": args.steps, "select_damp": select_damp,
                        "valid_tokens": v.shape[0], "d_ff": d,
                        "calib_error": relative_error(weight, x, kept, w_kept, bias),
                        "valid_error": relative_error(weight, v, kept, w_kept, bias),
                        "versions": versions(), "command": command_line()}
                 append_jsonl(Path(args.results), row)
-                print(f"layer {i} removed {frac:.0%} {args.ridge} ridge {damp}, {args.steps} steps: "
+                print(f"layer {i} removed {frac:.0%} {args.ridge} ridge {damp} (chosen with {select_damp}), "
+                      f"{args.steps} steps: "
                       f"calibration {row['calib_error']:.4f} validation {row['valid_error']:.4f}", flush=True)
 
 
