@@ -114,6 +114,11 @@ def render_timing(results: Path) -> str:
     return "\n".join(out)
 
 
+def points(p: dict) -> str:
+    """A paired difference and its standard error in points, signed ("+0.0" where it rounds to zero)."""
+    return f"{round(100 * p['diff'], 1) + 0.0:+.1f} ± {100 * p['se']:.1f}"
+
+
 @functools.lru_cache
 def _boolq_golds(limit: int) -> tuple[int, ...]:
     """The gold answers (1 = yes) of the first `limit` BoolQ examples the zero-shot subsets score."""
@@ -252,8 +257,8 @@ def render_paired(results: Path) -> str:
         for n in sorted({k for k in (20, 50, 100) if k < limit} | {limit}):
             p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
             out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {n} | {100 * p['avg']:.1f} | "
-                       f"{100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
-                       f"{p['only_mine']} / {p['only_ref']} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
+                       f"{100 * p['ref_avg']:.1f} | {points(p)} | "
+                       f"{p['only_mine']} / {p['only_ref']} | {points(q)} | "
                        f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                        f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
     out.append("\n" + commands_of(rows))
@@ -290,8 +295,8 @@ def render_seeds(paths: list[Path], n: int) -> str:
         gap = "–" if d is None else f"{(r['ppl_wiki'] - d) / (ref['ppl_wiki'] - d):.3f}"
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
                    f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {gap} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
-                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | "
-                   f"{100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | "
+                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | "
+                   f"{points(q)} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
     for (model, ratio, name), pairs in groups.items():
@@ -301,7 +306,7 @@ def render_seeds(paths: list[Path], n: int) -> str:
         avg = [_mean_answers([pair[j] for pair in pairs], n) for j in (0, 1)]
         p, q = paired(*avg, n), paired(*avg, n, WITHOUT_BOOLQ)
         out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
-                   f"{100 * p['diff']:+.1f} ± {100 * p['se']:.1f} | {100 * q['diff']:+.1f} ± {100 * q['se']:.1f} | |")
+                   f"{points(p)} | {points(q)} | |")
     out.append("\n" + commands_of([r for pairs in groups.values() for pair in pairs for r in pair]))
     return "\n".join(out)
 

@@ -139,3 +139,9 @@ def test_timing_compares_with_the_quality_row_of_its_own_calibration_draw(obs):
     assert obs.quality_rows(rows, "obs held-out", 2) == {}
     assert obs.same_plan(obs.quality_rows(rows, "obs held-out", 1)[("m", 0.2)], [], "b") is True
     assert obs.same_plan(obs.quality_rows(rows, "obs held-out", 0)[("m", 0.2)], [], "b") is False
+
+
+def test_points_signs_a_difference_that_rounds_to_zero_as_plus(obs):
+    assert obs.points({"diff": -0.0004, "se": 0.022}) == "+0.0 ± 2.2"
+    assert obs.points({"diff": -0.0094, "se": 0.02}) == "-0.9 ± 2.0"
+    assert obs.points({"diff": 0.013, "se": 0.017}) == "+1.3 ± 1.7"
