@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -114,3 +118,21 @@ def text_file(tmp_path):
     p = tmp_path / "calib.txt"
     p.write_text(CLI_TEXT)
     return p
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_module(path: Path, name: str | None = None):
+    """A Python file loaded as a module (benchmark scripts and files outside the package)."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def benchmark_module(stem: str):
+    """A script of benchmarks/ as a module (its `common` helpers importable)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return load_module(BENCHMARKS / f"{stem}.py", f"bench_{stem}")

@@ -1,21 +1,13 @@
 """The paired zero-shot comparison of benchmarks/obs.py, on hand-made answers."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def obs():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_obs", BENCH / "obs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("obs")
 
 
 def _row(name, answers):
@@ -108,9 +100,7 @@ def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_dra
 
 def test_fisher_spectrum_stats_on_a_hand_made_spectrum():
     import torch
-    spec = importlib.util.spec_from_file_location("bench_fisher", BENCH / "fisher_spectrum.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("fisher_spectrum")
     # eigenvalues 0, 1, 1, ..., 1, 99 in a rotated basis (100 of them, mean 1.97)
     vals = torch.ones(100, dtype=torch.float64)
     vals[0], vals[-1] = 0.0, 99.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from flap_llm import FlapError
 from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot, prepare_tasks
-from conftest import tiny_model, tiny_tokenizer
+from conftest import load_module, tiny_model, tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -68,24 +67,17 @@ def test_accuracy_matches_an_independent_computation(tiny):
     assert res["winogrande"]["correct"] == [int(c) for c in wino]
 
 
-def _module(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_prompts_match_lm_eval_standard_tasks():
     """Our rows equal what lm-eval's own task code builds from the same documents."""
     from flap_llm.zeroshot import _arrow
 
     raw = _arrow("hellaswag", "none", "validation").select(range(50))
-    theirs = _module(LM_EVAL_TASKS / "hellaswag" / "utils.py").process_docs(raw)
+    theirs = load_module(LM_EVAL_TASKS / "hellaswag" / "utils.py").process_docs(raw)
     ours = [r for _, r in zip(range(50), SOURCES["hellaswag"]())]
     for t, o in zip(theirs, ours):
         assert (t["query"], t["choices"], t["gold"]) == (o["query"], o["choices"], o["gold"])
 
-    wino = _module(LM_EVAL_TASKS / "winogrande" / "preprocess_winogrande.py")
+    wino = load_module(LM_EVAL_TASKS / "winogrande" / "preprocess_winogrande.py")
     for doc, o in zip(_arrow("winogrande", "winogrande_xl", "validation").select(range(50)), SOURCES["winogrande"]()):
         assert (wino.doc_to_text(doc), wino.doc_to_choice(doc), wino.doc_to_target(doc)) == (
             o["gold"], o["contexts"], o["continuation"])
