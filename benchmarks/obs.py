@@ -71,6 +71,16 @@ def same_plan(before: dict | None, kept: list, digest: str) -> bool | None:
     return before["plan_sha"] == digest if "plan_sha" in before else before["kept_per_layer"] == kept
 
 
+def seed_of(row: dict) -> int:
+    """The calibration draw a row was pruned from (rows from before `--seed` are draw 0)."""
+    return row.get("seed", 0)
+
+
+def gap_ratio(ppl: float, ref: float, dense: float | None) -> str:
+    """(ppl − dense) / (FLAP + lsq's ppl − dense), or "–" without a dense row."""
+    return "–" if dense is None else f"{(ppl - dense) / (ref - dense):.3f}"
+
+
 def render(results: Path) -> str:
     rows = read_jsonl(results)
     out = []
@@ -90,8 +100,7 @@ def render(results: Path) -> str:
             at = [r for r in mine if r["ratio"] == ratio and r["name"] != "dense"]
             ref = next((r for r in at if r["name"] == "flap+lsq"), None)
             for r in sorted(at, key=lambda r: list(ROWS).index(r["name"])):
-                gap = (f"{(r['ppl_wiki'] - dense['ppl_wiki']) / (ref['ppl_wiki'] - dense['ppl_wiki']):.3f}"
-                       if ref and dense else "–")
+                gap = gap_ratio(r["ppl_wiki"], ref["ppl_wiki"], dense and dense["ppl_wiki"]) if ref else "–"
                 zs = f"{100 * r['zeroshot_avg']:.1f}" if r["zeroshot_avg"] is not None else "–"
                 speed = f"{r['prune_s'] / ref['prune_s']:.2f}" if ref else "–"
                 out.append(f"| {ratio:.0%} | {r['name']} | {r['removed_decoder']:.1%} | {r['ppl_wiki']:.2f} | {gap} | "
@@ -161,7 +170,7 @@ def render_zeroshot(paths: list[Path]) -> str:
 def quality_rows(rows: list[dict], name: str, seed: int) -> dict[tuple[str, float], dict]:
     """The quality rows named `name` pruned from calibration draw `seed` (rows without one are seed 0), by
     model and ratio: what a timing run's plan is compared with."""
-    return {(r["model"], r["ratio"]): r for r in rows if r["name"] == name and r.get("seed", 0) == seed}
+    return {(r["model"], r["ratio"]): r for r in rows if r["name"] == name and seed_of(r) == seed}
 
 
 def timing(args, model, calib) -> None:
@@ -184,7 +193,8 @@ def timing(args, model, calib) -> None:
                     kept, digest = result.report["layers"]["per_layer"], plan_digest(result.plan)
                 del m
         before = quality.get((args.model, ratio))
-        row = {"model": args.model, "ratio": ratio, **({"seed": args.seed} if args.seed else {}), "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
+        row = {"model": args.model, "ratio": ratio, **({"seed": args.seed} if args.seed else {}),
+               "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
                "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
                **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
                "same_plan_as_quality_row": same_plan(before, kept, digest), "obs_kept_per_layer": kept,
@@ -278,10 +288,10 @@ def render_seeds(paths: list[Path], n: int) -> str:
     every = [r for p in paths for r in read_jsonl(p)]
     rows = [r for r in every if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
     dense = {r["model"]: r["ppl_wiki"] for r in every if r["name"] == "dense"}
-    refs = {(r["model"], r["ratio"], r.get("seed", 0)): r for r in rows if r["name"] == "flap+lsq"}
+    refs = {(r["model"], r["ratio"], seed_of(r)): r for r in rows if r["name"] == "flap+lsq"}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
-    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], r.get("seed", 0))):
-        ref = refs.get((r["model"], r["ratio"], r.get("seed", 0)))
+    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["name"], seed_of(r))):
+        ref = refs.get((r["model"], r["ratio"], seed_of(r)))
         if ref is not None and r is not ref:
             groups.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
     groups = {k: pairs for k, pairs in groups.items() if len(pairs) > 1}  # only rows pruned from several draws
@@ -291,12 +301,10 @@ def render_seeds(paths: list[Path], n: int) -> str:
            "BoolQ answered yes: row / FLAP+lsq |", "|---|---:|---|---:|---|---:|---|---|---|---|---|"]
     for r, ref in (pair for pairs in groups.values() for pair in pairs):
         p, q = paired(r, ref, n), paired(r, ref, n, WITHOUT_BOOLQ)
-        d = dense.get(r["model"])
-        gap = "–" if d is None else f"{(r['ppl_wiki'] - d) / (ref['ppl_wiki'] - d):.3f}"
-        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {r.get('seed', 0)} | "
+        gap = gap_ratio(r["ppl_wiki"], ref["ppl_wiki"], dense.get(r["model"]))
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['name']} | {seed_of(r)} | "
                    f"{r['ppl_wiki']:.2f} / {ref['ppl_wiki']:.2f} | {gap} | {r['ppl_books']:.2f} / {ref['ppl_books']:.2f} | "
-                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | "
-                   f"{points(q)} | "
+                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | {points(q)} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
     for (model, ratio, name), pairs in groups.items():
@@ -358,7 +366,7 @@ def main() -> None:
     torch.manual_seed(0)
     results = Path(args.results)
     # a row per model, name, ratio and calibration seed; one dense row whatever the seed
-    done = {(r["model"], r["name"], r["ratio"], 0 if r["name"] == "dense" else r.get("seed", 0))
+    done = {(r["model"], r["name"], r["ratio"], 0 if r["name"] == "dense" else seed_of(r))
             for r in read_jsonl(results)}
     model, tok, _ = load(args.model)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed)
