@@ -55,6 +55,8 @@ ROWS = {
     # sequential, lsq_damp 0.1, the Fisher from half the windows: obs's default before held-out allocation
     "obs": {"method": "obs", **FIT},
     "obs held-out": {"method": "obs", "allocation": "held-out"},  # the same with held-out curves: the default
+    # the default with the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1)
+    "obs select 0.01": {"method": "obs", "allocation": "held-out", "select_damp": 0.01},
 }
 
 

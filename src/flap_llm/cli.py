@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher-fraction", type=float, default=None,
                    help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
                         f"(default {FISHER_FRACTION}; less is faster and noisier)")
+    p.add_argument("--select-damp", type=float, default=None,
+                   help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default: "
+                        "--lsq-damp's value); the refit itself keeps --lsq-damp")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -197,7 +200,7 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
                          selection=args.selection, allocation=args.allocation,
-                         fisher_fraction=args.fisher_fraction)
+                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

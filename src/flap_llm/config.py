@@ -54,6 +54,9 @@ class PruneConfig:
         whose backward pass estimates the output Fisher; the others still give the covariances. Less is
         faster (the backward and the vocabulary projection are most of obs's first pass on small models) and
         noisier. None (default): FISHER_FRACTION.
+    select_damp: obs only: the ridge of the refit pass's greedy choice of units (as `lsq_damp`, a fraction of
+        the mean diagonal of C_KK); the refit of the kept columns and the allocation's curves keep `lsq_damp`.
+        None (default): `lsq_damp`, one ridge for both.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -71,6 +74,7 @@ class PruneConfig:
     selection: str = "obs"
     allocation: str = ALLOCATION
     fisher_fraction: float | None = None
+    select_damp: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -115,6 +119,16 @@ class PruneConfig:
         if isinstance(self.lsq_damp, bool) or not isinstance(self.lsq_damp, (int, float)) or not self.lsq_damp > 0:
             raise FlapError(f"lsq_damp must be positive (a fraction such as 0.01; None: the method's default), "
                             f"got {self.lsq_damp!r}")
+        if self.method != "obs":
+            if self.select_damp is not None:
+                raise FlapError(f"select_damp is an option of method obs; method {self.method} has no greedy selection")
+        else:
+            if self.select_damp is None:
+                object.__setattr__(self, "select_damp", self.lsq_damp)
+            if (isinstance(self.select_damp, bool) or not isinstance(self.select_damp, (int, float))
+                    or not self.select_damp > 0):
+                raise FlapError(f"select_damp must be positive (a fraction such as 0.01; None: lsq_damp), "
+                                f"got {self.select_damp!r}")
 
     @property
     def effective_compensation(self) -> str:

@@ -21,6 +21,9 @@ Two passes, like FLAP + lsq:
    ablation), the least-squares refit of the kept columns (float64), and the layer is pruned.
 The greedy paths work in float32 (both the folds' and the refit pass's); the measured allocation's in float64.
 
+The refit pass's greedy may choose with its own ridge (`select_damp`, default `lsq_damp`); the refit and the
+allocation's curves keep `lsq_damp`.
+
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
 `structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
 allocation="structure" and sequential=False is FLAP + lsq.
@@ -103,13 +106,14 @@ def _metric_order(scores: torch.Tensor) -> torch.Tensor:
 
 def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tuple[int, int],
            orders: tuple[torch.Tensor, torch.Tensor] | None, weights: dict[str, torch.Tensor] | None,
-           held_out: dict[str, Covariance] | None = None,
-           dtype: torch.dtype = torch.float64) -> tuple[RemovalPath, RemovalPath]:
+           held_out: dict[str, Covariance] | None = None, dtype: torch.dtype = torch.float64,
+           damp: float | None = None) -> tuple[RemovalPath, RemovalPath]:
     """Removal paths of one layer's o_proj (KV groups) and down_proj (channels), to the given counts, on the
     Fisher-weighted output error (`weights`: F^(1/2) per projection; None: the plain output error); with
     `held_out` covariances, every prefix's refit is also scored on those inputs. `dtype`: the paths' working
-    precision (`removal_path`)."""
-    dims, damp = job.dims, job.config.lsq_damp
+    precision (`removal_path`); `damp`: the paths' ridge (None: `lsq_damp`)."""
+    dims = job.dims
+    damp = job.config.lsq_damp if damp is None else damp
     proj = output_projections(layer, job.spec)
 
     def w(name):
@@ -237,11 +241,12 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         if cfg.selection == "metric":
             attn_order, mlp_order = order_of(idx)
             return _layer_plan(dims, attn_order[:g], mlp_order[:c])
-        if dense_paths and not cfg.sequential and c <= dense_paths[idx][1].order.numel():
+        reuse = dense_paths and cfg.select_damp == cfg.lsq_damp  # the dense paths' ridge is lsq_damp
+        if reuse and not cfg.sequential and c <= dense_paths[idx][1].order.numel():
             return _layer_plan(dims, dense_paths[idx][0].order[:g], dense_paths[idx][1].order[:c])
         # greedy OBS on this pass's covariances, in float32 like the folds: on Qwen2.5-0.5B's MLPs the same
         # channels as float64 in 23 of 24 layers and counts tried, one swapped near-tie (5e-6 apart) in the other
-        attn, mlp = _paths(layer, job, covs, (g, c), None, weights[idx], dtype=torch.float32)
+        attn, mlp = _paths(layer, job, covs, (g, c), None, weights[idx], dtype=torch.float32, damp=cfg.select_damp)
         return _layer_plan(dims, attn.order, mlp.order)
 
     with job.timer("compensation"):
