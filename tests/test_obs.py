@@ -13,6 +13,7 @@ from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
 from flap_llm.config import FISHER_FRACTION
 from flap_llm.fisher import window_selected
+from flap_llm.methods import flap as flap_method
 from flap_llm.methods import obs as obs_method
 from flap_llm import reconstruct
 from flap_llm.reconstruct import allocate, damped, held_out_moment, refit_change, refit_error, removal_path
@@ -458,7 +459,15 @@ def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monk
         calls.append((kwargs.get("damp"), args[5] is not None))  # (ridge asked, with held-out covariances)
         return paths(*args, **kwargs)
 
+    refits = []
+    lsq_update = flap_method._lsq_update
+
+    def refit_spy(*args):
+        refits.append(args[-1])  # the refit's ridge
+        return lsq_update(*args)
+
     monkeypatch.setattr(obs_method, "_paths", spy)
+    monkeypatch.setattr(flap_method, "_lsq_update", refit_spy)
     for name, extra in (("default", {}), ("same", {"select_damp": 0.1}), ("large", {"select_damp": 1e4})):
         calls.clear()
         m = copy.deepcopy(model)
@@ -474,5 +483,7 @@ def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monk
     assert [d for d, _ in large_calls].count(1e4) == n
     assert all(d is None for d, _ in large_calls if d != 1e4)
     assert len(large_calls) == n + (2 * n if allocation == "held-out" else n)
+    assert refits and set(refits) == {0.1}  # every refit (two per layer, three runs) at lsq_damp
+    assert len(refits) == 3 * 2 * n
     if allocation == "measured":  # non-sequential with one ridge: the dense paths are reused, not recomputed
         assert [d for d, _ in runs["default"][2]] == [None] * n
