@@ -22,6 +22,12 @@ def _check_choice(name: str, value: str, choices) -> None:
         raise FlapError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
+def _check_ridge(name: str, value, none_means: str) -> None:
+    """A ridge is a positive number (a fraction of the mean input variance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise FlapError(f"{name} must be positive (a fraction such as 0.01; None: {none_means}), got {value!r}")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
@@ -116,19 +122,14 @@ class PruneConfig:
             raise FlapError(f"align must be a positive integer (e.g. 64) or None, got {self.align!r}")
         if self.lsq_damp is None:
             object.__setattr__(self, "lsq_damp", OBS_DAMP if self.method == "obs" else LSQ_DAMP)
-        if isinstance(self.lsq_damp, bool) or not isinstance(self.lsq_damp, (int, float)) or not self.lsq_damp > 0:
-            raise FlapError(f"lsq_damp must be positive (a fraction such as 0.01; None: the method's default), "
-                            f"got {self.lsq_damp!r}")
+        _check_ridge("lsq_damp", self.lsq_damp, "the method's default")
         if self.method != "obs":
             if self.select_damp is not None:
                 raise FlapError(f"select_damp is an option of method obs; method {self.method} has no greedy selection")
         else:
             if self.select_damp is None:
                 object.__setattr__(self, "select_damp", self.lsq_damp)
-            if (isinstance(self.select_damp, bool) or not isinstance(self.select_damp, (int, float))
-                    or not self.select_damp > 0):
-                raise FlapError(f"select_damp must be positive (a fraction such as 0.01; None: lsq_damp), "
-                                f"got {self.select_damp!r}")
+            _check_ridge("select_damp", self.select_damp, "lsq_damp")
 
     @property
     def effective_compensation(self) -> str:
