@@ -37,6 +37,7 @@ from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
 # name -> PruneConfig fields (besides ratio)
 ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows
 FIT = {"allocation": "measured"}  # the rows measured before the held-out allocation (the default since)
+ONE_RIDGE = {"select_damp": 0.1}  # the rows at lsq_damp 0.1 measured before the greedy chose at its own ridge
 # the tasks whose answers are read off the question, not a yes/no lean (see boolq_by_lean)
 WITHOUT_BOOLQ = tuple(t for t in TASKS if t != "boolq")
 ROWS = {
@@ -51,11 +52,13 @@ ROWS = {
     "+allocation": {"method": "obs", "selection": "metric", "sequential": False, "lsq_damp": 0.01, **ALL, **FIT},
     "obs non-sequential": {"method": "obs", "sequential": False, "lsq_damp": 0.01, **ALL, **FIT},
     "obs damp 0.01": {"method": "obs", "lsq_damp": 0.01, **ALL, **FIT},  # both parts, sequential
-    "obs fisher 1.0": {"method": "obs", **ALL, **FIT},  # sequential, lsq_damp 0.1, the Fisher from every window
+    # sequential, lsq_damp 0.1, the Fisher from every window
+    "obs fisher 1.0": {"method": "obs", **ALL, **FIT, **ONE_RIDGE},
     # sequential, lsq_damp 0.1, the Fisher from half the windows: obs's default before held-out allocation
-    "obs": {"method": "obs", **FIT},
-    "obs held-out": {"method": "obs", "allocation": "held-out"},  # the same with held-out curves: the default
-    # the default with the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1)
+    "obs": {"method": "obs", **FIT, **ONE_RIDGE},
+    # the same with held-out curves: the default before the greedy chose at its own ridge
+    "obs held-out": {"method": "obs", "allocation": "held-out", **ONE_RIDGE},
+    # the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1): the default
     "obs select 0.01": {"method": "obs", "allocation": "held-out", "select_damp": 0.01},
 }
 
@@ -284,11 +287,17 @@ def _mean_answers(rows: list[dict], n: int) -> dict:
 
 
 def render_seeds(paths: list[Path], n: int) -> str:
-    """Every row pruned from more than one calibration draw (`seed`; rows without one are seed 0), with per-example
-    zero-shot answers, against FLAP + lsq's from the same draw, paired on the first `n` examples per task: one
-    line per draw, and the mean over the draws of each model, ratio and row."""
+    """Every row with per-example zero-shot answers, against FLAP + lsq's from the same calibration draw (`seed`;
+    rows without one are seed 0), paired on the first `n` examples per task: one line per draw, and the mean over
+    the draws of each model, ratio and row pruned from more than one. A row repeated in a later file (the same
+    model, ratio, name and draw: the same plan, scored on more or fewer examples) is shown once, from the first."""
     every = [r for p in paths for r in read_jsonl(p)]
-    rows = [r for r in every if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"]]
+    rows, seen = [], set()
+    for r in every:
+        key = (r["model"], r["ratio"], r["name"], seed_of(r))
+        if r.get("zeroshot") and "correct" in r["zeroshot"]["boolq"] and key not in seen:
+            seen.add(key)
+            rows.append(r)
     dense = {r["model"]: r["ppl_wiki"] for r in every if r["name"] == "dense"}
     refs = {(r["model"], r["ratio"], seed_of(r)): r for r in rows if r["name"] == "flap+lsq"}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}  # (model, ratio, row) -> [(row, its FLAP + lsq)] per draw
@@ -296,7 +305,6 @@ def render_seeds(paths: list[Path], n: int) -> str:
         ref = refs.get((r["model"], r["ratio"], seed_of(r)))
         if ref is not None and r is not ref:
             groups.setdefault((r["model"], r["ratio"], r["name"]), []).append((r, ref))
-    groups = {k: pairs for k, pairs in groups.items() if len(pairs) > 1}  # only rows pruned from several draws
     out = [f"| model | ratio | row | calibration seed | wiki ppl: row / FLAP+lsq | gap / FLAP+lsq gap | "
            f"books ppl: row / FLAP+lsq | "
            f"zero-shot avg, {n}/task: row / FLAP+lsq | difference ± s.e. (paired) | without BoolQ | "
@@ -309,7 +317,7 @@ def render_seeds(paths: list[Path], n: int) -> str:
                    f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | {points(q)} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
-    for (model, ratio, name), pairs in groups.items():
+    for (model, ratio, name), pairs in ((k, pairs) for k, pairs in groups.items() if len(pairs) > 1):
         # each example's answers averaged over the draws (the same examples in every draw): the paired standard
         # error of those averages counts the examples, not the draws, as the samples
         k = len(pairs)

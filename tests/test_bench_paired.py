@@ -85,17 +85,20 @@ def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_dra
             row("flap+lsq", 1, same, 11.0), row("obs held-out", 1, worse, 9.5),
             row("obs held-out", 2, better, 9.0),  # no FLAP + lsq at seed 2: left out
             {"model": "m", "ratio": 0.0, "name": "dense", "ppl_wiki": 8.0, "command": "x"},
-            row("obs", None, better, 9.0), row("flap+lsq", 5, same, 10.0)]  # one draw only: not shown
-    path = tmp_path / "r.jsonl"
+            row("obs", None, worse, 9.2), row("flap+lsq", 5, same, 10.0)]  # one draw only: no mean
+    path, again = tmp_path / "r.jsonl", tmp_path / "again.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = [ln for ln in obs.render_seeds([path], 4).splitlines() if ln.startswith("| m |")]
-    assert len(lines) == 3 and not any("| obs |" in ln for ln in lines)
-    assert "| 0 | 9.00 / 10.00 | 0.500 | 18.00 / 20.00 | 53.6 / 50.0 | +3.6 ±" in lines[0]  # gap: 1 / 2
-    assert "| 1 | 9.50 / 11.00 | 0.500 |" in lines[1] and "| 42.9 / 50.0 | -7.1 ±" in lines[1]
+    # the same row in a later file (another run of its plan): shown once, from the first file
+    again.write_text(json.dumps(row("obs held-out", 1, better, 9.5)) + "\n")
+    lines = [ln for ln in obs.render_seeds([path, again], 4).splitlines() if ln.startswith("| m |")]
+    assert len(lines) == 4
+    assert "| obs | 0 | 9.20 / 10.00 | 0.600 |" in lines[0] and "| 42.9 / 50.0 | -7.1 ±" in lines[0]
+    assert "| obs held-out | 0 | 9.00 / 10.00 | 0.500 | 18.00 / 20.00 | 53.6 / 50.0 | +3.6 ±" in lines[1]  # gap: 1 / 2
+    assert "| 1 | 9.50 / 11.00 | 0.500 |" in lines[2] and "| 42.9 / 50.0 | -7.1 ±" in lines[2]
     # averaged over the two draws, the differences per example are piqa (0, .5, 0, 0), arc_easy and hellaswag
     # (-.5, 0, 0, 0) each (means +-.125, sample variances .0625): -.125 / 7 in all, standard error
     # sqrt(3 * .0625 / 4) / 7; without BoolQ the same over 6
-    assert "| mean of 2 | | | | 48.2 / 50.0 | -1.8 ± 3.1 | -2.1 ± 3.6 | |" in lines[2]
+    assert "| obs held-out | mean of 2 | | | | 48.2 / 50.0 | -1.8 ± 3.1 | -2.1 ± 3.6 | |" in lines[3]
 
 
 def test_fisher_spectrum_stats_on_a_hand_made_spectrum():

@@ -427,15 +427,18 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_pa
     assert fit.plan != rp.plan
 
 
-def test_select_damp_defaults_to_lsq_damp_and_is_checked():
-    assert PruneConfig(method="obs").select_damp == 0.1
-    assert PruneConfig(method="obs", lsq_damp=0.03).select_damp == 0.03
-    assert PruneConfig(method="obs", select_damp=0.01).select_damp == 0.01
-    assert PruneConfig(method="obs", select_damp=0.01).lsq_damp == 0.1
+def test_select_damp_defaults_to_a_tenth_of_obs_ridge_and_is_checked():
+    assert PruneConfig(method="obs").select_damp == 0.01
+    assert PruneConfig(method="obs").lsq_damp == 0.1
+    assert PruneConfig(method="obs", lsq_damp=0.03).select_damp == 0.01  # its own default, whatever the refit's
+    assert PruneConfig(method="obs", select_damp=0.2).select_damp == 0.2
     assert PruneConfig(compensation="lsq").select_damp is None
     # saved before the option existed: one ridge for both, as those runs had
     assert PruneConfig.from_dict({"method": "obs", "lsq_damp": 0.3}).select_damp == 0.3
-    assert PruneConfig.from_dict(PruneConfig(method="obs", select_damp=0.01).to_dict()).select_damp == 0.01
+    assert PruneConfig.from_dict({"method": "obs"}).select_damp == 0.1
+    assert PruneConfig.from_dict({"method": "flap", "compensation": "lsq"}).select_damp is None
+    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).select_damp == 0.01
+    assert PruneConfig.from_dict(PruneConfig(method="obs", select_damp=0.2).to_dict()).select_damp == 0.2
     for bad in (0, -0.1, True, "0.1"):
         with pytest.raises(FlapError, match="select_damp must be positive"):
             PruneConfig(method="obs", select_damp=bad)
@@ -445,12 +448,10 @@ def test_select_damp_defaults_to_lsq_damp_and_is_checked():
 
 @pytest.mark.parametrize("allocation, sequential", [("held-out", True), ("measured", False)])
 def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monkeypatch):
-    """select_damp equal to lsq_damp is today's obs exactly; another value changes which units the refit
-    pass's greedy takes (its paths run at select_damp) but not how many (the allocation's paths, and the refit,
-    keep lsq_damp)."""
+    """select_damp changes which units the refit pass's greedy takes (its paths run at select_damp) but not how
+    many (the allocation's paths, and the refit, keep lsq_damp); the default chooses at 0.01."""
     model, cal = tiny_model("llama-gqa"), calibration(16)
     base = dict(ratio=0.4, method="obs", allocation=allocation, sequential=sequential)
-    ids = calibration(3, 16, seed=5)
     runs = {}
     calls = []
     paths = obs_method._paths
@@ -468,22 +469,23 @@ def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monk
 
     monkeypatch.setattr(obs_method, "_paths", spy)
     monkeypatch.setattr(flap_method, "_lsq_update", refit_spy)
-    for name, extra in (("default", {}), ("same", {"select_damp": 0.1}), ("large", {"select_damp": 1e4})):
+    for name, extra in (("default", {}), ("one", {"select_damp": 0.1}), ("large", {"select_damp": 1e4})):
         calls.clear()
         m = copy.deepcopy(model)
-        runs[name] = (prune(m, cal, PruneConfig(**base, **extra)).plan, _logits(m, ids), list(calls))
-    assert runs["same"][0] == runs["default"][0]
-    assert torch.equal(runs["same"][1], runs["default"][1])
-    plan, _, large_calls = runs["large"]
-    assert plan != runs["default"][0]
-    assert [(len(a.heads), len(a.channels)) for a in plan.layers] == \
-        [(len(a.heads), len(a.channels)) for a in runs["default"][0].layers]
+        runs[name] = (prune(m, cal, PruneConfig(**base, **extra)).plan, list(calls))
+    n = len(runs["default"][0].layers)
+    assert runs["default"][1].count(0.01) == n  # the default chooses at 0.01
+    plan = runs["large"][0]
+    assert plan != runs["one"][0]
+    counts = [(len(a.heads), len(a.channels)) for a in plan.layers]
+    assert counts == [(len(a.heads), len(a.channels)) for a in runs["one"][0].layers]
+    assert counts == [(len(a.heads), len(a.channels)) for a in runs["default"][0].layers]
     # the refit pass's greedy asks for select_damp once per layer; the allocation's paths for lsq_damp
-    n = len(plan.layers)
+    large_calls = runs["large"][1]
     assert large_calls.count(1e4) == n
     assert all(d is None for d in large_calls if d != 1e4)
     assert len(large_calls) == n + (2 * n if allocation == "held-out" else n)
     assert refits and set(refits) == {0.1}  # every refit (two per layer, three runs) at lsq_damp
     assert len(refits) == 3 * 2 * n
     if allocation == "measured":  # non-sequential with one ridge: the dense paths are reused, not recomputed
-        assert runs["default"][2] == [None] * n
+        assert runs["one"][1] == [None] * n

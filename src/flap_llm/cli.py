@@ -13,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, STRUCTURES, PruneConfig
+from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, SELECT_DAMP,
+                     STRUCTURES, PruneConfig)
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
                         f"(default {FISHER_FRACTION}; less is faster and noisier)")
     p.add_argument("--select-damp", type=float, default=None,
-                   help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default: "
-                        "--lsq-damp's value); the refit itself keeps --lsq-damp")
+                   help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default "
+                        f"{SELECT_DAMP}); the refit itself keeps --lsq-damp")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")

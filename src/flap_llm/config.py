@@ -15,6 +15,9 @@ LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the m
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
 ALLOCATION = "held-out"  # obs's default allocation ("measured" before it: older configs record that)
 FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pass estimates the output Fisher
+# obs's greedy choice of units: a smaller ridge than its refit's chose better units on both models and every ratio
+# measured (BENCHMARKS.md, "Other calibration draws"); configs saved before it chose at their lsq_damp
+SELECT_DAMP = 0.01
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -62,7 +65,7 @@ class PruneConfig:
         noisier. None (default): FISHER_FRACTION.
     select_damp: obs only: the ridge of the refit pass's greedy choice of units (as `lsq_damp`, a fraction of
         the mean diagonal of C_KK); the refit of the kept columns and the allocation's curves keep `lsq_damp`.
-        None (default): `lsq_damp`, one ridge for both.
+        None (default): SELECT_DAMP (0.01; configs saved before the option had one ridge for both).
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -128,8 +131,8 @@ class PruneConfig:
                 raise FlapError(f"select_damp is an option of method obs; method {self.method} has no greedy selection")
         else:
             if self.select_damp is None:
-                object.__setattr__(self, "select_damp", self.lsq_damp)
-            _check_ridge("select_damp", self.select_damp, "lsq_damp")
+                object.__setattr__(self, "select_damp", SELECT_DAMP)
+            _check_ridge("select_damp", self.select_damp, f"obs's default, {SELECT_DAMP}")
 
     @property
     def effective_compensation(self) -> str:
@@ -167,4 +170,6 @@ class PruneConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if known.get("method") == "obs" and "fisher_fraction" not in known:
             known["fisher_fraction"] = 1.0  # saved before the option existed: every window estimated the Fisher
+        if known.get("method") == "obs" and "select_damp" not in known:
+            known["select_damp"] = known.get("lsq_damp") or OBS_DAMP  # saved before it: the refit's ridge chose
         return cls(**known)
