@@ -317,7 +317,9 @@ def render_seeds(paths: list[Path], n: int) -> str:
                    f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | {points(q)} | "
                    f"{boolq_says_yes(r['zeroshot']['boolq']['correct'][:n]):.0%} / "
                    f"{boolq_says_yes(ref['zeroshot']['boolq']['correct'][:n]):.0%} |")
-    for (model, ratio, name), pairs in ((k, pairs) for k, pairs in groups.items() if len(pairs) > 1):
+    for (model, ratio, name), pairs in groups.items():
+        if len(pairs) < 2:  # the mean is over several draws
+            continue
         # each example's answers averaged over the draws (the same examples in every draw): the paired standard
         # error of those averages counts the examples, not the draws, as the samples
         k = len(pairs)

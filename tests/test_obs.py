@@ -427,7 +427,7 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_pa
     assert fit.plan != rp.plan
 
 
-def test_select_damp_defaults_to_a_tenth_of_obs_ridge_and_is_checked():
+def test_select_damp_defaults_to_0_01_and_is_checked():
     assert PruneConfig(method="obs").select_damp == 0.01
     assert PruneConfig(method="obs").lsq_damp == 0.1
     assert PruneConfig(method="obs", lsq_damp=0.03).select_damp == 0.01  # its own default, whatever the refit's

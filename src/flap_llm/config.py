@@ -168,8 +168,7 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if known.get("method") == "obs" and "fisher_fraction" not in known:
-            known["fisher_fraction"] = 1.0  # saved before the option existed: every window estimated the Fisher
-        if known.get("method") == "obs" and "select_damp" not in known:
-            known["select_damp"] = known.get("lsq_damp") or OBS_DAMP  # saved before it: the refit's ridge chose
+        if known.get("method") == "obs":  # saved before these options existed:
+            known.setdefault("fisher_fraction", 1.0)  # every window estimated the Fisher
+            known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
         return cls(**known)

@@ -21,8 +21,8 @@ Two passes, like FLAP + lsq:
    ablation), the least-squares refit of the kept columns (float64), and the layer is pruned.
 The greedy paths work in float32 (both the folds' and the refit pass's); the measured allocation's in float64.
 
-The refit pass's greedy chooses with its own ridge (`select_damp`, 0.01 by default, a tenth of the refit's): the
-refit and the allocation's curves keep `lsq_damp`, so only which units go differs, not how many.
+The refit pass's greedy chooses with its own ridge (`select_damp`, 0.01 by default, a tenth of the refit's
+default): the refit and the allocation's curves keep `lsq_damp`, so only which units go differs, not how many.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
 `structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
