@@ -86,8 +86,37 @@ def gap_ratio(ppl: float, ref: float, dense: float | None) -> str:
     return "–" if dense is None else f"{(ppl - dense) / (ref - dense):.3f}"
 
 
-def render(results: Path) -> str:
-    rows = read_jsonl(results)
+def zeroshot_on(row: dict, limit: int) -> float | None:
+    """A row's zero-shot average on the first `limit` examples of each task: its own where it scored that many,
+    else read off its per-example answers where it scored more (the first examples are the same ones)."""
+    zs = row.get("zeroshot")
+    if not zs or row["zeroshot_avg"] is None or row["zs_limit"] < limit:
+        return None
+    if row["zs_limit"] == limit:
+        return row["zeroshot_avg"]
+    if "correct" not in zs[TASKS[0]]:
+        return None
+    return sum(sum(zs[t]["correct"][:limit]) / limit for t in TASKS) / len(TASKS)
+
+
+def with_extra(rows: list[dict], extra: list[Path]) -> list[dict]:
+    """The table's rows and, from the `extra` files, the rows of the tables' calibration draw (seed 0) of a
+    model, ratio and name the table lacks (each once, from the first file that has it)."""
+    have = {(r["model"], r["ratio"], r["name"]) for r in rows}
+    out = list(rows)
+    for r in (r for p in extra for r in read_jsonl(p)):
+        key = (r["model"], r["ratio"], r["name"])
+        if seed_of(r) == 0 and key not in have and r["name"] in ROWS:
+            have.add(key)
+            out.append(r)
+    return out
+
+
+def render(results: Path, extra: list[Path] = ()) -> str:
+    """The ablation tables of `results`, with the rows of the tables' draw that only `extra` files hold (their
+    zero-shot on the table's number of examples per task, from their per-example answers)."""
+    own = read_jsonl(results)
+    rows = with_extra(own, list(extra))
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -97,7 +126,7 @@ def render(results: Path) -> str:
             out.append(f"Dense: wiki {dense['ppl_wiki']:.2f}, books {dense['ppl_books']:.2f}"
                        + (f", zero-shot avg {100 * dense['zeroshot_avg']:.1f}" if dense["zeroshot_avg"] is not None
                           else "") + ".")
-        limits = sorted({r["zs_limit"] for r in mine if r["zeroshot_avg"] is not None})
+        limits = sorted({r["zs_limit"] for r in own if r["model"] == model and r["zeroshot_avg"] is not None})
         out.append(f"Zero-shot on the first {' or '.join(map(str, limits))} examples of each task.\n" if limits else "")
         out += ["| ratio | row | removed | wiki ppl | gap / FLAP+lsq gap | books ppl | zero-shot avg | prune (s) | "
                 "prune / FLAP+lsq |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -106,7 +135,8 @@ def render(results: Path) -> str:
             ref = next((r for r in at if r["name"] == "flap+lsq"), None)
             for r in sorted(at, key=lambda r: list(ROWS).index(r["name"])):
                 gap = gap_ratio(r["ppl_wiki"], ref["ppl_wiki"], dense and dense["ppl_wiki"]) if ref else "–"
-                zs = f"{100 * r['zeroshot_avg']:.1f}" if r["zeroshot_avg"] is not None else "–"
+                avg = zeroshot_on(r, min(limits)) if limits else None
+                zs = f"{100 * avg:.1f}" if avg is not None else "–"
                 speed = f"{r['prune_s'] / ref['prune_s']:.2f}" if ref else "–"
                 out.append(f"| {ratio:.0%} | {r['name']} | {r['removed_decoder']:.1%} | {r['ppl_wiki']:.2f} | {gap} | "
                            f"{r['ppl_books']:.2f} | {zs} | {r['prune_s']:.0f} | {speed} |")
@@ -347,6 +377,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="which calibration windows (every table's rows: 0)")
     ap.add_argument("--results", default="benchmarks/results/obs.jsonl")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--render-with", nargs="+", default=[], metavar="JSONL",
+                    help="--render: also the rows of the tables' draw that only these files hold")
     ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
     ap.add_argument("--repeats", type=int, default=2, help="--timing: runs of each")
     ap.add_argument("--timing-row", default="obs held-out", help="--timing: the obs row to time against FLAP+lsq")
@@ -370,7 +402,7 @@ def main() -> None:
         print(render_paired(Path(args.results)))
         return
     if args.render:
-        print(render(Path(args.results)))
+        print(render(Path(args.results), [Path(p) for p in args.render_with]))
         return
     if args.render_timing:
         print(render_timing(Path(args.timing_results)))

@@ -138,3 +138,34 @@ def test_points_signs_a_difference_that_rounds_to_zero_as_plus(obs):
     assert obs.points({"diff": -0.0004, "se": 0.022}) == "+0.0 ± 2.2"
     assert obs.points({"diff": -0.0094, "se": 0.02}) == "-0.9 ± 2.0"
     assert obs.points({"diff": 0.013, "se": 0.017}) == "+1.3 ± 1.7"
+
+
+def test_render_adds_the_tables_draw_rows_only_other_files_hold_scored_on_the_tables_examples(obs, tmp_path):
+    import json
+    tasks = obs.TASKS
+
+    def row(name, ppl, limit=None, correct=None, seed=None, avg=None):
+        zs = None if limit is None else {"limit": limit, **{t: ({"correct": c} if correct else {}) for t, c in
+                                                             (correct or {t: None for t in tasks}).items()}}
+        r = {"model": "m", "ratio": 0.2, "name": name, "ppl_wiki": ppl, "ppl_books": 2 * ppl, "removed_decoder": 0.2,
+             "prune_s": 10.0 if name == "flap+lsq" else 25.0, "zs_limit": limit or 20, "command": f"run {name}",
+             "versions": {}, "zeroshot": zs, "zeroshot_avg": avg}
+        return r if seed is None else {**r, "seed": seed}
+
+    table = [{**row("dense", 8.0), "ratio": 0.0, "removed_decoder": 0.0},
+             row("flap+lsq", 10.0, 2, avg=0.5), row("obs", 9.5)]
+    # four answers per task, the first two right in boolq and one in every other: 1/7 + 6 * 1/2 / 7 on the first two
+    answers = {t: [1, 1, 0, 0] if t == "boolq" else [1, 0, 1, 1] for t in tasks}
+    extra = [row("obs select 0.01", 9.0, 4, answers, seed=0, avg=0.7),
+             row("obs select 0.01", 8.5, 4, answers, seed=1, avg=0.7),  # another draw: not the tables'
+             row("obs", 7.0, 4, answers),  # the table has this one
+             row("flap+lsq UL-UM", 9.8, 4, seed=0, avg=0.6)]  # more examples but no per-example answers
+    path, more = tmp_path / "table.jsonl", tmp_path / "more.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in table))
+    more.write_text("".join(json.dumps(r) + "\n" for r in extra))
+    lines = [ln for ln in obs.render(path, [more]).splitlines() if ln.startswith("| 20% |")]
+    assert [ln.split(" | ")[1] for ln in lines] == ["flap+lsq", "flap+lsq UL-UM", "obs", "obs select 0.01"]
+    assert lines[-1] == "| 20% | obs select 0.01 | 20.0% | 9.00 | 0.500 | 18.00 | 57.1 | 25 | 2.50 |"
+    assert lines[1].split(" | ")[6] == "–"  # its 4 examples per task cannot be cut to the table's 2
+    assert "| 9.50 | 0.750 |" in lines[2]  # the table's own row, not the other file's
+    assert "run obs select 0.01" in obs.render(path, [more]) and "run obs select 0.01" not in obs.render(path)
