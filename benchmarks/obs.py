@@ -352,11 +352,14 @@ def render_seeds(paths: list[Path], n: int) -> str:
             continue
         # each example's answers averaged over the draws (the same examples in every draw): the paired standard
         # error of those averages counts the examples, not the draws, as the samples
+        # perplexities: the means over the draws, and the gap of the mean perplexities
         k = len(pairs)
         avg = [_mean_answers([pair[j] for pair in pairs], n) for j in (0, 1)]
         p, q = paired(*avg, n), paired(*avg, n, WITHOUT_BOOLQ)
-        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | | | | {100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | "
-                   f"{points(p)} | {points(q)} | |")
+        wiki, books = ([sum(pair[j][key] for pair in pairs) / k for j in (0, 1)] for key in ("ppl_wiki", "ppl_books"))
+        out.append(f"| {model} | {ratio:.0%} | {name} | mean of {k} | {wiki[0]:.2f} / {wiki[1]:.2f} | "
+                   f"{gap_ratio(*wiki, dense.get(model))} | {books[0]:.2f} / {books[1]:.2f} | "
+                   f"{100 * p['avg']:.1f} / {100 * p['ref_avg']:.1f} | {points(p)} | {points(q)} | |")
     out.append("\n" + commands_of([r for pairs in groups.values() for pair in pairs for r in pair]))
     return "\n".join(out)
 

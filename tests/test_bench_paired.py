@@ -98,7 +98,9 @@ def test_render_seeds_pairs_each_draw_with_its_own_baseline_and_averages_the_dra
     # averaged over the two draws, the differences per example are piqa (0, .5, 0, 0), arc_easy and hellaswag
     # (-.5, 0, 0, 0) each (means +-.125, sample variances .0625): -.125 / 7 in all, standard error
     # sqrt(3 * .0625 / 4) / 7; without BoolQ the same over 6
-    assert "| obs held-out | mean of 2 | | | | 48.2 / 50.0 | -1.8 ± 3.1 | -2.1 ± 3.6 | |" in lines[3]
+    # perplexities: means 9.25 / 10.50 (gap 1.25 / 2.5) and books 18.50 / 21.00
+    assert ("| obs held-out | mean of 2 | 9.25 / 10.50 | 0.500 | 18.50 / 21.00 | 48.2 / 50.0 | -1.8 ± 3.1 | "
+            "-2.1 ± 3.6 | |") in lines[3]
 
 
 def test_fisher_spectrum_stats_on_a_hand_made_spectrum():
