@@ -1,0 +1,204 @@
+"""Does obs's error model predict what pruning a layer costs the model's output? obs splits its budget over layers
+by Fisher-weighted output errors: an error e of a module's output is taken to cost 1/2 e^T F e of KL divergence
+from the dense model, added up over modules and layers. This measures both sides, one layer at a time.
+
+For each layer, its o_proj and down_proj alone are pruned to the widths a result row's plan gave them (obs's
+greedy at `select_damp` on the Fisher-weighted error, the refit at `lsq_damp`, on the dense inputs of the
+calibration windows of that row's draw; every other layer dense), and on held-out windows (the evaluation
+articles of builtin:wiki):
+- predicted: per module 1/2 mean_t e_t^T F e_t, e_t its actual output error at token t (its inputs are the
+  dense model's, since nothing before it changed), F obs's own Fisher of that output (the same windows and
+  share), summed over the layer's two modules;
+- actual: the mean over tokens of KL(dense next-token distribution || the pruned one's).
+Last, every listed layer pruned at once (non-sequential: each refit on dense inputs): the KL against the sum of
+the layers' own (do the costs add up?). One JSONL row per run; `--render` prints the tables.
+
+  .venv/bin/python benchmarks/layer_kl.py --model qwen0.5b --seed 1 --ratio 0.2
+  .venv/bin/python benchmarks/layer_kl.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
+from flap_llm.apply import complement  # noqa: E402
+from flap_llm.arch import decoder_layers, dims_of, spec_of  # noqa: E402
+from flap_llm.compensate import lsq_compensation  # noqa: E402
+from flap_llm.config import FISHER_FRACTION, PruneConfig  # noqa: E402
+from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
+from flap_llm.evaluate import eval_windows  # noqa: E402
+from flap_llm.fisher import output_fisher, weighting  # noqa: E402
+from flap_llm.methods.obs import FISHER_RIDGE, STEPS  # noqa: E402
+from flap_llm.reconstruct import damped, removal_path  # noqa: E402
+from flap_llm.report import versions  # noqa: E402
+from flap_llm.stats import Covariance  # noqa: E402
+from flap_llm.walk import output_projections, record_inputs  # noqa: E402
+
+
+def predicted_kl(errors: torch.Tensor, fisher: torch.Tensor) -> float:
+    """1/2 mean_t e_t^T F e_t over the rows of `errors` [T, d]."""
+    e = errors.to(torch.float64)
+    return 0.5 * float(((e @ fisher.to(torch.float64)) * e).sum(1).mean())
+
+
+def mean_kl(logp_dense: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean over rows of KL(p_dense || p) from log-probabilities [T, V]."""
+    return float((logp_dense.exp() * (logp_dense - logp)).sum(-1).mean())
+
+
+def kept_units(results: Path, model: str, seed: int, ratio: float, name: str) -> list[dict[str, int]]:
+    """Each layer's kept KV groups and MLP channels, {"attn": ..., "mlp": ...}, in a result row of
+    benchmarks/obs.py (the draw `seed`)."""
+    for r in read_jsonl(results):
+        if (r["model"], r.get("seed", 0), r["ratio"], r["name"]) == (model, seed, ratio, name):
+            return [{"attn": layer["kv_heads"], "mlp": layer["channels"]} for layer in r["kept_per_layer"]]
+    raise SystemExit(f"no row {name!r} of {model} at {ratio} from draw {seed} in {results}")
+
+
+@torch.no_grad()
+def _log_probs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """log p of every position's next token but the last, [W * (L - 1), V] float32."""
+    out = [model(b, use_cache=False).logits[:, :-1].float().log_softmax(-1).flatten(0, 1)
+           for b in windows.split(batch_size)]
+    return torch.cat(out)
+
+
+def _kl_against(model, windows: torch.Tensor, dense: torch.Tensor, batch_size: int) -> float:
+    """KL from the dense log-probabilities, batch by batch (never all of the pruned ones at once)."""
+    total, start = 0.0, 0
+    with torch.no_grad():
+        for b in windows.split(batch_size):
+            logp = model(b, use_cache=False).logits[:, :-1].float().log_softmax(-1).flatten(0, 1)
+            total += mean_kl(dense[start:start + logp.shape[0]], logp) * logp.shape[0]
+            start += logp.shape[0]
+    return total / start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen0.5b", choices=sorted(MODELS))
+    ap.add_argument("--seed", type=int, default=1, help="the calibration draw (and of the row whose widths are used)")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--row", default="obs select 0.01", help="the benchmarks/obs.py row whose widths are used")
+    ap.add_argument("--rows-from", default="benchmarks/results/obs_seeds.jsonl")
+    ap.add_argument("--layers", default=None, help="comma-separated layer indices (default: every layer)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--results", default="benchmarks/results/layer_kl.jsonl")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.render:
+        print(render(Path(args.results)))
+        return
+    t0 = time.perf_counter()
+    cfg = PruneConfig(ratio=args.ratio, method="obs")
+    kept = kept_units(Path(args.rows_from), args.model, args.seed, args.ratio, args.row)
+    model, tok, _ = load(args.model)
+    spec, dims = spec_of(model), dims_of(model)
+    layers = decoder_layers(model, spec)
+    which = [int(i) for i in args.layers.split(",")] if args.layers else list(range(dims.n_layers))
+    batches = list(calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, args.seed).split(args.batch_size))
+    # (layer, module) -> (its output projection, its unit's columns, its units, how many the plan removed)
+    units = {"attn": (dims.group_size * dims.head_dim, dims.n_kv_heads), "mlp": (1, dims.d_ff)}
+    mods = {(i, k): (proj, units[k][0], units[k][1] - kept[i][k])
+            for i in which for k, proj in output_projections(layers[i], spec).items() if kept[i][k] < units[k][1]}
+    covs = {key: Covariance(proj.in_features, torch.float32) for key, (proj, _, _) in mods.items()}
+    fisher = output_fisher(model, spec, batches, fraction=FISHER_FRACTION, progress=True)  # obs's own sample
+    projs = {key: proj for key, (proj, _, _) in mods.items()}
+    with torch.no_grad(), record_inputs(projs, covs):
+        for b in tqdm(batches, desc="covariances", unit="batch"):
+            model(b, use_cache=False)
+    ids = tokenize_corpus(load_texts("builtin:wiki", "eval"), tok)
+    held = eval_windows(ids, args.seqlen, bos_id(tok), args.eval_windows)
+    seen: dict[tuple, list[torch.Tensor]] = {key: [] for key in mods}  # each projection's held-out inputs
+    hooks = [proj.register_forward_pre_hook(lambda m, a, key=key: seen[key].append(a[0].flatten(0, 1).float()))
+             for key, proj in projs.items()]
+    dense = _log_probs(model, held, args.batch_size)
+    for h in hooks:
+        h.remove()
+    per_layer, updates = [], {}
+    for i in tqdm(which, desc="layers", unit="layer"):
+        mine, pred = {}, {}
+        for k in ("attn", "mlp"):
+            if (i, k) not in mods:
+                continue
+            lin, size, n_removed = mods[(i, k)]
+            cov, w = covs[(i, k)], lin.weight.detach().to(torch.float64)
+            path = removal_path(weighting(fisher[i][k], FISHER_RIDGE) @ w, damped(cov.cov, cfg.select_damp), size,
+                                n_removed, 1 if k == "attn" else max(1, dims.d_ff // STEPS), dtype=torch.float32)
+            gone = (path.order[:, None] * size + torch.arange(size)).flatten()
+            keep = complement(gone, lin.in_features)
+            w_k, b = lsq_compensation(lin.weight, lin.bias, cov.mean, cov.cov, keep, gone, cfg.lsq_damp)
+            new = torch.zeros_like(w)
+            new[:, keep] = w_k
+            err = torch.cat(seen[(i, k)]).to(torch.float64) @ (new - w).T + (b - _bias(lin))
+            pred[k] = predicted_kl(err, fisher[i][k])
+            mine[(i, k)] = updates[(i, k)] = (new, b)
+        actual = _with_layers(projs, mine, lambda: _kl_against(model, held, dense, args.batch_size)) if mine else 0.0
+        per_layer.append({"layer": i, "kept": kept[i], "predicted_kl": pred, "kl": actual})
+        print(f"layer {i}: kept {kept[i]}, predicted {sum(pred.values()):.5f}, KL {actual:.5f}", flush=True)
+    together = _with_layers(projs, updates, lambda: _kl_against(model, held, dense, args.batch_size))
+    append_jsonl(Path(args.results), {
+        "model": args.model, "seed": args.seed, "ratio": args.ratio, "row": args.row, "nsamples": args.nsamples,
+        "seqlen": args.seqlen, "eval_windows": args.eval_windows, "select_damp": cfg.select_damp,
+        "lsq_damp": cfg.lsq_damp, "per_layer": per_layer, "together_kl": together,
+        "seconds": time.perf_counter() - t0, "versions": versions(), "command": command_line()})
+
+
+def _bias(lin: torch.nn.Linear) -> torch.Tensor | float:
+    return lin.bias.detach().double() if lin.bias is not None else 0.0
+
+
+def _with_layers(projs: dict, updates: dict, measure):
+    """`measure()` with the listed projections' weights replaced (and their outputs shifted by the refit bias),
+    then the dense weights back."""
+    saved, hooks = {}, []
+    for key, (new, b) in updates.items():
+        lin = projs[key]
+        saved[key] = lin.weight.data.clone()
+        lin.weight.data.copy_(new.to(lin.weight.dtype))
+        shift = (b - _bias(lin)).to(lin.weight.dtype)
+        hooks.append(lin.register_forward_hook(lambda m, a, out, shift=shift: out + shift))
+    try:
+        return measure()
+    finally:
+        for h in hooks:
+            h.remove()
+        for key, w in saved.items():
+            projs[key].weight.data.copy_(w)
+
+
+def render(results: Path) -> str:
+    out = []
+    for r in read_jsonl(results):
+        rows = r["per_layer"]
+        out += [f"{r['model']}, {r['row']} at {r['ratio']:.0%}, calibration draw {r['seed']}: each layer alone at the "
+                f"row's widths ({r['eval_windows']} held-out windows)\n",
+                "| layer | KV groups / MLP channels kept | predicted KL (½ eᵀFe): attn + mlp | KL | KL / predicted |",
+                "|---:|---:|---:|---:|---:|"]
+        for x in rows:
+            pred = sum(x["predicted_kl"].values())
+            parts = " + ".join(f"{x['predicted_kl'][k]:.5f}" if k in x["predicted_kl"] else "0" for k in ("attn", "mlp"))
+            out.append(f"| {x['layer']} | {x['kept']['attn']} / {x['kept']['mlp']} | {parts} | {x['kl']:.5f} | "
+                       + (f"{x['kl'] / pred:.2f} |" if pred > 0 else "– |"))
+        s_pred = sum(sum(x["predicted_kl"].values()) for x in rows)
+        s_kl = sum(x["kl"] for x in rows)
+        out.append(f"| every layer listed, each alone, summed | | {s_pred:.5f} | {s_kl:.5f} | {s_kl / s_pred:.2f} |")
+        out.append(f"| every layer listed at once | | | {r['together_kl']:.5f} | {r['together_kl'] / s_pred:.2f} |")
+        out.append("\n" + commands_of([r]) + f"  \nVersions: `{json.dumps(r['versions'])}`\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The pieces of benchmarks/layer_kl.py, on hand-made tensors and a tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def lk():
+    return benchmark_module("layer_kl")
+
+
+def test_predicted_kl_is_half_the_mean_fisher_norm(lk):
+    e = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    f = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    # e1: 2; e2: 2 + 2*2*1 + 4*3 = 18; half the mean of 2 and 18
+    assert lk.predicted_kl(e, f) == pytest.approx(5.0)
+
+
+def test_mean_kl_of_known_distributions(lk):
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    want = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
+    assert lk.mean_kl(p.log(), q.log()) == pytest.approx(want)
+    assert lk.mean_kl(q.log(), q.log()) == 0.0
+
+
+def test_with_layers_changes_the_projection_for_the_measure_only(lk):
+    lin = torch.nn.Linear(3, 2, bias=False)
+    before = lin.weight.detach().clone()
+    x = torch.ones(1, 3)
+    new, b = torch.zeros(2, 3, dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64)
+    seen = lk._with_layers({0: lin}, {0: (new, b)}, lambda: lin(x).detach().clone())
+    assert seen.tolist() == [[1.0, -2.0]]  # zero weights and the refit bias
+    assert torch.equal(lin.weight, before) and torch.equal(lin(x), x @ before.T)  # restored, no hook left
+
+
+def test_kept_units_reads_a_rows_plan(lk, tmp_path):
+    import json
+    layers = [{"heads": 4, "kv_heads": 2, "channels": c} for c in (10, 7)]
+    rows = [{"model": "m", "ratio": 0.2, "name": "obs", "kept_per_layer": layers},  # draw 0 (no seed)
+            {"model": "m", "seed": 1, "ratio": 0.2, "name": "obs",
+             "kept_per_layer": [layers[0], {"heads": 2, "kv_heads": 1, "channels": 9}]}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert lk.kept_units(path, "m", 0, 0.2, "obs") == [{"attn": 2, "mlp": 10}, {"attn": 2, "mlp": 7}]
+    assert lk.kept_units(path, "m", 1, 0.2, "obs")[1] == {"attn": 1, "mlp": 9}
+    with pytest.raises(SystemExit, match="no row"):
+        lk.kept_units(path, "m", 2, 0.2, "obs")
