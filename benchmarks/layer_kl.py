@@ -10,8 +10,11 @@ articles of builtin:wiki):
   dense model's, since nothing before it changed), F obs's own Fisher of that output (the same windows and
   share), summed over the layer's two modules;
 - actual: the mean over tokens of KL(dense next-token distribution || the pruned one's).
-Last, every listed layer pruned at once (non-sequential: each refit on dense inputs): the KL against the sum of
-the layers' own (do the costs add up?). One JSONL row per run; `--render` prints the tables.
+Also, from gradients of the dense model's loss at labels drawn from its own distributions on the same windows,
+the same errors' second-order cost with each token's own Fisher, and counting how the errors at different positions
+of a window add up in the later predictions they share (`position_sums`): which part of the model the
+prediction misses. Last, every listed layer pruned at once (non-sequential: each refit on dense inputs): the KL
+against the sum of the layers' own (do the costs add up?). One JSONL row per run; `--render` prints the tables.
 
   .venv/bin/python benchmarks/layer_kl.py --model qwen0.5b --seed 1 --ratio 0.2
   .venv/bin/python benchmarks/layer_kl.py --render
@@ -36,7 +39,7 @@ from flap_llm.compensate import lsq_compensation  # noqa: E402
 from flap_llm.config import FISHER_FRACTION, PruneConfig  # noqa: E402
 from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
 from flap_llm.evaluate import eval_windows  # noqa: E402
-from flap_llm.fisher import output_fisher, weighting  # noqa: E402
+from flap_llm.fisher import _logit_gradient, output_fisher, weighting, window_uniforms  # noqa: E402
 from flap_llm.methods.obs import FISHER_RIDGE, STEPS  # noqa: E402
 from flap_llm.reconstruct import damped, removal_path  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
@@ -48,6 +51,48 @@ def predicted_kl(errors: torch.Tensor, fisher: torch.Tensor) -> float:
     """1/2 mean_t e_t^T F e_t over the rows of `errors` [T, d]."""
     e = errors.to(torch.float64)
     return 0.5 * float(((e @ fisher.to(torch.float64)) * e).sum(1).mean())
+
+
+def position_sums(grads: torch.Tensor, errors: torch.Tensor, positions: int) -> tuple[float, float]:
+    """Second-order KL per predicted position from label-sampled gradients g [W, L, d] (of the summed -log p(y),
+    y drawn from the dense model) and output errors e [W, L, d]: ignoring, and counting, how the errors at
+    different positions of a window add up in the later predictions they share. The first is
+    1/2 mean_w sum_t (g_t^T e_t)^2 (a per-token Fisher), the second 1/2 mean_w (sum_t g_t^T e_t)^2; each
+    divided by the predicted positions per window."""
+    dots = (grads.to(torch.float64) * errors.to(torch.float64)).sum(-1)  # [W, L]
+    return (0.5 * float((dots ** 2).sum(1).mean()) / positions, 0.5 * float((dots.sum(1) ** 2).mean()) / positions)
+
+
+def sampled_gradients(model, projs: dict, windows: torch.Tensor, seed: int, batch_size: int) -> dict:
+    """For each projection, d(sum of -log p(y)) / d(its output) [W, L, d] (float32), y drawn from the model's own
+    next-token distributions (the draws `seed` gives each window), through the dense model."""
+    grads = {key: [] for key in projs}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for b in windows.split(batch_size):
+            outs = {}
+            hooks = [proj.register_forward_hook(lambda m, a, out, key=key: outs.__setitem__(key, out))
+                     for key, proj in projs.items()]
+            try:
+                with torch.enable_grad():
+                    emb = model.get_input_embeddings()(b).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1]
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    u = window_uniforms(b, seed)[:, :-1]
+                    keys = list(outs)
+                    got = torch.autograd.grad(flat, [outs[k] for k in keys],
+                                              _logit_gradient(flat, u).to(flat.dtype))
+            finally:
+                for h in hooks:
+                    h.remove()
+            for k, g in zip(keys, got):
+                grads[k].append(g.detach().float())
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return {k: torch.cat(v) for k, v in grads.items()}
 
 
 def mean_kl(logp_dense: torch.Tensor, logp: torch.Tensor) -> float:
@@ -95,6 +140,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--label-draws", type=int, default=4, help="label draws per held-out window for the "
+                    "position-resolved second-order estimates")
     ap.add_argument("--results", default="benchmarks/results/layer_kl.jsonl")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -127,7 +174,7 @@ def main() -> None:
     dense = _log_probs(model, held, args.batch_size)
     for h in hooks:
         h.remove()
-    per_layer, updates = [], {}
+    per_layer, updates, errors = [], {}, {}
     for i in tqdm(which, desc="layers", unit="layer"):
         mine, pred = {}, {}
         for k in ("attn", "mlp"):
@@ -144,15 +191,28 @@ def main() -> None:
             new[:, keep] = w_k
             err = torch.cat(seen[(i, k)]).to(torch.float64) @ (new - w).T + (b - _bias(lin))
             pred[k] = predicted_kl(err, fisher[i][k])
+            errors[(i, k)] = err.float().reshape(held.shape[0], held.shape[1], -1)
             mine[(i, k)] = updates[(i, k)] = (new, b)
         actual = _with_layers(projs, mine, lambda: _kl_against(model, held, dense, args.batch_size)) if mine else 0.0
         per_layer.append({"layer": i, "kept": kept[i], "predicted_kl": pred, "kl": actual})
         print(f"layer {i}: kept {kept[i]}, predicted {sum(pred.values()):.5f}, KL {actual:.5f}", flush=True)
     together = _with_layers(projs, updates, lambda: _kl_against(model, held, dense, args.batch_size))
+    # the same errors' second-order cost from label-sampled gradients, per position and counting the positions'
+    # shared predictions, averaged over the label draws
+    sums = {key: [0.0, 0.0] for key in errors}
+    for draw in tqdm(range(args.label_draws), desc="label draws", unit="draw"):
+        grads = sampled_gradients(model, {key: projs[key] for key in errors}, held, draw, max(1, args.batch_size // 4))
+        for key, e in errors.items():
+            for j, v in enumerate(position_sums(grads[key], e, held.shape[1] - 1)):
+                sums[key][j] += v / args.label_draws
+    for x in per_layer:
+        mine = [key for key in sums if key[0] == x["layer"]]
+        x["per_token_kl"] = sum(sums[key][0] for key in mine)
+        x["positions_kl"] = sum(sums[key][1] for key in mine)
     append_jsonl(Path(args.results), {
         "model": args.model, "seed": args.seed, "ratio": args.ratio, "row": args.row, "nsamples": args.nsamples,
         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "select_damp": cfg.select_damp,
-        "lsq_damp": cfg.lsq_damp, "per_layer": per_layer, "together_kl": together,
+        "lsq_damp": cfg.lsq_damp, "label_draws": args.label_draws, "per_layer": per_layer, "together_kl": together,
         "seconds": time.perf_counter() - t0, "versions": versions(), "command": command_line()})
 
 
@@ -183,19 +243,31 @@ def render(results: Path) -> str:
     out = []
     for r in read_jsonl(results):
         rows = r["per_layer"]
+        sampled = all("positions_kl" in x for x in rows)  # rows measured before the sampled estimates lack them
+        more = " | per-token Fisher | counting shared positions | KL / that" if sampled else ""
         out += [f"{r['model']}, {r['row']} at {r['ratio']:.0%}, calibration draw {r['seed']}: each layer alone at the "
-                f"row's widths ({r['eval_windows']} held-out windows)\n",
-                "| layer | KV groups / MLP channels kept | predicted KL (½ eᵀFe): attn + mlp | KL | KL / predicted |",
-                "|---:|---:|---:|---:|---:|"]
+                f"row's widths ({r['eval_windows']} held-out windows"
+                + (f", {r['label_draws']} label draws each" if sampled else "") + ")\n",
+                f"| layer | KV groups / MLP channels kept | predicted KL (½ eᵀFe): attn + mlp{more} | KL | KL / predicted |",
+                "|---:|---:|---:|" + ("---:|---:|---:|" if sampled else "") + "---:|---:|"]
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if b > 0 else "–"
         for x in rows:
             pred = sum(x["predicted_kl"].values())
             parts = " + ".join(f"{x['predicted_kl'][k]:.5f}" if k in x["predicted_kl"] else "0" for k in ("attn", "mlp"))
-            out.append(f"| {x['layer']} | {x['kept']['attn']} / {x['kept']['mlp']} | {parts} | {x['kl']:.5f} | "
-                       + (f"{x['kl'] / pred:.2f} |" if pred > 0 else "– |"))
-        s_pred = sum(sum(x["predicted_kl"].values()) for x in rows)
-        s_kl = sum(x["kl"] for x in rows)
-        out.append(f"| every layer listed, each alone, summed | | {s_pred:.5f} | {s_kl:.5f} | {s_kl / s_pred:.2f} |")
-        out.append(f"| every layer listed at once | | | {r['together_kl']:.5f} | {r['together_kl'] / s_pred:.2f} |")
+            extra = (f" | {x['per_token_kl']:.5f} | {x['positions_kl']:.5f} | {ratio(x['kl'], x['positions_kl'])}"
+                     if sampled else "")
+            out.append(f"| {x['layer']} | {x['kept']['attn']} / {x['kept']['mlp']} | {parts}{extra} | {x['kl']:.5f} | "
+                       f"{ratio(x['kl'], pred)} |")
+        s_pred, s_kl = (sum(sum(x["predicted_kl"].values()) for x in rows), sum(x["kl"] for x in rows))
+        extra = ""
+        if sampled:
+            s_tok, s_pos = sum(x["per_token_kl"] for x in rows), sum(x["positions_kl"] for x in rows)
+            extra = f" | {s_tok:.5f} | {s_pos:.5f} | {ratio(s_kl, s_pos)}"
+        blank = " | | |" if sampled else ""
+        out.append(f"| every layer listed, each alone, summed | | {s_pred:.5f}{extra} | {s_kl:.5f} | {ratio(s_kl, s_pred)} |")
+        out.append(f"| every layer listed at once | |{blank} | {r['together_kl']:.5f} | {ratio(r['together_kl'], s_pred)} |")
         out.append("\n" + commands_of([r]) + f"  \nVersions: `{json.dumps(r['versions'])}`\n")
     return "\n".join(out)
 

@@ -50,3 +50,37 @@ def test_kept_units_reads_a_rows_plan(lk, tmp_path):
     assert lk.kept_units(path, "m", 1, 0.2, "obs")[1] == {"attn": 1, "mlp": 9}
     with pytest.raises(SystemExit, match="no row"):
         lk.kept_units(path, "m", 2, 0.2, "obs")
+
+
+def test_position_sums_separate_and_joint(lk):
+    g = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # one window of three positions
+    e = torch.tensor([[[2.0, 0.0], [0.0, -1.0], [0.5, 0.5]]])  # dots 2, -1, 1
+    per_token, joint = lk.position_sums(g, e, 2)
+    assert per_token == pytest.approx(0.5 * (4 + 1 + 1) / 2)
+    assert joint == pytest.approx(0.5 * (2 - 1 + 1) ** 2 / 2)
+
+
+def test_sampled_gradients_are_the_sampled_losss_and_zero_at_the_last_position(lk):
+    from conftest import calibration, tiny_model
+    from flap_llm.arch import decoder_layers, spec_of
+    from flap_llm.walk import output_projections
+    model = tiny_model("llama-gqa")
+    spec = spec_of(model)
+    proj = output_projections(decoder_layers(model, spec)[1], spec)["mlp"]
+    windows = calibration(4, 8)
+    grads = lk.sampled_gradients(model, {"m": proj}, windows, seed=3, batch_size=3)["m"]
+    assert grads.shape == (4, 8, proj.out_features)
+    assert grads[:, -1].abs().max() == 0.0  # the last position predicts nothing scored
+    # the same gradient by hand: the labels the draw gives, a plain backward of their summed -log p
+    from flap_llm.fisher import sample_labels, window_uniforms
+    b = windows[:2]
+    outs = {}
+    h = proj.register_forward_hook(lambda m, a, out: outs.__setitem__("o", out))
+    logits = model(b, use_cache=False).logits[:, :-1]
+    h.remove()
+    flat = logits.reshape(-1, logits.shape[-1])
+    y = sample_labels(flat.detach().softmax(-1), window_uniforms(b, 3)[:, :-1])
+    loss = torch.nn.functional.cross_entropy(flat, y, reduction="sum")
+    (want,) = torch.autograd.grad(loss, [outs["o"]])
+    assert torch.allclose(grads[:2], want, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # left as found
