@@ -63,6 +63,16 @@ def position_sums(grads: torch.Tensor, errors: torch.Tensor, positions: int) -> 
     return (0.5 * float((dots ** 2).sum(1).mean()) / positions, 0.5 * float((dots.sum(1) ** 2).mean()) / positions)
 
 
+def token_weighted_kl(errors: torch.Tensor, fisher: torch.Tensor, sensitivity: torch.Tensor) -> float:
+    """1/2 mean_t w_t e_t^T F e_t over a window's predicted positions (errors [W, L, d], the last position
+    predicts nothing scored), with w_t = s_t / mean(s) for the tokens' sensitivities s [W, L] (e.g. the mean of
+    |g_t|^2 over label draws): the averaged Fisher F, each token's error scaled by how much its token matters."""
+    e = errors[:, :-1].to(torch.float64)
+    w = sensitivity[:, :-1].to(torch.float64)
+    w = w / w.mean()
+    return 0.5 * float((w * ((e @ fisher.to(torch.float64)) * e).sum(-1)).mean())
+
+
 def sampled_gradients(model, projs: dict, windows: torch.Tensor, seed: int, batch_size: int) -> dict:
     """For each projection, d(sum of -log p(y)) / d(its output) [W, L, d] (float32), y drawn from the model's own
     next-token distributions (the draws `seed` gives each window), through the dense model."""
@@ -200,15 +210,19 @@ def main() -> None:
     # the same errors' second-order cost from label-sampled gradients, per position and counting the positions'
     # shared predictions, averaged over the label draws
     sums = {key: [0.0, 0.0] for key in errors}
+    sensitivity = {key: torch.zeros(held.shape, dtype=torch.float64) for key in errors}  # mean |g_t|^2 per token
     for draw in tqdm(range(args.label_draws), desc="label draws", unit="draw"):
         grads = sampled_gradients(model, {key: projs[key] for key in errors}, held, draw, max(1, args.batch_size // 4))
         for key, e in errors.items():
             for j, v in enumerate(position_sums(grads[key], e, held.shape[1] - 1)):
                 sums[key][j] += v / args.label_draws
+            sensitivity[key] += grads[key].to(torch.float64).pow(2).sum(-1) / args.label_draws
     for x in per_layer:
         mine = [key for key in sums if key[0] == x["layer"]]
         x["per_token_kl"] = sum(sums[key][0] for key in mine)
         x["positions_kl"] = sum(sums[key][1] for key in mine)
+        x["token_weighted_kl"] = sum(token_weighted_kl(errors[key], fisher[key[0]][key[1]], sensitivity[key])
+                                     for key in mine)
     append_jsonl(Path(args.results), {
         "model": args.model, "seed": args.seed, "ratio": args.ratio, "row": args.row, "nsamples": args.nsamples,
         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "select_damp": cfg.select_damp,
@@ -244,19 +258,22 @@ def render(results: Path) -> str:
     for r in read_jsonl(results):
         rows = r["per_layer"]
         sampled = all("positions_kl" in x for x in rows)  # rows measured before the sampled estimates lack them
-        more = " | per-token Fisher | counting shared positions | KL / that" if sampled else ""
+        weighted = all("token_weighted_kl" in x for x in rows)
+        more = ((" | tokens weighted by |g|²" if weighted else "") + " | per-token Fisher | counting shared positions | "
+                "KL / that") if sampled else ""
         out += [f"{r['model']}, {r['row']} at {r['ratio']:.0%}, calibration draw {r['seed']}: each layer alone at the "
                 f"row's widths ({r['eval_windows']} held-out windows"
                 + (f", {r['label_draws']} label draws each" if sampled else "") + ")\n",
                 f"| layer | KV groups / MLP channels kept | predicted KL (½ eᵀFe): attn + mlp{more} | KL | KL / predicted |",
-                "|---:|---:|---:|" + ("---:|---:|---:|" if sampled else "") + "---:|---:|"]
+                "|---:|---:|---:|" + ("---:|" if weighted else "") + ("---:|---:|---:|" if sampled else "") + "---:|---:|"]
 
         def ratio(a, b):
             return f"{a / b:.2f}" if b > 0 else "–"
         for x in rows:
             pred = sum(x["predicted_kl"].values())
             parts = " + ".join(f"{x['predicted_kl'][k]:.5f}" if k in x["predicted_kl"] else "0" for k in ("attn", "mlp"))
-            extra = (f" | {x['per_token_kl']:.5f} | {x['positions_kl']:.5f} | {ratio(x['kl'], x['positions_kl'])}"
+            extra = ((f" | {x['token_weighted_kl']:.5f}" if weighted else "")
+                     + f" | {x['per_token_kl']:.5f} | {x['positions_kl']:.5f} | {ratio(x['kl'], x['positions_kl'])}"
                      if sampled else "")
             out.append(f"| {x['layer']} | {x['kept']['attn']} / {x['kept']['mlp']} | {parts}{extra} | {x['kl']:.5f} | "
                        f"{ratio(x['kl'], pred)} |")
@@ -264,8 +281,9 @@ def render(results: Path) -> str:
         extra = ""
         if sampled:
             s_tok, s_pos = sum(x["per_token_kl"] for x in rows), sum(x["positions_kl"] for x in rows)
-            extra = f" | {s_tok:.5f} | {s_pos:.5f} | {ratio(s_kl, s_pos)}"
-        blank = " | | |" if sampled else ""
+            extra = ((f" | {sum(x['token_weighted_kl'] for x in rows):.5f}" if weighted else "")
+                     + f" | {s_tok:.5f} | {s_pos:.5f} | {ratio(s_kl, s_pos)}")
+        blank = (" | | |" + (" |" if weighted else "")) if sampled else ""
         out.append(f"| every layer listed, each alone, summed | | {s_pred:.5f}{extra} | {s_kl:.5f} | {ratio(s_kl, s_pred)} |")
         out.append(f"| every layer listed at once | |{blank} | {r['together_kl']:.5f} | {ratio(r['together_kl'], s_pred)} |")
         out.append("\n" + commands_of([r]) + f"  \nVersions: `{json.dumps(r['versions'])}`\n")

@@ -84,3 +84,11 @@ def test_sampled_gradients_are_the_sampled_losss_and_zero_at_the_last_position(l
     (want,) = torch.autograd.grad(loss, [outs["o"]])
     assert torch.allclose(grads[:2], want, atol=1e-5)
     assert all(p.requires_grad for p in model.parameters())  # left as found
+
+
+def test_token_weighted_kl_scales_each_tokens_error_by_its_relative_sensitivity(lk):
+    e = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # the last position is not scored
+    f = torch.eye(2)
+    s = torch.tensor([[3.0, 1.0, 100.0]])  # relative weights 1.5 and 0.5 over the scored positions
+    assert lk.token_weighted_kl(e, f, s) == pytest.approx(0.5 * (1.5 * 1 + 0.5 * 4) / 2)
+    assert lk.token_weighted_kl(e, f, torch.ones(1, 3)) == pytest.approx(0.5 * (1 + 4) / 2)  # even: plain mean
