@@ -259,7 +259,7 @@ def render(results: Path) -> str:
         rows = r["per_layer"]
         sampled = all("positions_kl" in x for x in rows)  # rows measured before the sampled estimates lack them
         weighted = all("token_weighted_kl" in x for x in rows)
-        more = ((" | tokens weighted by |g|²" if weighted else "") + " | per-token Fisher | counting shared positions | "
+        more = ((" | tokens weighted by ‖g‖²" if weighted else "") + " | per-token Fisher | counting shared positions | "
                 "KL / that") if sampled else ""
         out += [f"{r['model']}, {r['row']} at {r['ratio']:.0%}, calibration draw {r['seed']}: each layer alone at the "
                 f"row's widths ({r['eval_windows']} held-out windows"
