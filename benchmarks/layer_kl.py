@@ -120,21 +120,22 @@ def kept_units(results: Path, model: str, seed: int, ratio: float, name: str) ->
 
 
 @torch.no_grad()
+def _next_token_log_probs(model, batch: torch.Tensor) -> torch.Tensor:
+    """log p of every position's next token but the last, [B * (L - 1), V] float32."""
+    return model(batch, use_cache=False).logits[:, :-1].float().log_softmax(-1).flatten(0, 1)
+
+
 def _log_probs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """log p of every position's next token but the last, [W * (L - 1), V] float32."""
-    out = [model(b, use_cache=False).logits[:, :-1].float().log_softmax(-1).flatten(0, 1)
-           for b in windows.split(batch_size)]
-    return torch.cat(out)
+    return torch.cat([_next_token_log_probs(model, b) for b in windows.split(batch_size)])
 
 
 def _kl_against(model, windows: torch.Tensor, dense: torch.Tensor, batch_size: int) -> float:
     """KL from the dense log-probabilities, batch by batch (never all of the pruned ones at once)."""
     total, start = 0.0, 0
-    with torch.no_grad():
-        for b in windows.split(batch_size):
-            logp = model(b, use_cache=False).logits[:, :-1].float().log_softmax(-1).flatten(0, 1)
-            total += mean_kl(dense[start:start + logp.shape[0]], logp) * logp.shape[0]
-            start += logp.shape[0]
+    for b in windows.split(batch_size):
+        logp = _next_token_log_probs(model, b)
+        total += mean_kl(dense[start:start + logp.shape[0]], logp) * logp.shape[0]
+        start += logp.shape[0]
     return total / start
 
 

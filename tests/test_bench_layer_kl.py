@@ -92,3 +92,11 @@ def test_token_weighted_kl_scales_each_tokens_error_by_its_relative_sensitivity(
     s = torch.tensor([[3.0, 1.0, 100.0]])  # relative weights 1.5 and 0.5 over the scored positions
     assert lk.token_weighted_kl(e, f, s) == pytest.approx(0.5 * (1.5 * 1 + 0.5 * 4) / 2)
     assert lk.token_weighted_kl(e, f, torch.ones(1, 3)) == pytest.approx(0.5 * (1 + 4) / 2)  # even: plain mean
+
+
+def test_kl_against_the_models_own_log_probs_is_zero_whatever_the_batching(lk):
+    from conftest import calibration, tiny_model
+    model, windows = tiny_model("llama-gqa"), calibration(5, 8)
+    dense = lk._log_probs(model, windows, 2)
+    assert dense.shape[0] == 5 * 7
+    assert lk._kl_against(model, windows, dense, 3) == pytest.approx(0.0, abs=1e-6)
