@@ -60,6 +60,8 @@ ROWS = {
     "obs held-out": {"method": "obs", "allocation": "held-out", **ONE_RIDGE},
     # the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1): the default
     "obs select 0.01": {"method": "obs", "allocation": "held-out", "select_damp": 0.01},
+    # the same with each module's curve scaled by its refit's cost under each token's own Fisher (16 windows)
+    "obs token 16": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16},
 }
 
 

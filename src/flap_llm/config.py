@@ -18,6 +18,8 @@ FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pa
 # obs's greedy choice of units: a smaller ridge than its refit's chose better units on both models and every ratio
 # measured (BENCHMARKS.md, "Other calibration draws"); configs saved before it chose at their lsq_damp
 SELECT_DAMP = 0.01
+# obs: calibration windows whose every token's gradient rescales the allocation's curves (0: off)
+TOKEN_WINDOWS = 0
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -66,6 +68,10 @@ class PruneConfig:
     select_damp: obs only: the ridge of the refit pass's greedy choice of units (as `lsq_damp`, a fraction of
         the mean diagonal of C_KK); the refit of the kept columns and the allocation's curves keep `lsq_damp`.
         None (default): SELECT_DAMP (0.01; configs saved before the option had one ridge for both).
+    token_windows: obs only, with a measured allocation ("held-out" or "measured"): keep every token's input and
+        output gradient on about this many of the Fisher windows, and scale each module's error curve by how
+        much more its refit costs with each token's own Fisher g g^T than with their average F (measured at the
+        uniform width of `ratio`); 0 turns it off. None (default): TOKEN_WINDOWS.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -84,6 +90,7 @@ class PruneConfig:
     allocation: str = ALLOCATION
     fisher_fraction: float | None = None
     select_damp: float | None = None
+    token_windows: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -133,6 +140,17 @@ class PruneConfig:
             if self.select_damp is None:
                 object.__setattr__(self, "select_damp", SELECT_DAMP)
             _check_ridge("select_damp", self.select_damp, f"obs's default, {SELECT_DAMP}")
+        if self.method != "obs" or self.allocation == "structure":
+            if self.token_windows:
+                raise FlapError("token_windows rescales the curves of obs's measured allocation; use method obs with "
+                                "allocation 'held-out' or 'measured'")
+            object.__setattr__(self, "token_windows", 0 if self.method == "obs" else None)
+        else:
+            if self.token_windows is None:
+                object.__setattr__(self, "token_windows", TOKEN_WINDOWS)
+            if isinstance(self.token_windows, bool) or not isinstance(self.token_windows, int) or self.token_windows < 0:
+                raise FlapError(f"token_windows must be a whole number of windows, 0 or more (0: off; None: obs's "
+                                f"default, {TOKEN_WINDOWS}), got {self.token_windows!r}")
 
     @property
     def effective_compensation(self) -> str:
@@ -171,4 +189,5 @@ class PruneConfig:
         if known.get("method") == "obs":  # saved before these options existed:
             known.setdefault("fisher_fraction", 1.0)  # every window estimated the Fisher
             known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
+            known.setdefault("token_windows", 0)  # the curves came from the averaged Fisher alone
         return cls(**known)

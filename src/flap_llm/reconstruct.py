@@ -21,6 +21,10 @@ tr(A V A^T) = <W_U^T W_U, X V X^T>.
 
 Both updates are kept pending over a group of steps (`_Pending`) and applied in one product each: the
 inverse's as Q0 - R^T X, the held-out terms of the whole group from one X V.
+
+Errors weighted by an averaged Fisher F (e^T F e) miss where a module's large errors fall on the tokens whose
+output distribution is most sensitive to them. `token_costs` scores one refit both ways on sampled tokens: with
+each token's own g g^T, and with F.
 """
 
 from __future__ import annotations
@@ -79,6 +83,36 @@ def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -
     if k.numel():
         new[:, k] = torch.linalg.solve(h[k][:, k], (w @ h[:, k]).T).T
     return new - w
+
+
+def token_costs(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                fisher: torch.Tensor, ridge: float) -> tuple[float, float]:
+    """One refit's second-order cost on sampled tokens, summed over them: (sum_t (g_t^T e_t)^2, sum_t e_t^T F e_t),
+    each plus ridge * mean(diag F) * |e_t|^2 (as `fisher.weighting`'s ridge), e_t = D x_t the output error of the
+    refit that removes the columns `removed` (D = W' - W, `refit_change`; the refit's bias takes the calibration
+    mean, so x holds the inputs minus that mean).
+
+    weight: [d_out, d]; h: the damped input covariance [d, d]; x: [T, d]; g: [T, d_out] the output gradients
+    at labels drawn from the model (E[g g^T] is the token's Fisher); fisher: F [d_out, d_out]. float32 products.
+    """
+    w = weight.detach().to(torch.float32)
+    dev = w.device
+    removed = removed.to(dev)
+    kept = torch.ones(h.shape[0], dtype=torch.bool, device=dev)
+    kept[removed] = False
+    k = torch.nonzero(kept).flatten()
+    x = x.to(dev, torch.float32)
+    resid = -x[:, removed]  # the removed inputs minus their prediction from the kept ones
+    if k.numel():
+        h32 = h.to(dev, torch.float32)
+        a = torch.cholesky_solve(h32[k][:, removed], torch.linalg.cholesky(h32[k][:, k]))  # H_KK^-1 H_KP
+        resid = resid + x[:, k] @ a
+    e = resid @ w[:, removed].T  # [T, d_out]
+    f = fisher.to(dev, torch.float32)
+    floor = ridge * float(f.diagonal().mean()) * e.square().sum(1)
+    own = (g.to(dev, torch.float32) * e).sum(1).square() + floor
+    averaged = ((e @ f) * e).sum(1) + floor
+    return float(own.double().sum()), float(averaged.double().sum())
 
 
 def _unit_scores(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..arch import Dims
 from ..errors import FlapError
-from ..fisher import output_fisher, weighting
+from ..fisher import TokenSample, output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
-from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
+from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path, token_costs
 from ..select import aligned_count, select, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
@@ -132,14 +132,33 @@ def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tupl
 
 def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covariance, Covariance]],
                      counts: tuple[int, int], orders: tuple[torch.Tensor, torch.Tensor] | None,
-                     weights: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weights: dict[str, torch.Tensor] | None) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                        tuple[torch.Tensor, torch.Tensor]]:
     """o_proj's and down_proj's error curves as the mean of two held-out curves: paths fitted on one half of
-    the windows, scored on the other, and the other way round. These paths only estimate curves (the units
-    are chosen again in the refit pass), so they work in float32: the same units and curves as float64 to
-    1e-5 (tested), faster on wide MLPs (BENCHMARKS.md, the held-out timing rows)."""
+    the windows, scored on the other, and the other way round; and the first half's removal orders. These
+    paths only estimate curves (the units are chosen again in the refit pass), so they work in float32: the
+    same units and curves as float64 to 1e-5 (tested), faster on wide MLPs (BENCHMARKS.md, the held-out timing
+    rows)."""
     folds = [_paths(layer, job, {k: h[a] for k, h in halves.items()}, counts, orders, weights,
                     {k: h[1 - a] for k, h in halves.items()}, torch.float32) for a in (0, 1)]
-    return tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds))
+    return (tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds)),
+            tuple(f.order for f in folds[0]))
+
+
+def _token_scale(layer: nn.Module, job: Job, idx: int, name: str, cov: Covariance, removed_units: torch.Tensor,
+                 unit_size: int, fisher: torch.Tensor, sample: TokenSample) -> float:
+    """How much more one of layer idx's refits costs with each sampled token's own Fisher than with the averaged
+    one (`token_costs`, summed over every process's sampled tokens); 1 when nothing was sampled."""
+    proj = output_projections(layer, job.spec)[name]
+    x, g = sample.tokens(idx, name)
+    sums = torch.zeros(2, dtype=torch.float64)
+    if x.numel():
+        removed = (removed_units[:, None] * unit_size + torch.arange(unit_size)).flatten()
+        sums += torch.tensor(token_costs(proj.weight, damped(cov.cov, job.config.lsq_damp), removed,
+                                         x - cov.mean.to(torch.float32), g, fisher, FISHER_RIDGE), dtype=torch.float64)
+    distributed.all_reduce_sum_(sums)
+    own, averaged = sums.tolist()
+    return own / averaged if averaged > 0 else 1.0
 
 
 def _layer_plan(dims: Dims, removed_groups: torch.Tensor, removed_channels: torch.Tensor) -> LayerPlan:
@@ -167,6 +186,8 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     dense_paths: list[tuple[RemovalPath, RemovalPath]] = []  # allocation "measured": the curves' paths
     weights: list[dict[str, torch.Tensor]] | None = None
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
+    sample = TokenSample(dims.n_layers, cfg.token_windows) if measured and cfg.token_windows else None
+    scales: list[tuple[float, float]] = []  # with a token sample: each layer's curve factors (attn, mlp)
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
@@ -176,7 +197,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             recorded = [_covariances(output_projections(layer, job.spec), split) for layer in job.layers.modules]
         with job.timer("sensitivity"):
             fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
-                                   fraction=cfg.fisher_fraction)
+                                   fraction=cfg.fisher_fraction, sample=sample)
             weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def order_of(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -197,10 +218,20 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         scores.append(channel_scores(layer, job.spec, stats[-1], cfg.metric))
         counts = (dims.n_kv_heads, mlp_cap)
         if split:
-            curves.append(_held_out_curves(layer, job, halves, counts, order_of(idx), weights[idx]))
+            pair, orders = _held_out_curves(layer, job, halves, counts, order_of(idx), weights[idx])
+            curves.append(pair)
         elif measured:
             dense_paths.append(_paths(layer, job, covs, counts, order_of(idx), weights[idx]))
             curves.append((dense_paths[-1][0].error, dense_paths[-1][1].error))
+            orders = (dense_paths[-1][0].order, dense_paths[-1][1].order)
+        if sample is not None:  # each curve scaled by its refit's per-token cost at the uniform width
+            refs = (min(dims.n_kv_heads, max(1, round(cfg.ratio * dims.n_kv_heads))),
+                    min(mlp_cap, max(1, dims.d_ff // STEPS, round(cfg.ratio * dims.d_ff))))
+            sizes = (dims.group_size * dims.head_dim, 1)
+            scales.append(tuple(_token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
+                                             fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))))
+            curves[-1] = tuple(c * scale for c, scale in zip(curves[-1], scales[-1]))
+            sample.release(idx)
 
     def walked(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
