@@ -489,3 +489,102 @@ def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monk
     assert len(refits) == 3 * 2 * n
     if allocation == "measured":  # non-sequential with one ridge: the dense paths are reused, not recomputed
         assert runs["one"][1] == [None] * n
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_costs_against_a_direct_computation(seed):
+    """token_costs: the refit's output errors on the sampled tokens (`refit_change` applied to the centred
+    inputs), weighed by each token's g g^T and by F, each with the ridge's |e|^2 term."""
+    w, h = _problem(10, 6, seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    x = torch.randn(40, 10, generator=g, dtype=torch.float64)
+    grads = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    f = grads.T @ grads / 40 + 0.1 * torch.eye(6, dtype=torch.float64)
+    removed = torch.tensor([1, 4, 7])
+    own, averaged = reconstruct.token_costs(w, h, removed, x, grads, f, 0.01)
+    e = x @ refit_change(w, h, removed).T
+    floor = 0.01 * float(f.diagonal().mean()) * e.square().sum(1)
+    assert own == pytest.approx(float(((grads * e).sum(1).square() + floor).sum()), rel=1e-4)
+    assert averaged == pytest.approx(float((((e @ f) * e).sum(1) + floor).sum()), rel=1e-4)
+    # every token as sensitive in the same direction, F their own g g^T: the two agree
+    same = grads[:1].expand(40, 6)
+    own, averaged = reconstruct.token_costs(w, h, removed, x, same, same[:1].T @ same[:1], 0.01)
+    assert own == pytest.approx(averaged, rel=1e-4)
+    # nothing removed: no error
+    assert reconstruct.token_costs(w, h, torch.tensor([], dtype=torch.long), x, grads, f, 0.01) == (0.0, 0.0)
+    # errors on the tokens that matter cost more than the average says: scale the gradients of the tokens with
+    # the largest errors up and the others down, keeping F
+    big = e.square().sum(1) > e.square().sum(1).median()
+    skewed = grads * torch.where(big, 2.0, 0.5)[:, None]
+    plain = reconstruct.token_costs(w, h, removed, x, grads, f, 0.01)
+    own_skew, averaged_skew = reconstruct.token_costs(w, h, removed, x, skewed, f, 0.01)
+    assert averaged_skew == pytest.approx(plain[1])
+    assert own_skew > 1.5 * plain[0]
+
+
+def test_token_windows_is_checked_and_defaults_off():
+    assert PruneConfig(method="obs").token_windows == 0
+    assert PruneConfig(method="obs", token_windows=16).token_windows == 16
+    assert PruneConfig(method="obs", allocation="structure").token_windows == 0
+    assert PruneConfig().token_windows is None
+    assert PruneConfig.from_dict({"method": "obs"}).token_windows == 0  # saved before the option: off
+    assert PruneConfig.from_dict(PruneConfig(method="obs", token_windows=8).to_dict()).token_windows == 8
+    for bad in (-1, 2.5, True, "16"):
+        with pytest.raises(FlapError, match="token_windows must be a whole number"):
+            PruneConfig(method="obs", token_windows=bad)
+    with pytest.raises(FlapError, match="token_windows rescales the curves"):
+        PruneConfig(method="obs", allocation="structure", token_windows=16)
+    with pytest.raises(FlapError, match="token_windows rescales the curves"):
+        PruneConfig(compensation="lsq", token_windows=16)
+
+
+@pytest.mark.parametrize("allocation", ["held-out", "measured"])
+def test_token_windows_scale_each_modules_curve(allocation, monkeypatch):
+    """With token_windows, the allocation gets each module's curve times its `_token_scale` (measured at the
+    uniform width of the ratio), and nothing else changes; the factors come from the sampled tokens."""
+    model, cal = tiny_model("llama-gqa", layers=3), calibration(16)
+    got = {}
+    real_allocate, real_scale = obs_method.allocate, obs_method._token_scale
+
+    def spy(key):
+        def run(curves, costs, budget):
+            got[key] = [c.clone() for c in curves]
+            return real_allocate(curves, costs, budget)
+        return run
+    factors = {}
+
+    def scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample):
+        real = real_scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample)
+        assert real > 0 and sample.tokens(idx, name)[0].shape[0] > 0
+        want = (max(1, round(0.4 * job.dims.n_kv_heads)) if name == "attn"
+                else max(1, job.dims.d_ff // obs_method.STEPS, round(0.4 * job.dims.d_ff)))
+        assert removed_units.numel() == want
+        factors[(idx, name)] = real
+        return {(0, "mlp"): 3.0, (2, "attn"): 0.5}.get((idx, name), 1.0)
+    monkeypatch.setattr(obs_method, "_token_scale", scale)
+    for windows in (0, 4):
+        monkeypatch.setattr(obs_method, "allocate", spy(windows))
+        prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation=allocation,
+                                                   token_windows=windows))
+    assert len(factors) == 6 and len(set(factors.values())) == 6
+    for m, (plain, scaled) in enumerate(zip(got[0], got[4])):
+        factor = {0 * 2 + 1: 3.0, 2 * 2: 0.5}.get(m, 1.0)
+        torch.testing.assert_close(scaled, plain * factor)
+
+
+def test_token_windows_prunes_masks_and_reloads(tmp_path):
+    """The full method with token_windows: the budget is met, mask == prune, the checkpoint reloads exactly, and
+    the plan does not depend on the batching (the sampled windows are drawn by their own tokens)."""
+    model, cal = tiny_model("llama-gqa", layers=3), calibration(16)
+    cfg = PruneConfig(ratio=0.4, method="obs", token_windows=4)
+    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    rp = prune(pruned, cal, cfg)
+    rm = prune(masked, cal, PruneConfig(**{**cfg.to_dict(), "mode": "mask"}))
+    assert rp.plan == rm.plan
+    assert rp.report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
+    assert rp.report["config"]["token_windows"] == 4
+    ids = calibration(3, 16, seed=5)
+    assert torch.allclose(_logits(pruned, ids), _logits(masked, ids), atol=1e-4)
+    save_pruned(pruned, tmp_path / "ckpt", result=rp)
+    assert torch.equal(_logits(pruned, ids), _logits(load_pruned(tmp_path / "ckpt"), ids))
+    assert prune(copy.deepcopy(model), cal, cfg, batch_size=3).plan == rp.plan

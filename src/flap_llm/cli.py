@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, SELECT_DAMP,
-                     STRUCTURES, PruneConfig)
+                     STRUCTURES, TOKEN_WINDOWS, PruneConfig)
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-damp", type=float, default=None,
                    help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default "
                         f"{SELECT_DAMP}); the refit itself keeps --lsq-damp")
+    p.add_argument("--token-windows", type=int, default=None,
+                   help="obs: calibration windows whose every token's gradient rescales the allocation's curves "
+                        f"(default {TOKEN_WINDOWS}; 0: off)")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -201,7 +204,8 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
                          selection=args.selection, allocation=args.allocation,
-                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp)
+                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp,
+                         token_windows=args.token_windows)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []
