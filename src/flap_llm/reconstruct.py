@@ -102,12 +102,12 @@ def token_costs(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor, x:
     kept[removed] = False
     k = torch.nonzero(kept).flatten()
     x = x.to(dev, torch.float32)
-    resid = -x[:, removed]  # the removed inputs minus their prediction from the kept ones
+    w_p = w[:, removed]
+    e = -x[:, removed] @ w_p.T  # [T, d_out]: D_P = -W_P, and D_K = W_P H_PK H_KK^-1 below
     if k.numel():
         h32 = h.to(dev, torch.float32)
-        a = torch.cholesky_solve(h32[k][:, removed], torch.linalg.cholesky(h32[k][:, k]))  # H_KK^-1 H_KP
-        resid = resid + x[:, k] @ a
-    e = resid @ w[:, removed].T  # [T, d_out]
+        d_k = torch.cholesky_solve(h32[k][:, removed] @ w_p.T, torch.linalg.cholesky(h32[k][:, k]))  # D_K^T
+        e += x[:, k] @ d_k
     f = fisher.to(dev, torch.float32)
     floor = ridge * float(f.diagonal().mean()) * e.square().sum(1)
     own = (g.to(dev, torch.float32) * e).sum(1).square() + floor

@@ -16,6 +16,11 @@ Two passes, like FLAP + lsq:
    errors instead: the windows are split in two halves, each module's path is fitted on one half and every
    prefix's refit scored on the other, both ways round, and the two curves averaged (the calibration fit
    error flatters wide projections, which fit their own windows' noise).
+   With `token_windows` > 0 the Fisher pass also keeps every token's input and output gradient on about that
+   many of its windows (`fisher.TokenSample`), and each module's curve is multiplied by how much more its refit
+   at the uniform width of `ratio` costs with each token's own Fisher g g^T than with the average F
+   (`reconstruct.token_costs`): the averaged F misses where large errors meet the most sensitive tokens
+   (benchmarks/layer_kl.py measured that on Qwen's first and last layers).
 2. The refit pass (`flap.refit_walk`): per layer the units chosen (greedy OBS again on this pass's
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns (float64), and the layer is pruned.
@@ -25,7 +30,7 @@ The refit pass's greedy chooses with its own ridge (`select_damp`, 0.01 by defau
 default): the refit and the allocation's curves keep `lsq_damp`, so only which units go differs, not how many.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
-`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction. selection="metric" with
+`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp, token_windows. selection="metric" with
 allocation="structure" and sequential=False is FLAP + lsq.
 """
 
