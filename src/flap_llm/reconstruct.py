@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .apply import complement
 from .errors import FlapError
 
 
@@ -55,10 +56,8 @@ def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
 def refit_error(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """E(P) computed directly from the Schur complement (the reference the path must reproduce)."""
     w = weight.to(torch.float64)
+    k = complement(removed.cpu(), h.shape[0]).to(w.device)
     removed = removed.to(w.device)
-    kept = torch.ones(h.shape[0], dtype=torch.bool, device=w.device)
-    kept[removed] = False
-    k = torch.nonzero(kept).flatten()
     s = h[removed][:, removed]
     if k.numel():
         s = s - h[removed][:, k] @ torch.linalg.solve(h[k][:, k], h[k][:, removed])
@@ -76,9 +75,7 @@ def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -
     """D = W' - W of the refit that removes the columns `removed` (W'_P = 0, W'_K = W H_:K H_KK^-1), solved
     directly (the reference for the path's held-out errors)."""
     w = weight.to(torch.float64)
-    kept = torch.ones(h.shape[0], dtype=torch.bool, device=w.device)
-    kept[removed.to(w.device)] = False
-    k = torch.nonzero(kept).flatten()
+    k = complement(removed.cpu(), h.shape[0]).to(w.device)
     new = torch.zeros_like(w)
     if k.numel():
         new[:, k] = torch.linalg.solve(h[k][:, k], (w @ h[:, k]).T).T
@@ -97,10 +94,8 @@ def token_costs(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor, x:
     """
     w = weight.detach().to(torch.float32)
     dev = w.device
+    k = complement(removed.cpu(), h.shape[0]).to(dev)
     removed = removed.to(dev)
-    kept = torch.ones(h.shape[0], dtype=torch.bool, device=dev)
-    kept[removed] = False
-    k = torch.nonzero(kept).flatten()
     x = x.to(dev, torch.float32)
     w_p = w[:, removed]
     e = -x[:, removed] @ w_p.T  # [T, d_out]: D_P = -W_P, and D_K = W_P H_PK H_KK^-1 below

@@ -192,7 +192,6 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     weights: list[dict[str, torch.Tensor]] | None = None
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
     sample = TokenSample(dims.n_layers, cfg.token_windows) if measured and cfg.token_windows else None
-    scales: list[tuple[float, float]] = []  # with a token sample: each layer's curve factors (attn, mlp)
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
@@ -233,9 +232,9 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             refs = (min(dims.n_kv_heads, max(1, round(cfg.ratio * dims.n_kv_heads))),
                     min(mlp_cap, max(1, dims.d_ff // STEPS, round(cfg.ratio * dims.d_ff))))
             sizes = (dims.group_size * dims.head_dim, 1)
-            scales.append(tuple(_token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
-                                             fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))))
-            curves[-1] = tuple(c * scale for c, scale in zip(curves[-1], scales[-1]))
+            curves[-1] = tuple(c * _token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
+                                                fisher[idx][k], sample)
+                               for j, (k, c) in enumerate(zip(("attn", "mlp"), curves[-1])))
             sample.release(idx)
 
     def walked(idx, layer, inputs):
