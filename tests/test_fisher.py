@@ -194,8 +194,10 @@ def test_a_token_sample_keeps_the_drawn_windows_inputs_and_gradients():
         h.remove()
     for sample in samples:
         for (i, k), out in outs.items():
-            x, g = sample.tokens(i, k)
+            x, g, window = sample.tokens(i, k)
             assert x.shape == (sub.numel(), ins[(i, k)].shape[-1])
+            # each token's window, numbered in the order kept: window j holds positions j*12 .. j*12+11
+            assert torch.equal(window, torch.arange(sub.shape[0]).repeat_interleave(12))
             torch.testing.assert_close(x, ins[(i, k)].flatten(0, 1).to(torch.bfloat16).float())
             torch.testing.assert_close(g, out.grad.flatten(0, 1).float(), rtol=1e-4, atol=1e-6)
     samples[0].release(0)

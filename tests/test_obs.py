@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -60,6 +61,24 @@ def test_greedy_step_against_brute_force(seed):
     assert hits >= 4
     diagonal = torch.sort((w ** 2).sum(0) * h.diagonal(), stable=True).indices
     assert float(path.error.sum()) < float(removal_path(w, h, 1, 8, order=diagonal).error.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_scores_after_set_num_threads(dtype):
+    """Each unit's tr(W_U (Q_UU)^-1 W_U^T) against a direct solve, after torch.set_num_threads (with it, the CPU
+    build's batched LU solve raised "Pivots given to lu_solve must all be greater or equal to 1" and obs
+    stopped); a block too ill-conditioned for a Cholesky factor in float32 still gets its score."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 192, 400, generator=g, dtype=torch.float64)  # the size of SmolLM2's KV groups, where it failed
+    blocks = a @ a.transpose(1, 2) / 400 + 0.01 * torch.eye(192, dtype=torch.float64)
+    blocks[2] = torch.eye(192, dtype=torch.float64)
+    blocks[2, 0, 0] = -1.0  # indefinite: no Cholesky factor, the solve still defined
+    w = torch.randn(576, 4 * 192, generator=g, dtype=torch.float64)
+    cols = torch.arange(4 * 192).reshape(4, 192)
+    want = torch.stack([(w[:, c] @ torch.linalg.solve(b, w[:, c].T)).trace() for b, c in zip(blocks, cols)])
+    torch.set_num_threads(torch.get_num_threads())
+    got = reconstruct._unit_scores(w.to(dtype), blocks.to(dtype), cols)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=0)
 
 
 def test_group_units_and_blocks_and_given_order():
@@ -502,24 +521,73 @@ def test_token_costs_against_a_direct_computation(seed):
     f = grads.T @ grads / 40 + 0.1 * torch.eye(6, dtype=torch.float64)
     removed = torch.tensor([1, 4, 7])
     own, averaged = reconstruct.token_costs(w, h, removed, x, grads, f, 0.01)
+    assert own.shape == averaged.shape == (40,) and own.dtype == torch.float64
     e = x @ refit_change(w, h, removed).T
     floor = 0.01 * float(f.diagonal().mean()) * e.square().sum(1)
-    assert own == pytest.approx(float(((grads * e).sum(1).square() + floor).sum()), rel=1e-4)
-    assert averaged == pytest.approx(float((((e @ f) * e).sum(1) + floor).sum()), rel=1e-4)
+    torch.testing.assert_close(own, (grads * e).sum(1).square() + floor, rtol=1e-4, atol=0)
+    torch.testing.assert_close(averaged, ((e @ f) * e).sum(1) + floor, rtol=1e-4, atol=0)
     # every token as sensitive in the same direction, F their own g g^T: the two agree
     same = grads[:1].expand(40, 6)
     own, averaged = reconstruct.token_costs(w, h, removed, x, same, same[:1].T @ same[:1], 0.01)
-    assert own == pytest.approx(averaged, rel=1e-4)
+    torch.testing.assert_close(own, averaged, rtol=1e-4, atol=0)
     # nothing removed: no error
-    assert reconstruct.token_costs(w, h, torch.tensor([], dtype=torch.long), x, grads, f, 0.01) == (0.0, 0.0)
+    none = reconstruct.token_costs(w, h, torch.tensor([], dtype=torch.long), x, grads, f, 0.01)
+    assert none[0].abs().max() == 0 and none[1].abs().max() == 0
     # errors on the tokens that matter cost more than the average says: scale the gradients of the tokens with
     # the largest errors up and the others down, keeping F
     big = e.square().sum(1) > e.square().sum(1).median()
     skewed = grads * torch.where(big, 2.0, 0.5)[:, None]
     plain = reconstruct.token_costs(w, h, removed, x, grads, f, 0.01)
     own_skew, averaged_skew = reconstruct.token_costs(w, h, removed, x, skewed, f, 0.01)
-    assert averaged_skew == pytest.approx(plain[1])
-    assert own_skew > 1.5 * plain[0]
+    torch.testing.assert_close(averaged_skew, plain[1])
+    assert own_skew.sum() > 1.5 * plain[0].sum()
+
+
+def test_log_ratio_by_the_delta_method_against_a_bootstrap():
+    """ratio_moments / log_ratio: R = sum O / sum A over windows, and var(log R) by the delta method, which on
+    many windows matches the spread of R over resampled windows."""
+    g = torch.Generator().manual_seed(3)
+    n_windows, per = 400, 5
+    a = torch.rand(n_windows * per, generator=g, dtype=torch.float64) + 0.5
+    o = a * (1.5 + 0.8 * torch.randn(n_windows * per, generator=g, dtype=torch.float64)).abs()
+    window = torch.arange(n_windows).repeat_interleave(per)
+    moments = reconstruct.ratio_moments(o, a, window)
+    o_w, a_w = o.reshape(n_windows, per).sum(1), a.reshape(n_windows, per).sum(1)
+    torch.testing.assert_close(moments, torch.stack([o_w.sum(), a_w.sum(), o_w.square().sum(), a_w.square().sum(),
+                                                     (o_w * a_w).sum(), torch.tensor(400.0, dtype=torch.float64)]))
+    log_r, var = reconstruct.log_ratio(moments)
+    assert log_r == pytest.approx(math.log(float(o.sum() / a.sum())))
+    picks = torch.randint(0, n_windows, (2000, n_windows), generator=g)
+    boot = (o_w[picks].sum(1) / a_w[picks].sum(1)).log()
+    assert math.sqrt(var) == pytest.approx(float(boot.std()), rel=0.1)
+    # moments add up over processes: the two halves' sums are the whole's
+    half = reconstruct.ratio_moments(o[:1000], a[:1000], window[:1000])
+    rest = reconstruct.ratio_moments(o[1000:], a[1000:], window[1000:] - 200)
+    torch.testing.assert_close(half + rest, moments)
+    # every window at the same ratio: no noise; one window: unknown noise; nothing measured: no factor
+    assert reconstruct.log_ratio(reconstruct.ratio_moments(2 * a, a, window)) == pytest.approx((math.log(2), 0),
+                                                                                               abs=1e-12)
+    assert reconstruct.log_ratio(reconstruct.ratio_moments(o[:5], a[:5], window[:5]))[1] == math.inf
+    assert reconstruct.log_ratio(torch.zeros(6, dtype=torch.float64)) == (0.0, math.inf)
+
+
+def test_shrunk_log_factors_pull_noise_toward_the_mean():
+    """shrunk_log_factors: l' = mu + (l - mu) tau^2 / (tau^2 + v), tau^2 = var(l) - mean(v) (at least 0)."""
+    logs = torch.tensor([0.0, 0.4, -0.2, 1.0], dtype=torch.float64)
+    mu, spread = 0.3, float((logs - 0.3).square().mean())  # 0.19
+    # no noise: every factor as measured
+    torch.testing.assert_close(reconstruct.shrunk_log_factors(logs, torch.zeros(4)), logs)
+    # some noise: tau^2 = 0.19 - 0.05, each pulled by its own variance
+    v = torch.tensor([0.01, 0.01, 0.09, 0.09], dtype=torch.float64)
+    tau2 = spread - 0.05
+    want = mu + (logs - mu) * tau2 / (tau2 + v)
+    torch.testing.assert_close(reconstruct.shrunk_log_factors(logs, v), want)
+    # the spread no more than the noise: all at the mean; unmeasured modules (v = inf) at the measured ones' mean
+    torch.testing.assert_close(reconstruct.shrunk_log_factors(logs, torch.full((4,), 0.3)), torch.full((4,), mu,
+                                                                                                    dtype=torch.float64))
+    got = reconstruct.shrunk_log_factors(torch.tensor([0.0, 0.4, 9.0]), torch.tensor([0.0, 0.0, math.inf]))
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.4, 0.2], dtype=torch.float64))
+    assert reconstruct.shrunk_log_factors(torch.tensor([5.0]), torch.tensor([math.inf])).tolist() == [0.0]
 
 
 def test_token_windows_is_checked_and_defaults_off():
@@ -536,6 +604,16 @@ def test_token_windows_is_checked_and_defaults_off():
         PruneConfig(method="obs", allocation="structure", token_windows=16)
     with pytest.raises(FlapError, match="token_windows rescales the curves"):
         PruneConfig(compensation="lsq", token_windows=16)
+    # token_shrink: on with token_windows unless turned off; nothing to shrink without them
+    assert PruneConfig(method="obs", token_windows=16).token_shrink is True
+    assert PruneConfig(method="obs", token_windows=16, token_shrink=False).token_shrink is False
+    assert PruneConfig(method="obs").token_shrink is False and PruneConfig().token_shrink is None
+    assert PruneConfig.from_dict({"method": "obs", "token_windows": 16}).token_shrink is False  # saved before it
+    assert PruneConfig.from_dict(PruneConfig(method="obs", token_windows=8).to_dict()).token_shrink is True
+    with pytest.raises(FlapError, match="token_shrink adjusts the factors"):
+        PruneConfig(method="obs", token_shrink=True)
+    with pytest.raises(FlapError, match="token_shrink must be True, False or None"):
+        PruneConfig(method="obs", token_windows=4, token_shrink=1)
 
 
 @pytest.mark.parametrize("allocation", ["held-out", "measured"])
@@ -555,21 +633,27 @@ def test_token_windows_scale_each_modules_curve(allocation, monkeypatch):
 
     def scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample):
         real = real_scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample)
-        assert real > 0 and sample.tokens(idx, name)[0].shape[0] > 0
+        assert 0 < real[1] < math.inf and sample.tokens(idx, name)[0].shape[0] > 0
         want = (max(1, round(0.4 * job.dims.n_kv_heads)) if name == "attn"
                 else max(1, job.dims.d_ff // obs_method.STEPS, round(0.4 * job.dims.d_ff)))
         assert removed_units.numel() == want
         factors[(idx, name)] = real
-        return {(0, "mlp"): 3.0, (2, "attn"): 0.5}.get((idx, name), 1.0)
+        return math.log({(0, "mlp"): 3.0, (2, "attn"): 0.5}.get((idx, name), 1.0)), variances[(idx, name)]
     monkeypatch.setattr(obs_method, "_token_scale", scale)
-    for windows in (0, 4):
-        monkeypatch.setattr(obs_method, "allocate", spy(windows))
-        prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation=allocation,
-                                                   token_windows=windows))
+    variances = {}
+    for shrink in (False, True):
+        variances = {(i, k): (0.0 if (i, k) == (0, "mlp") else 0.04) for i in range(3) for k in ("attn", "mlp")}
+        for windows in (0, 4):
+            monkeypatch.setattr(obs_method, "allocate", spy((windows, shrink)))
+            prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation=allocation,
+                                                       token_windows=windows, token_shrink=shrink and None))
     assert len(factors) == 6 and len(set(factors.values())) == 6
-    for m, (plain, scaled) in enumerate(zip(got[0], got[4])):
-        factor = {0 * 2 + 1: 3.0, 2 * 2: 0.5}.get(m, 1.0)
-        torch.testing.assert_close(scaled, plain * factor)
+    logs = torch.tensor([math.log({1: 3.0, 4: 0.5}.get(m, 1.0)) for m in range(6)], dtype=torch.float64)
+    shrunk = reconstruct.shrunk_log_factors(logs, torch.tensor([0.04, 0.0] + [0.04] * 4))
+    assert shrunk[1] == pytest.approx(math.log(3.0)) and 0.05 < shrunk[4] - math.log(0.5) < 0.2  # the noisy one moves
+    for m, (plain, scaled, pulled) in enumerate(zip(got[(0, False)], got[(4, False)], got[(4, True)])):
+        torch.testing.assert_close(scaled, plain * math.exp(logs[m]))
+        torch.testing.assert_close(pulled, plain * math.exp(shrunk[m]))
 
 
 def test_token_windows_prunes_masks_and_reloads(tmp_path):

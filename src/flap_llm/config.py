@@ -20,6 +20,8 @@ FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pa
 SELECT_DAMP = 0.01
 # obs: calibration windows whose every token's gradient rescales the allocation's curves (0: off)
 TOKEN_WINDOWS = 0
+# obs with token_windows: pull each module's token factor toward the others' by its sampling noise
+TOKEN_SHRINK = True
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -72,6 +74,10 @@ class PruneConfig:
         output gradient on about this many of the Fisher windows, and scale each module's error curve by how
         much more its refit costs with each token's own Fisher g g^T than with their average F (measured at the
         uniform width of `ratio`); 0 turns it off. None (default): TOKEN_WINDOWS.
+    token_shrink: obs only, with token_windows: pull each module's log factor toward the mean of all modules' by
+        its sampling variance over the sampled windows (empirical Bayes), so factors the windows cannot tell apart
+        move the curves little; False uses each measured factor as it is. None (default): TOKEN_SHRINK with
+        token_windows, else off.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -91,6 +97,7 @@ class PruneConfig:
     fisher_fraction: float | None = None
     select_damp: float | None = None
     token_windows: int | None = None
+    token_shrink: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -151,6 +158,15 @@ class PruneConfig:
             if isinstance(self.token_windows, bool) or not isinstance(self.token_windows, int) or self.token_windows < 0:
                 raise FlapError(f"token_windows must be a whole number of windows, 0 or more (0: off; None: obs's "
                                 f"default, {TOKEN_WINDOWS}), got {self.token_windows!r}")
+        if self.token_shrink is not None and not isinstance(self.token_shrink, bool):
+            raise FlapError(f"token_shrink must be True, False or None (the default), got {self.token_shrink!r}")
+        if not self.token_windows:
+            if self.token_shrink:
+                raise FlapError("token_shrink adjusts the factors of token_windows; set token_windows too, or leave "
+                                "token_shrink unset")
+            object.__setattr__(self, "token_shrink", None if self.token_windows is None else False)
+        elif self.token_shrink is None:
+            object.__setattr__(self, "token_shrink", TOKEN_SHRINK)
 
     @property
     def effective_compensation(self) -> str:
@@ -190,4 +206,5 @@ class PruneConfig:
             known.setdefault("fisher_fraction", 1.0)  # every window estimated the Fisher
             known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
             known.setdefault("token_windows", 0)  # the curves came from the averaged Fisher alone
+            known.setdefault("token_shrink", False)  # each module's token factor was used as measured
         return cls(**known)

@@ -20,7 +20,9 @@ Two passes, like FLAP + lsq:
    many of its windows (`fisher.TokenSample`), and each module's curve is multiplied by how much more its refit
    at the uniform width of `ratio` costs with each token's own Fisher g g^T than with the average F
    (`reconstruct.token_costs`): the averaged F misses where large errors meet the most sensitive tokens
-   (benchmarks/layer_kl.py measured that on Qwen's first and last layers).
+   (benchmarks/layer_kl.py measured that on Qwen's first and last layers). With `token_shrink` each module's
+   log factor is first pulled toward the mean of all of them by its sampling noise over the sampled windows
+   (`reconstruct.shrunk_log_factors`), so a factor the windows cannot tell from 1 moves the curves little.
 2. The refit pass (`flap.refit_walk`): per layer the units chosen (greedy OBS again on this pass's
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns (float64), and the layer is pruned.
@@ -30,8 +32,8 @@ The refit pass's greedy chooses with its own ridge (`select_damp`, 0.01 by defau
 default): the refit and the allocation's curves keep `lsq_damp`, so only which units go differs, not how many.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
-`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp, token_windows. selection="metric" with
-allocation="structure" and sequential=False is FLAP + lsq.
+`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp, token_windows,
+token_shrink. selection="metric" with allocation="structure" and sequential=False is FLAP + lsq.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from ..arch import Dims
 from ..errors import FlapError
 from ..fisher import TokenSample, output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
-from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path, token_costs
+from ..reconstruct import (RemovalPath, allocate, damped, held_out_moment, log_ratio, ratio_moments, removal_path,
+                           shrunk_log_factors, token_costs)
 from ..select import aligned_count, select, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
@@ -151,19 +154,20 @@ def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covaria
 
 
 def _token_scale(layer: nn.Module, job: Job, idx: int, name: str, cov: Covariance, removed_units: torch.Tensor,
-                 unit_size: int, fisher: torch.Tensor, sample: TokenSample) -> float:
-    """How much more one of layer idx's refits costs with each sampled token's own Fisher than with the averaged
-    one (`token_costs`, summed over every process's sampled tokens); 1 when nothing was sampled."""
+                 unit_size: int, fisher: torch.Tensor, sample: TokenSample) -> tuple[float, float]:
+    """The log of how much more one of layer idx's refits costs with each sampled token's own Fisher than with
+    the averaged one (`token_costs`, over every process's sampled windows), and that log's sampling variance
+    (`log_ratio`; (0, inf) when nothing was sampled)."""
     proj = output_projections(layer, job.spec)[name]
-    x, g = sample.tokens(idx, name)
-    sums = torch.zeros(2, dtype=torch.float64)
+    x, g, window = sample.tokens(idx, name)
+    moments = torch.zeros(6, dtype=torch.float64)
     if x.numel():
         removed = (removed_units[:, None] * unit_size + torch.arange(unit_size)).flatten()
-        sums += torch.tensor(token_costs(proj.weight, damped(cov.cov, job.config.lsq_damp), removed,
-                                         x - cov.mean.to(torch.float32), g, fisher, FISHER_RIDGE), dtype=torch.float64)
-    distributed.all_reduce_sum_(sums)
-    own, averaged = sums.tolist()
-    return own / averaged if averaged > 0 else 1.0
+        own, averaged = token_costs(proj.weight, damped(cov.cov, job.config.lsq_damp), removed,
+                                    x - cov.mean.to(torch.float32), g, fisher, FISHER_RIDGE)
+        moments = ratio_moments(own, averaged, window)
+    distributed.all_reduce_sum_(moments)
+    return log_ratio(moments)
 
 
 def _layer_plan(dims: Dims, removed_groups: torch.Tensor, removed_channels: torch.Tensor) -> LayerPlan:
@@ -192,6 +196,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     weights: list[dict[str, torch.Tensor]] | None = None
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
     sample = TokenSample(dims.n_layers, cfg.token_windows) if measured and cfg.token_windows else None
+    token_logs: list[list[tuple[float, float]]] = []  # with a sample: each module's (log factor, its variance)
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
@@ -232,9 +237,8 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             refs = (min(dims.n_kv_heads, max(1, round(cfg.ratio * dims.n_kv_heads))),
                     min(mlp_cap, max(1, dims.d_ff // STEPS, round(cfg.ratio * dims.d_ff))))
             sizes = (dims.group_size * dims.head_dim, 1)
-            curves[-1] = tuple(c * _token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
-                                                fisher[idx][k], sample)
-                               for j, (k, c) in enumerate(zip(("attn", "mlp"), curves[-1])))
+            token_logs.append([_token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
+                                            fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))])
             sample.release(idx)
 
     def walked(idx, layer, inputs):
@@ -255,6 +259,11 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
                 recorded[idx] = None  # each layer's covariances are freed once read
 
     with job.timer("plan"):
+        if sample is not None:  # each curve scaled by its refit's per-token cost at the uniform width
+            logs, variances = (torch.tensor([m[i] for pair in token_logs for m in pair], dtype=torch.float64)
+                               for i in (0, 1))
+            factors = (shrunk_log_factors(logs, variances) if cfg.token_shrink else logs).exp()
+            curves = [(a * float(factors[2 * i]), m * float(factors[2 * i + 1])) for i, (a, m) in enumerate(curves)]
         if measured:
             budget = cfg.ratio * total_weight(dims)
             costs = [dims.group_weight, 1.0] * dims.n_layers
