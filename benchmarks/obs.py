@@ -61,7 +61,14 @@ ROWS = {
     # the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1): the default
     "obs select 0.01": {"method": "obs", "allocation": "held-out", "select_damp": 0.01},
     # the same with each module's curve scaled by its refit's cost under each token's own Fisher (16 windows)
-    "obs token 16": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16},
+    "obs token 16": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
+                     "token_shrink": False, "token_reference": "uniform"},
+    # the same with each module's factor pulled toward the others' by its sampling noise (token_shrink)
+    "obs token 16 shrunk": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
+                            "token_shrink": True, "token_reference": "uniform"},
+    # the factors measured at the widths a split of the unscaled curves gives each module
+    "obs token 16 allocated": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
+                               "token_shrink": True, "token_reference": "allocated"},
 }
 
 

@@ -614,46 +614,70 @@ def test_token_windows_is_checked_and_defaults_off():
         PruneConfig(method="obs", token_shrink=True)
     with pytest.raises(FlapError, match="token_shrink must be True, False or None"):
         PruneConfig(method="obs", token_windows=4, token_shrink=1)
+    # token_reference: the uniform width unless set; only with token_windows
+    assert PruneConfig(method="obs", token_windows=16).token_reference == "uniform"
+    assert PruneConfig(method="obs").token_reference is None
+    assert PruneConfig.from_dict({"method": "obs", "token_windows": 16}).token_reference == "uniform"
+    assert PruneConfig.from_dict(PruneConfig(method="obs", token_windows=8, token_reference="allocated").to_dict()
+                                 ).token_reference == "allocated"
+    with pytest.raises(FlapError, match="token_reference sets where"):
+        PruneConfig(method="obs", token_reference="uniform")
+    with pytest.raises(FlapError, match="unknown token_reference 'first'"):
+        PruneConfig(method="obs", token_windows=4, token_reference="first")
 
 
 @pytest.mark.parametrize("allocation", ["held-out", "measured"])
 def test_token_windows_scale_each_modules_curve(allocation, monkeypatch):
-    """With token_windows, the allocation gets each module's curve times its `_token_scale` (measured at the
-    uniform width of the ratio), and nothing else changes; the factors come from the sampled tokens."""
+    """With token_windows, the allocation gets each module's curve times its `_token_scale`, measured at the
+    uniform width of the ratio or (token_reference "allocated") at the width a split of the unscaled curves gives
+    it, and nothing else changes; the factors come from the sampled tokens."""
     model, cal = tiny_model("llama-gqa", layers=3), calibration(16)
-    got = {}
+    calls = {}  # per run: each allocate call's (curves, counts)
     real_allocate, real_scale = obs_method.allocate, obs_method._token_scale
+    run = []
 
-    def spy(key):
-        def run(curves, costs, budget):
-            got[key] = [c.clone() for c in curves]
-            return real_allocate(curves, costs, budget)
-        return run
-    factors = {}
+    def spy(curves, costs, budget):
+        counts = real_allocate(curves, costs, budget)
+        calls.setdefault(run[-1], []).append(([c.clone() for c in curves], counts))
+        return counts
+    factors, measured_at = {}, {}
 
-    def scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample):
-        real = real_scale(layer, job, idx, name, cov, removed_units, unit_size, fisher, sample)
+    def scale(layer, job, idx, name, h, mean, removed_units, unit_size, fisher, sample):
+        real = real_scale(layer, job, idx, name, h, mean, removed_units, unit_size, fisher, sample)
         assert 0 < real[1] < math.inf and sample.tokens(idx, name)[0].shape[0] > 0
-        want = (max(1, round(0.4 * job.dims.n_kv_heads)) if name == "attn"
-                else max(1, job.dims.d_ff // obs_method.STEPS, round(0.4 * job.dims.d_ff)))
-        assert removed_units.numel() == want
-        factors[(idx, name)] = real
+        factors[run[-1] + (idx, name)] = real
+        measured_at[run[-1] + (idx, name)] = removed_units.numel()
         return math.log({(0, "mlp"): 3.0, (2, "attn"): 0.5}.get((idx, name), 1.0)), variances[(idx, name)]
     monkeypatch.setattr(obs_method, "_token_scale", scale)
-    variances = {}
-    for shrink in (False, True):
-        variances = {(i, k): (0.0 if (i, k) == (0, "mlp") else 0.04) for i in range(3) for k in ("attn", "mlp")}
-        for windows in (0, 4):
-            monkeypatch.setattr(obs_method, "allocate", spy((windows, shrink)))
-            prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation=allocation,
-                                                       token_windows=windows, token_shrink=shrink and None))
-    assert len(factors) == 6 and len(set(factors.values())) == 6
+    monkeypatch.setattr(obs_method, "allocate", spy)
+    variances = {(i, k): (0.0 if (i, k) == (0, "mlp") else 0.04) for i in range(3) for k in ("attn", "mlp")}
+    for key in [(0, False, None), (4, False, "uniform"), (4, True, "uniform"), (4, False, "allocated")]:
+        run.append(key)
+        windows, shrink, where = key
+        prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation=allocation,
+                                                   token_windows=windows, token_shrink=shrink and None,
+                                                   token_reference=where))
+    d_ff, n_kv = model.config.intermediate_size, model.config.num_key_value_heads
+    uniform = {"attn": max(1, round(0.4 * n_kv)), "mlp": max(1, d_ff // obs_method.STEPS, round(0.4 * d_ff))}
+    assert len(factors) == 18 and len({factors[(4, False, "uniform", i, k)] for i in range(3) for k in uniform}) == 6
+    for i in range(3):
+        for j, k in enumerate(("attn", "mlp")):
+            assert measured_at[(4, False, "uniform", i, k)] == uniform[k]
+            # allocated: at the plain split's counts (the first allocate call, on the unscaled curves)
+            plain_counts = calls[(4, False, "allocated")][0][1]
+            least = 1 if k == "attn" else max(1, d_ff // obs_method.STEPS)
+            assert measured_at[(4, False, "allocated", i, k)] == max(least, plain_counts[2 * i + j])
+    assert [len(calls[key]) for key in run] == [1, 1, 1, 2]
+    assert any(measured_at[(4, False, "allocated", i, "mlp")] != uniform["mlp"] for i in range(3))
     logs = torch.tensor([math.log({1: 3.0, 4: 0.5}.get(m, 1.0)) for m in range(6)], dtype=torch.float64)
     shrunk = reconstruct.shrunk_log_factors(logs, torch.tensor([0.04, 0.0] + [0.04] * 4))
     assert shrunk[1] == pytest.approx(math.log(3.0)) and 0.05 < shrunk[4] - math.log(0.5) < 0.2  # the noisy one moves
-    for m, (plain, scaled, pulled) in enumerate(zip(got[(0, False)], got[(4, False)], got[(4, True)])):
-        torch.testing.assert_close(scaled, plain * math.exp(logs[m]))
-        torch.testing.assert_close(pulled, plain * math.exp(shrunk[m]))
+    plain = calls[run[0]][0][0]
+    torch.testing.assert_close(calls[(4, False, "allocated")][0][0], plain)
+    for m, curve in enumerate(plain):
+        torch.testing.assert_close(calls[(4, False, "uniform")][0][0][m], curve * math.exp(logs[m]))
+        torch.testing.assert_close(calls[(4, False, "allocated")][1][0][m], curve * math.exp(logs[m]))
+        torch.testing.assert_close(calls[(4, True, "uniform")][0][0][m], curve * math.exp(shrunk[m]))
 
 
 def test_token_windows_prunes_masks_and_reloads(tmp_path):

@@ -22,6 +22,10 @@ SELECT_DAMP = 0.01
 TOKEN_WINDOWS = 0
 # obs with token_windows: pull each module's token factor toward the others' by its sampling noise
 TOKEN_SHRINK = True
+# obs with token_windows: where each module's factor is measured: "uniform" (the ratio's uniform width) or
+# "allocated" (the width a split of the unscaled curves gives it)
+TOKEN_REFERENCES = ("uniform", "allocated")
+TOKEN_REFERENCE = "uniform"
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -78,6 +82,10 @@ class PruneConfig:
         its sampling variance over the sampled windows (empirical Bayes), so factors the windows cannot tell apart
         move the curves little; False uses each measured factor as it is. None (default): TOKEN_SHRINK with
         token_windows, else off.
+    token_reference: obs only, with token_windows: the width each module's factor is measured at: "uniform" (the
+        uniform width of `ratio`) or "allocated" (the width the budget's split of the unscaled curves gives the
+        module; one more split, and every layer's damped covariances kept until then). None (default):
+        TOKEN_REFERENCE with token_windows, else None.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -98,6 +106,7 @@ class PruneConfig:
     select_damp: float | None = None
     token_windows: int | None = None
     token_shrink: bool | None = None
+    token_reference: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -167,6 +176,14 @@ class PruneConfig:
             object.__setattr__(self, "token_shrink", None if self.token_windows is None else False)
         elif self.token_shrink is None:
             object.__setattr__(self, "token_shrink", TOKEN_SHRINK)
+        if not self.token_windows:
+            if self.token_reference is not None:
+                raise FlapError("token_reference sets where the factors of token_windows are measured; set "
+                                "token_windows too, or leave token_reference unset")
+        else:
+            if self.token_reference is None:
+                object.__setattr__(self, "token_reference", TOKEN_REFERENCE)
+            _check_choice("token_reference", self.token_reference, TOKEN_REFERENCES)
 
     @property
     def effective_compensation(self) -> str:
@@ -207,4 +224,6 @@ class PruneConfig:
             known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
             known.setdefault("token_windows", 0)  # the curves came from the averaged Fisher alone
             known.setdefault("token_shrink", False)  # each module's token factor was used as measured
+            if known.get("token_windows"):
+                known.setdefault("token_reference", "uniform")  # measured at the uniform width
         return cls(**known)

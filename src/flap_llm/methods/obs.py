@@ -153,18 +153,19 @@ def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covaria
             tuple(f.order for f in folds[0]))
 
 
-def _token_scale(layer: nn.Module, job: Job, idx: int, name: str, cov: Covariance, removed_units: torch.Tensor,
-                 unit_size: int, fisher: torch.Tensor, sample: TokenSample) -> tuple[float, float]:
-    """The log of how much more one of layer idx's refits costs with each sampled token's own Fisher than with
-    the averaged one (`token_costs`, over every process's sampled windows), and that log's sampling variance
-    (`log_ratio`; (0, inf) when nothing was sampled)."""
+def _token_scale(layer: nn.Module, job: Job, idx: int, name: str, h: torch.Tensor, mean: torch.Tensor,
+                 removed_units: torch.Tensor, unit_size: int, fisher: torch.Tensor,
+                 sample: TokenSample) -> tuple[float, float]:
+    """The log of how much more one of layer idx's refits (h: the damped input covariance, mean: the inputs'
+    mean) costs with each sampled token's own Fisher than with the averaged one (`token_costs`, over every
+    process's sampled windows), and that log's sampling variance (`log_ratio`; (0, inf) when nothing was
+    sampled)."""
     proj = output_projections(layer, job.spec)[name]
     x, g, window = sample.tokens(idx, name)
     moments = torch.zeros(6, dtype=torch.float64)
     if x.numel():
         removed = (removed_units[:, None] * unit_size + torch.arange(unit_size)).flatten()
-        own, averaged = token_costs(proj.weight, damped(cov.cov, job.config.lsq_damp), removed,
-                                    x - cov.mean.to(torch.float32), g, fisher, FISHER_RIDGE)
+        own, averaged = token_costs(proj.weight, h, removed, x - mean.to(torch.float32), g, fisher, FISHER_RIDGE)
         moments = ratio_moments(own, averaged, window)
     distributed.all_reduce_sum_(moments)
     return log_ratio(moments)
@@ -197,6 +198,22 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
     sample = TokenSample(dims.n_layers, cfg.token_windows) if measured and cfg.token_windows else None
     token_logs: list[list[tuple[float, float]]] = []  # with a sample: each module's (log factor, its variance)
+    # token_reference "allocated": per layer, what the factors are measured with once the plain allocation is known
+    deferred: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
+    sizes = (dims.group_size * dims.head_dim, 1)  # columns per unit of o_proj and down_proj
+
+    def reference(counts: tuple[int, int]) -> tuple[int, int]:
+        """The units a factor is measured at: the given counts, at least one KV group and one greedy step of
+        MLP channels (a refit that removes nothing has no error to weigh)."""
+        return (min(dims.n_kv_heads, max(1, counts[0])), min(mlp_cap, max(1, dims.d_ff // STEPS, counts[1])))
+
+    def token_logs_of(idx: int, h: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
+                      orders: tuple[torch.Tensor, torch.Tensor], counts: tuple[int, int]) -> list[tuple[float, float]]:
+        refs = reference(counts)
+        out = [_token_scale(job.layers.modules[idx], job, idx, k, h[k], means[k], orders[j][:refs[j]], sizes[j],
+                            fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))]
+        sample.release(idx)
+        return out
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
@@ -233,13 +250,14 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             dense_paths.append(_paths(layer, job, covs, counts, order_of(idx), weights[idx]))
             curves.append((dense_paths[-1][0].error, dense_paths[-1][1].error))
             orders = (dense_paths[-1][0].order, dense_paths[-1][1].order)
-        if sample is not None:  # each curve scaled by its refit's per-token cost at the uniform width
-            refs = (min(dims.n_kv_heads, max(1, round(cfg.ratio * dims.n_kv_heads))),
-                    min(mlp_cap, max(1, dims.d_ff // STEPS, round(cfg.ratio * dims.d_ff))))
-            sizes = (dims.group_size * dims.head_dim, 1)
-            token_logs.append([_token_scale(layer, job, idx, k, covs[k], orders[j][:refs[j]], sizes[j],
-                                            fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))])
-            sample.release(idx)
+        if sample is not None:  # each curve's per-token cost: at the uniform width now, or after a plain allocation
+            h = {k: damped(covs[k].cov, cfg.lsq_damp).to(torch.float32) for k in ("attn", "mlp")}
+            means = {k: covs[k].mean.to(torch.float32) for k in ("attn", "mlp")}
+            if cfg.token_reference == "uniform":
+                token_logs.append(token_logs_of(idx, h, means, orders, (round(cfg.ratio * dims.n_kv_heads),
+                                                                        round(cfg.ratio * dims.d_ff))))
+            else:
+                deferred.append((h, means, orders))
 
     def walked(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
@@ -258,21 +276,29 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
                 survey(idx, job.layers.modules[idx], recorded[idx])
                 recorded[idx] = None  # each layer's covariances are freed once read
 
+    def split(curves: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[int, int]]:
+        """Each layer's (KV groups, MLP channels) removed: the curves' cheapest split of the budget."""
+        budget = cfg.ratio * total_weight(dims)
+        costs = [dims.group_weight, 1.0] * dims.n_layers
+        counts = allocate([c for pair in curves for c in pair], costs, budget)
+        if sum(k * c for k, c in zip(counts, costs)) < budget - 1:
+            raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head and "
+                            f"{MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
+                            "allocation='structure'")
+        return [(counts[2 * i], counts[2 * i + 1]) for i in range(dims.n_layers)]
+
     with job.timer("plan"):
-        if sample is not None:  # each curve scaled by its refit's per-token cost at the uniform width
+        if sample is not None:  # each curve scaled by its refit's per-token cost
+            if cfg.token_reference == "allocated":  # measured at the widths the plain curves' split gives
+                for idx, (plain, (h, means, orders)) in enumerate(zip(split(curves), deferred)):
+                    token_logs.append(token_logs_of(idx, h, means, orders, plain))
+                    deferred[idx] = None
             logs, variances = (torch.tensor([m[i] for pair in token_logs for m in pair], dtype=torch.float64)
                                for i in (0, 1))
             factors = (shrunk_log_factors(logs, variances) if cfg.token_shrink else logs).exp()
             curves = [(a * float(factors[2 * i]), m * float(factors[2 * i + 1])) for i, (a, m) in enumerate(curves)]
         if measured:
-            budget = cfg.ratio * total_weight(dims)
-            costs = [dims.group_weight, 1.0] * dims.n_layers
-            counts = allocate([c for pair in curves for c in pair], costs, budget)
-            if sum(k * c for k, c in zip(counts, costs)) < budget - 1:
-                raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head and "
-                                f"{MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
-                                "allocation='structure'")
-            counts = [(counts[2 * i], counts[2 * i + 1]) for i in range(dims.n_layers)]
+            counts = split(curves)
         else:
             sel = select(cfg.structure, [a for a, _ in scores], [m for _, m in scores], dims, cfg.ratio,
                          cfg.remove_heads)
