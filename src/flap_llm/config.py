@@ -173,14 +173,13 @@ class PruneConfig:
             if self.token_shrink:
                 raise FlapError("token_shrink adjusts the factors of token_windows; set token_windows too, or leave "
                                 "token_shrink unset")
-            object.__setattr__(self, "token_shrink", None if self.token_windows is None else False)
-        elif self.token_shrink is None:
-            object.__setattr__(self, "token_shrink", TOKEN_SHRINK)
-        if not self.token_windows:
             if self.token_reference is not None:
                 raise FlapError("token_reference sets where the factors of token_windows are measured; set "
                                 "token_windows too, or leave token_reference unset")
+            object.__setattr__(self, "token_shrink", None if self.token_windows is None else False)
         else:
+            if self.token_shrink is None:
+                object.__setattr__(self, "token_shrink", TOKEN_SHRINK)
             if self.token_reference is None:
                 object.__setattr__(self, "token_reference", TOKEN_REFERENCE)
             _check_choice("token_reference", self.token_reference, TOKEN_REFERENCES)

@@ -33,8 +33,8 @@ from .walk import output_projections, record_inputs
 class TokenSample:
     """Every position's input x and output gradient g of each layer's o_proj and down_proj, on the Fisher
     windows `output_fisher` draws for it (about `windows` of them over all processes, each by a hash of its
-    tokens): per layer {"attn": ..., "mlp": ...}, lists of [tokens, d] blocks on the CPU (inputs in bfloat16,
-    gradients in float32), in matching order, each block whole windows of `lengths` tokens."""
+    tokens): per layer {"attn": ..., "mlp": ...}, lists of blocks on the CPU in matching order: inputs
+    [windows, seqlen, d] in bfloat16, gradients [windows * seqlen, d] in float32."""
 
     def __init__(self, n_layers: int, windows: int) -> None:
         if windows < 1:
@@ -42,23 +42,22 @@ class TokenSample:
         self.windows = windows
         self.inputs: list[dict[str, list[torch.Tensor]]] = [{"attn": [], "mlp": []} for _ in range(n_layers)]
         self.grads: list[dict[str, list[torch.Tensor]]] = [{"attn": [], "mlp": []} for _ in range(n_layers)]
-        self.lengths: list[dict[str, list[int]]] = [{"attn": [], "mlp": []} for _ in range(n_layers)]  # per block
         self.rows: torch.Tensor | None = None  # while a backward batch runs: which of its windows are kept
 
     def tokens(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x [T, d_in] float32, g [T, d_out] float32, window [T] long: which sampled window each token is from,
         numbered from 0 on this process) of one projection, T = 0 when no window was drawn."""
-        xs, gs, lengths = self.inputs[layer][name], self.grads[layer][name], self.lengths[layer][name]
-        if len(xs) != len(gs) or len(xs) != len(lengths):
+        xs, gs = self.inputs[layer][name], self.grads[layer][name]
+        if len(xs) != len(gs):
             raise RuntimeError(f"layer {layer} {name}: {len(xs)} input blocks but {len(gs)} gradient blocks")
         if not xs:
             return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-        per_window = torch.cat([torch.full((x.shape[0] // n,), n) for x, n in zip(xs, lengths)])
+        per_window = torch.cat([torch.full((x.shape[0],), x.shape[1]) for x in xs])
         window = torch.repeat_interleave(torch.arange(per_window.numel()), per_window)
-        return torch.cat(xs).float(), torch.cat(gs), window
+        return torch.cat([x.flatten(0, 1) for x in xs]).float(), torch.cat(gs), window
 
     def release(self, layer: int) -> None:
-        self.inputs[layer], self.grads[layer], self.lengths[layer] = ({"attn": [], "mlp": []} for _ in range(3))
+        self.inputs[layer] = self.grads[layer] = {"attn": [], "mlp": []}
 
 
 @contextmanager
@@ -82,8 +81,7 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
             if out.requires_grad:  # not in the forward-only passes
                 if keep:
                     x = args[0].detach()[rows.to(args[0].device)]
-                    sample.inputs[idx][name].append(x.flatten(0, 1).to("cpu", torch.bfloat16))
-                    sample.lengths[idx][name].append(x.shape[1])  # tokens per window
+                    sample.inputs[idx][name].append(x.to("cpu", torch.bfloat16))  # whole windows
                 out.register_hook(on_grad)
         return hook
 

@@ -33,7 +33,7 @@ default): the refit and the allocation's curves keep `lsq_damp`, so only which u
 
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
 `structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp, token_windows,
-token_shrink. selection="metric" with allocation="structure" and sequential=False is FLAP + lsq.
+token_shrink, token_reference. selection="metric" with allocation="structure" and sequential=False is FLAP + lsq.
 """
 
 from __future__ import annotations
