@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flap_llm.cli import main
-from conftest import CLI_TEXT as TEXT
+from conftest import CLI_TEXT as TEXT, tiny_checkpoint
 
 
 
@@ -223,3 +223,17 @@ def test_perplexity_is_exp_mean_nll():
     res = perplexity_of_windows(model, windows, batch_size=2)
     assert res["tokens"] == 5 * 11
     assert res["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_obs_on_gemma3_refused_before_any_work(tmp_path, text_file, capsys):
+    """--method obs on a family it is not offered for exits 2 with what to use instead, before calibration,
+    evaluation or any output."""
+    model = tiny_checkpoint(tmp_path / "gemma", "gemma3")
+    capsys.readouterr()  # the checkpoint's own progress output
+    out = tmp_path / "out"
+    rc = main(["prune", "--quiet", "--model", str(model), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "16",
+               "--method", "obs", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "method obs is not offered for Gemma3ForCausalLM" in err and "--method flap --compensation lsq" in err
+    assert not out.exists()

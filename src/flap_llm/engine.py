@@ -97,6 +97,9 @@ def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:
     spec = spec_of(model)
     dims = dims_of(model)
     check_dense(model, spec, dims)
+    if config.method == "obs" and spec.obs_unsupported:
+        raise FlapError(f"method obs is not offered for {architecture_of(model)}: {spec.obs_unsupported}; use method "
+                        "flap with compensation lsq (--method flap --compensation lsq), the best measured there")
     max_groups = dims.n_layers * dims.n_kv_heads
     if config.remove_heads is not None and config.remove_heads > max_groups:
         raise FlapError(f"remove_heads={config.remove_heads} but the model has only {max_groups} KV groups "
