@@ -38,6 +38,7 @@ def rows_to_run(include_lsq: bool) -> list[dict]:
                 rows.append(dict(name=f"ablation {metric} {structure}", ratio=0.5, metric=metric, structure=structure))
     if include_lsq:
         rows += [dict(name="flap lsq", ratio=r, compensation="lsq") for r in (0.2, 0.5)]
+    rows += [dict(name="obs", ratio=r, method="obs") for r in (0.2, 0.5)]
     return rows
 
 
@@ -56,6 +57,9 @@ def render(results: Path) -> str:
         head = "| method | ratio | removed (decoder / model) | ppl | " + " | ".join(zs_tasks) + " | avg | prune (s) |"
         out += [head, "|---|---:|---:|---:|" + "---:|" * len(zs_tasks) + "---:|---:|"]
         for r in mine:
+            if r.get("refused"):
+                out.append(f"| {r['name']} | {r['ratio']:.0%} | refused: {r['refused']} |" + " |" * (len(zs_tasks) + 3))
+                continue
             zs = r.get("zeroshot") or {}
             cells = [f"{100 * zs[t]['acc']:.1f}" if t in zs else "–" for t in zs_tasks]
             avg = f"{100 * zs['average']:.2f}" if zs else "–"
@@ -105,8 +109,14 @@ def main() -> None:
         report = None
         if row["name"] != "dense":
             reuse = stats if cfg.get("method", "flap") == "flap" else None
-            result = flap_llm.prune(m, calib, flap_llm.PruneConfig(**cfg), batch_size=args.batch_size,
-                                    statistics=reuse)
+            try:
+                result = flap_llm.prune(m, calib, flap_llm.PruneConfig(**cfg), batch_size=args.batch_size,
+                                        statistics=reuse)
+            except flap_llm.FlapError as e:  # a method refused for this family: the table says so
+                append_jsonl(results, {"model": args.model, "name": row["name"], "ratio": row["ratio"], "config": cfg,
+                                       "refused": str(e), "versions": versions(), "command": command_line()})
+                print(f"{args.model} {row['name']} {row['ratio']}: refused ({e})", flush=True)
+                continue
             if result.stats is not None and stats is None:
                 stats = result.stats
             report = result.report
