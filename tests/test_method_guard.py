@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # methods beyond the paper, as PruneConfig options
 BEYOND_PAPER = {"flap + lsq": dict(compensation="lsq"), "obs": dict(method="obs")}
 # model -> (calibration windows of 128 tokens, methods refused for its family)
-MODELS = {"smollm2": (32, ()), "qwen0.5b": (48, ()), "gemma3-270m": (32, ("obs",))}
+MODELS = {"smollm2": (32, ()), "qwen0.5b": (32, ()), "gemma3-270m": (32, ("obs",))}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
