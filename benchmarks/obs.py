@@ -60,15 +60,8 @@ ROWS = {
     "obs held-out": {"method": "obs", "allocation": "held-out", **ONE_RIDGE},
     # the refit pass's greedy choosing at a ridge of 0.01 (the refit keeps 0.1): the default
     "obs select 0.01": {"method": "obs", "allocation": "held-out", "select_damp": 0.01},
-    # the same with each module's curve scaled by its refit's cost under each token's own Fisher (16 windows)
-    "obs token 16": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
-                     "token_shrink": False, "token_reference": "uniform"},
-    # the same with each module's factor pulled toward the others' by its sampling noise (token_shrink)
-    "obs token 16 shrunk": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
-                            "token_shrink": True, "token_reference": "uniform"},
-    # the factors measured at the widths a split of the unscaled curves gives each module
-    "obs token 16 allocated": {"method": "obs", "allocation": "held-out", "select_damp": 0.01, "token_windows": 16,
-                               "token_shrink": True, "token_reference": "allocated"},
+    # rows 'obs token 16', 'obs token 16 shrunk', 'obs token 16 allocated' measured the deleted token_windows
+    # option (results kept in benchmarks/results/obs_seeds.jsonl; BENCHMARKS.md)
 }
 
 

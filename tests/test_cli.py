@@ -72,13 +72,13 @@ def test_prune_obs(tmp_path, model_dir, text_file):
     out = tmp_path / "obs"
     rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
                  "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--lsq-damp", 0.05, "--fisher-fraction", 0.75,
-                 "--select-damp", 0.02, "--token-windows", 4, "--token-reference", "allocated", "--out", out)
+                 "--select-damp", 0.02, "--out", out)
     assert rc == 0
     manifest = json.loads((out / "flap_manifest.json").read_text())
     cfg = manifest["prune_config"]
     assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "held-out", True)
     assert cfg["lsq_damp"] == 0.05 and cfg["fisher_fraction"] == 0.75 and cfg["select_damp"] == 0.02
-    assert cfg["token_windows"] == 4 and cfg["token_shrink"] is True and cfg["token_reference"] == "allocated"
+    assert not {"token_windows", "token_shrink", "token_reference"} & set(cfg)  # options measured worse, deleted
     report = json.loads((out / "report.json").read_text())
     assert report["compensation"] == "lsq"
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
@@ -126,11 +126,6 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", m, "--fisher-fraction", 0.5], "fisher_fraction is an option of method obs"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--select-damp", -1], "select_damp must be positive"),
     (lambda t, m, f: ["--model", m, "--select-damp", 0.01], "select_damp is an option of method obs"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--token-windows", -2], "token_windows must be a whole"),
-    (lambda t, m, f: ["--model", m, "--token-windows", 8], "token_windows rescales the curves"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--no-token-shrink"], "no-token-shrink and --token-reference adjust"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--token-reference", "allocated"],
-     "no-token-shrink and --token-reference adjust"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, model_dir, text_file, capsys, make_args, words):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import VOCAB, calibration, tiny_model
 from flap_llm.arch import spec_of
-from flap_llm.fisher import (TokenSample, output_fisher, sample_labels, weighting, window_kept, window_selected,
+from flap_llm.fisher import (output_fisher, sample_labels, weighting, window_selected,
                               window_uniforms)
 from flap_llm.methods.obs import _covariances
 from flap_llm.walk import output_projections
@@ -151,56 +151,3 @@ def test_the_windows_drawn_do_not_depend_on_the_process():
     assert len(runs) == 1
     picked = eval(runs.pop())
     assert 10 <= sum(picked) <= 40
-
-
-def test_a_token_sample_keeps_the_drawn_windows_inputs_and_gradients():
-    """TokenSample: every position's projection inputs and sampled-label gradients of the windows `window_kept`
-    draws among the Fisher's (the same whatever the batching), equal to a direct computation; the Fisher itself
-    does not change for keeping them."""
-    model = tiny_model("llama-gqa").double()
-    spec = spec_of(model)
-    ids = calibration(n=24, length=12, seed=5)
-    picked = window_selected(ids, 3, 0.5)
-    n_picked = int(picked.sum())
-    share = 4 / n_picked
-    kept = picked.clone()
-    kept[picked] = window_kept(ids[picked], 3, share)
-    assert 1 <= int(kept.sum()) < n_picked
-    plain = output_fisher(model, spec, list(ids.split(5)), seed=3, fraction=0.5)
-    samples = []
-    for size in (5, 7):
-        sample = TokenSample(len(model.model.layers), windows=4)
-        fisher = output_fisher(model, spec, list(ids.split(size)), seed=3, fraction=0.5, sample=sample)
-        for x, y in zip(fisher, plain):
-            for k in x:
-                torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6 * float(y[k].abs().max()))
-        samples.append(sample)
-    # the direct computation: the kept windows alone, labels drawn at their own uniforms
-    outs, ins = {}, {}
-
-    def keep(key):
-        def hook(m, a, out):
-            ins[key], outs[key] = a[0].detach(), out
-            out.retain_grad()
-        return hook
-    hooks = [p.register_forward_hook(keep((i, k)))
-             for i, layer in enumerate(model.model.layers) for k, p in output_projections(layer, spec).items()]
-    sub = ids[kept]
-    emb = model.model.embed_tokens(sub).detach().requires_grad_(True)
-    logits = model(inputs_embeds=emb).logits.float().reshape(-1, VOCAB)
-    y = sample_labels(logits.detach().softmax(-1), window_uniforms(sub, 3))
-    torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
-    for h in hooks:
-        h.remove()
-    for sample in samples:
-        for (i, k), out in outs.items():
-            x, g, window = sample.tokens(i, k)
-            assert x.shape == (sub.numel(), ins[(i, k)].shape[-1])
-            # each token's window, numbered in the order kept: window j holds positions j*12 .. j*12+11
-            assert torch.equal(window, torch.arange(sub.shape[0]).repeat_interleave(12))
-            torch.testing.assert_close(x, ins[(i, k)].flatten(0, 1).to(torch.bfloat16).float())
-            torch.testing.assert_close(g, out.grad.flatten(0, 1).float(), rtol=1e-4, atol=1e-6)
-    samples[0].release(0)
-    assert samples[0].tokens(0, "mlp")[0].numel() == 0
-    with pytest.raises(ValueError, match="at least one window"):
-        TokenSample(2, windows=0)

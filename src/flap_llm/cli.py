@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, SELECT_DAMP,
-                     STRUCTURES, TOKEN_REFERENCE, TOKEN_REFERENCES, TOKEN_WINDOWS, PruneConfig)
+                     STRUCTURES, PruneConfig)
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
@@ -71,15 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-damp", type=float, default=None,
                    help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default "
                         f"{SELECT_DAMP}); the refit itself keeps --lsq-damp")
-    p.add_argument("--token-windows", type=int, default=None,
-                   help="obs: calibration windows whose every token's gradient rescales the allocation's curves "
-                        f"(default {TOKEN_WINDOWS}; 0: off)")
-    p.add_argument("--no-token-shrink", dest="token_shrink", action="store_false", default=None,
-                   help="obs with --token-windows: use each module's token factor as measured, without pulling it "
-                        "toward the others' by its sampling noise")
-    p.add_argument("--token-reference", default=None, choices=TOKEN_REFERENCES,
-                   help="obs with --token-windows: measure each module's factor at the ratio's uniform width or at "
-                        f"the width a split of the unscaled curves gives it (default {TOKEN_REFERENCE})")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -206,16 +197,11 @@ def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
         raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "
                         f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
-    if (args.token_shrink is False or args.token_reference) and not args.token_windows:
-        raise FlapError("--no-token-shrink and --token-reference adjust the factors of --token-windows; set "
-                        "--token-windows N too, or drop them")
     config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
                          remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
                          lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
                          selection=args.selection, allocation=args.allocation,
-                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp,
-                         token_windows=args.token_windows, token_shrink=args.token_shrink,
-                         token_reference=args.token_reference)
+                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

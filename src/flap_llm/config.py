@@ -18,14 +18,6 @@ FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pa
 # obs's greedy choice of units: a smaller ridge than its refit's chose better units on both models and every ratio
 # measured (BENCHMARKS.md, "Other calibration draws"); configs saved before it chose at their lsq_damp
 SELECT_DAMP = 0.01
-# obs: calibration windows whose every token's gradient rescales the allocation's curves (0: off)
-TOKEN_WINDOWS = 0
-# obs with token_windows: pull each module's token factor toward the others' by its sampling noise
-TOKEN_SHRINK = True
-# obs with token_windows: where each module's factor is measured: "uniform" (the ratio's uniform width) or
-# "allocated" (the width a split of the unscaled curves gives it)
-TOKEN_REFERENCES = ("uniform", "allocated")
-TOKEN_REFERENCE = "uniform"
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -74,18 +66,6 @@ class PruneConfig:
     select_damp: obs only: the ridge of the refit pass's greedy choice of units (as `lsq_damp`, a fraction of
         the mean diagonal of C_KK); the refit of the kept columns and the allocation's curves keep `lsq_damp`.
         None (default): SELECT_DAMP (0.01; configs saved before the option had one ridge for both).
-    token_windows: obs only, with a measured allocation ("held-out" or "measured"): keep every token's input and
-        output gradient on about this many of the Fisher windows, and scale each module's error curve by how
-        much more its refit costs with each token's own Fisher g g^T than with their average F (measured at the
-        uniform width of `ratio`); 0 turns it off. None (default): TOKEN_WINDOWS.
-    token_shrink: obs only, with token_windows: pull each module's log factor toward the mean of all modules' by
-        its sampling variance over the sampled windows (empirical Bayes), so factors the windows cannot tell apart
-        move the curves little; False uses each measured factor as it is. None (default): TOKEN_SHRINK with
-        token_windows, else off.
-    token_reference: obs only, with token_windows: the width each module's factor is measured at: "uniform" (the
-        uniform width of `ratio`) or "allocated" (the width the budget's split of the unscaled curves gives the
-        module; one more split, and every layer's damped covariances kept until then). None (default):
-        TOKEN_REFERENCE with token_windows, else None.
     align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
         128 for GPU tensor cores; None (default) keeps the exact plan.
     """
@@ -104,9 +84,6 @@ class PruneConfig:
     allocation: str = ALLOCATION
     fisher_fraction: float | None = None
     select_damp: float | None = None
-    token_windows: int | None = None
-    token_shrink: bool | None = None
-    token_reference: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -156,33 +133,6 @@ class PruneConfig:
             if self.select_damp is None:
                 object.__setattr__(self, "select_damp", SELECT_DAMP)
             _check_ridge("select_damp", self.select_damp, f"obs's default, {SELECT_DAMP}")
-        if self.method != "obs" or self.allocation == "structure":
-            if self.token_windows:
-                raise FlapError("token_windows rescales the curves of obs's measured allocation; use method obs with "
-                                "allocation 'held-out' or 'measured'")
-            object.__setattr__(self, "token_windows", 0 if self.method == "obs" else None)
-        else:
-            if self.token_windows is None:
-                object.__setattr__(self, "token_windows", TOKEN_WINDOWS)
-            if isinstance(self.token_windows, bool) or not isinstance(self.token_windows, int) or self.token_windows < 0:
-                raise FlapError(f"token_windows must be a whole number of windows, 0 or more (0: off; None: obs's "
-                                f"default, {TOKEN_WINDOWS}), got {self.token_windows!r}")
-        if self.token_shrink is not None and not isinstance(self.token_shrink, bool):
-            raise FlapError(f"token_shrink must be True, False or None (the default), got {self.token_shrink!r}")
-        if not self.token_windows:
-            if self.token_shrink:
-                raise FlapError("token_shrink adjusts the factors of token_windows; set token_windows too, or leave "
-                                "token_shrink unset")
-            if self.token_reference is not None:
-                raise FlapError("token_reference sets where the factors of token_windows are measured; set "
-                                "token_windows too, or leave token_reference unset")
-            object.__setattr__(self, "token_shrink", None if self.token_windows is None else False)
-        else:
-            if self.token_shrink is None:
-                object.__setattr__(self, "token_shrink", TOKEN_SHRINK)
-            if self.token_reference is None:
-                object.__setattr__(self, "token_reference", TOKEN_REFERENCE)
-            _check_choice("token_reference", self.token_reference, TOKEN_REFERENCES)
 
     @property
     def effective_compensation(self) -> str:
@@ -221,8 +171,4 @@ class PruneConfig:
         if known.get("method") == "obs":  # saved before these options existed:
             known.setdefault("fisher_fraction", 1.0)  # every window estimated the Fisher
             known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
-            known.setdefault("token_windows", 0)  # the curves came from the averaged Fisher alone
-            known.setdefault("token_shrink", False)  # each module's token factor was used as measured
-            if known.get("token_windows"):
-                known.setdefault("token_reference", "uniform")  # measured at the uniform width
         return cls(**known)

@@ -11,9 +11,6 @@ and backward pass of the whole model per calibration batch; no parameter gradien
 same whatever the batching; all of them if none is drawn): the others, when their inputs are still to be
 recorded, only run through the decoder, without the vocabulary projection or a backward pass, which are most
 of the cost on small models with large vocabularies.
-
-A `TokenSample` also keeps every position's input and output gradient of each projection on a few of those
-windows: enough to weigh an error by each token's own Fisher g g^T, not only by their average F.
 """
 
 from __future__ import annotations
@@ -30,64 +27,25 @@ from .stats import Covariance, SplitCovariance
 from .walk import output_projections, record_inputs
 
 
-class TokenSample:
-    """Every position's input x and output gradient g of each layer's o_proj and down_proj, on the Fisher
-    windows `output_fisher` draws for it (about `windows` of them over all processes, each by a hash of its
-    tokens): per layer {"attn": ..., "mlp": ...}, lists of blocks on the CPU in matching order: inputs
-    [windows, seqlen, d] in bfloat16, gradients [windows * seqlen, d] in float32."""
-
-    def __init__(self, n_layers: int, windows: int) -> None:
-        if windows < 1:
-            raise ValueError(f"a token sample needs at least one window, got {windows}")
-        self.windows = windows
-        self.inputs: list[dict[str, list[torch.Tensor]]] = [{"attn": [], "mlp": []} for _ in range(n_layers)]
-        self.grads: list[dict[str, list[torch.Tensor]]] = [{"attn": [], "mlp": []} for _ in range(n_layers)]
-        self.rows: torch.Tensor | None = None  # while a backward batch runs: which of its windows are kept
-
-    def tokens(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x [T, d_in] float32, g [T, d_out] float32, window [T] long: which sampled window each token is from,
-        numbered from 0 on this process) of one projection, T = 0 when no window was drawn."""
-        xs, gs = self.inputs[layer][name], self.grads[layer][name]
-        if len(xs) != len(gs):
-            raise RuntimeError(f"layer {layer} {name}: {len(xs)} input blocks but {len(gs)} gradient blocks")
-        if not xs:
-            return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-        per_window = torch.cat([torch.full((x.shape[0],), x.shape[1]) for x in xs])
-        window = torch.repeat_interleave(torch.arange(per_window.numel()), per_window)
-        return torch.cat([x.flatten(0, 1) for x in xs]).float(), torch.cat(gs), window
-
-    def release(self, layer: int) -> None:
-        self.inputs[layer] = self.grads[layer] = {"attn": [], "mlp": []}
-
-
 @contextmanager
-def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch.Tensor]],
-                    sample: TokenSample | None = None):
+def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch.Tensor]]):
     """While the block runs, each projection's output gradient g adds g^T g (over its tokens) to its sum, and
-    the embeddings' output requires grad so the graph reaches every layer without parameter gradients.
-    `sample` (its `rows` set per batch) also keeps the inputs and gradients of the windows it holds."""
+    the embeddings' output requires grad so the graph reaches every layer without parameter gradients."""
     handles = []
 
-    def record(sink: torch.Tensor, idx: int, name: str):
-        def hook(module, args, out):
-            rows = None if sample is None else sample.rows
-            keep = out.requires_grad and rows is not None and bool(rows.any())
+    def record(sink: torch.Tensor):
+        def on_grad(g):
+            g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
+            sink.add_((g.T @ g).to(sink.device))  # float32 products, float64 sums
 
-            def on_grad(g):
-                if keep:
-                    sample.grads[idx][name].append(g.detach()[rows.to(g.device)].flatten(0, 1).float().cpu())
-                g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
-                sink.add_((g.T @ g).to(sink.device))  # float32 products, float64 sums
+        def hook(module, args, out):
             if out.requires_grad:  # not in the forward-only passes
-                if keep:
-                    x = args[0].detach()[rows.to(args[0].device)]
-                    sample.inputs[idx][name].append(x.to("cpu", torch.bfloat16))  # whole windows
                 out.register_hook(on_grad)
         return hook
 
-    for idx, (layer, sink) in enumerate(zip(decoder_layers(model, spec), sums)):
+    for layer, sink in zip(decoder_layers(model, spec), sums):
         for name, proj in output_projections(layer, spec).items():
-            handles.append(proj.register_forward_hook(record(sink[name], idx, name)))
+            handles.append(proj.register_forward_hook(record(sink[name])))
     handles.append(model.get_input_embeddings().register_forward_hook(
         lambda m, a, out: out.requires_grad_(True) if torch.is_grad_enabled() else None))
     try:
@@ -118,14 +76,6 @@ def window_selected(ids: torch.Tensor, seed: int, fraction: float) -> torch.Tens
     return _window_draws(ids, (seed, -1), 1)[:, 0] < fraction
 
 
-def window_kept(ids: torch.Tensor, seed: int, share: float) -> torch.Tensor:
-    """Which windows [B] (bool) a `TokenSample` keeps: each with probability `share`, by a draw of its own
-    (seeded from the seed and the window's tokens, apart from `window_selected`'s)."""
-    if share >= 1:
-        return torch.ones(ids.shape[0], dtype=torch.bool)
-    return _window_draws(ids, (seed, -2), 1)[:, 0] < share
-
-
 def sample_labels(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of probabilities [N, V], drawn by inverting the cumulative distribution at the
     uniform numbers u [N]."""
@@ -153,12 +103,11 @@ def _hold_rows(inputs: list[dict[str, Covariance]] | None, rows: torch.Tensor | 
 
 def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], seed: int = 0,
                   progress: bool = False, inputs: list[dict[str, Covariance]] | None = None,
-                  fraction: float = 1.0, sample: TokenSample | None = None) -> list[dict[str, torch.Tensor]]:
+                  fraction: float = 1.0) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer, {"attn": F of o_proj's output, "mlp": F of down_proj's output}, each [d, d] float64,
     averaged over the calibration tokens of every rank (of the windows `window_selected` draws when `fraction`
     < 1). `inputs` (per layer, {"attn": ..., "mlp": ...}), if given, also receive the projections' inputs of
-    all this rank's windows on the way: the dense model's covariances without a pass of their own. `sample`,
-    if given, keeps every position's inputs and gradients of about `sample.windows` of the Fisher windows."""
+    all this rank's windows on the way: the dense model's covariances without a pass of their own."""
     layers = decoder_layers(model, spec)
     device = model.get_input_embeddings().weight.device
     sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
@@ -168,15 +117,12 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
     try:
         for p in params:  # gradients reach the activations only: no weight gradients computed or left behind
             p.requires_grad_(False)
-        with torch.enable_grad(), _grad_recorders(model, spec, sums, sample), ExitStack() as recording:
+        with torch.enable_grad(), _grad_recorders(model, spec, sums), ExitStack() as recording:
             for layer, sinks in zip(layers, inputs or []):
                 recording.enter_context(record_inputs(output_projections(layer, spec), sinks))
             picks = [window_selected(ids, seed, fraction) for ids in batches]
-            drawn = distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens)
-            if drawn == 0:
+            if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
                 picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
-                drawn = distributed.reduce_count(sum(ids.shape[0] for ids in batches), tokens)
-            share = 0.0 if sample is None else sample.windows / max(drawn, 1)
             offset = 0  # windows before this batch
             for ids, picked in tqdm(list(zip(batches, picks)), desc="obs: output sensitivity", disable=not progress,
                                     unit="batch"):
@@ -185,8 +131,6 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
                 if picked.any():
                     _hold_rows(inputs, rows[picked])
                     sub = ids[picked]
-                    if sample is not None:
-                        sample.rows = window_kept(sub, seed, share)
                     logits = model(input_ids=sub.to(device), use_cache=False).logits  # [B, L, V]
                     flat = logits.reshape(-1, logits.shape[-1])
                     flat.backward(_logit_gradient(flat, window_uniforms(sub, seed)).to(flat.dtype))
@@ -197,8 +141,6 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
                         model.base_model(input_ids=ids[~picked].to(device), use_cache=False)
     finally:
         _hold_rows(inputs, None)
-        if sample is not None:
-            sample.rows = None
         for p in params:
             p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])

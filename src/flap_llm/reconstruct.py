@@ -21,11 +21,6 @@ tr(A V A^T) = <W_U^T W_U, X V X^T>.
 
 Both updates are kept pending over a group of steps (`_Pending`) and applied in one product each: the
 inverse's as Q0 - R^T X, the held-out terms of the whole group from one X V.
-
-Errors weighted by an averaged Fisher F (e^T F e) miss where a module's large errors fall on the tokens whose
-output distribution is most sensitive to them. `token_costs` scores one refit both ways on sampled tokens: with
-each token's own g g^T, and with F; `log_ratio` and `shrunk_log_factors` turn the two into a factor per module
-that its own sampling noise pulls toward the others'.
 """
 
 from __future__ import annotations
@@ -82,79 +77,6 @@ def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -
     if k.numel():
         new[:, k] = torch.linalg.solve(h[k][:, k], (w @ h[:, k]).T).T
     return new - w
-
-
-def token_costs(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
-                fisher: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One refit's second-order cost on each sampled token: ((g_t^T e_t)^2, e_t^T F e_t), each plus
-    ridge * mean(diag F) * |e_t|^2 (as `fisher.weighting`'s ridge), e_t = D x_t the output error of the refit
-    that removes the columns `removed` (D = W' - W, `refit_change`; the refit's bias takes the calibration mean,
-    so x holds the inputs minus that mean). Two [T] float64 tensors on the CPU.
-
-    weight: [d_out, d]; h: the damped input covariance [d, d]; x: [T, d]; g: [T, d_out] the output gradients
-    at labels drawn from the model (E[g g^T] is the token's Fisher); fisher: F [d_out, d_out]. float32 products.
-    """
-    w = weight.detach().to(torch.float32)
-    dev = w.device
-    k = complement(removed.cpu(), h.shape[0]).to(dev)
-    removed = removed.to(dev)
-    x = x.to(dev, torch.float32)
-    w_p = w[:, removed]
-    e = -x[:, removed] @ w_p.T  # [T, d_out]: D_P = -W_P, and D_K = W_P H_PK H_KK^-1 below
-    if k.numel():
-        h32 = h.to(dev, torch.float32)
-        d_k = torch.cholesky_solve(h32[k][:, removed] @ w_p.T, torch.linalg.cholesky(h32[k][:, k]))  # D_K^T
-        e += x[:, k] @ d_k
-    f = fisher.to(dev, torch.float32)
-    floor = ridge * float(f.diagonal().mean()) * e.square().sum(1)
-    own = (g.to(dev, torch.float32) * e).sum(1).square() + floor
-    averaged = ((e @ f) * e).sum(1) + floor
-    return own.double().cpu(), averaged.double().cpu()
-
-
-def ratio_moments(own: torch.Tensor, averaged: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """The sums that `log_ratio` reads, over windows (the sampling unit: a window's tokens are not independent):
-    [sum O_w, sum A_w, sum O_w^2, sum A_w^2, sum O_w A_w, number of windows], O_w and A_w one window's `own`
-    and `averaged` costs summed over its tokens (`window`: each token's window index). Sums, so processes'
-    moments add up."""
-    if not window.numel():
-        return torch.zeros(6, dtype=torch.float64)
-    n = int(window.max()) + 1
-    o = torch.zeros(n, dtype=torch.float64).index_add_(0, window, own.double())
-    a = torch.zeros(n, dtype=torch.float64).index_add_(0, window, averaged.double())
-    return torch.stack([o.sum(), a.sum(), o.square().sum(), a.square().sum(), (o * a).sum(),
-                        torch.tensor(float(n), dtype=torch.float64)])
-
-
-def log_ratio(moments: torch.Tensor) -> tuple[float, float]:
-    """(log R, its sampling variance) for R = sum O_w / sum A_w over n windows (`ratio_moments`), the variance by
-    the delta method: var R = sum_w (O_w - R A_w)^2 / (n (n - 1) mean(A_w)^2), var log R = var R / R^2.
-    (0, inf) where nothing was measured; the variance is inf with fewer than two windows."""
-    so, sa, soo, saa, soa, n = moments.tolist()
-    if not (so > 0 and sa > 0):
-        return 0.0, math.inf
-    r = so / sa
-    if n < 2:
-        return math.log(r), math.inf
-    residual = max(soo - 2 * r * soa + r * r * saa, 0.0)
-    return math.log(r), residual / (n * (n - 1) * (sa / n) ** 2) / r ** 2
-
-
-def shrunk_log_factors(logs: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-    """Each module's log factor pulled toward the modules' mean by its own noise (empirical Bayes, normal prior):
-    l' = mu + (l - mu) tau^2 / (tau^2 + v), with mu the mean of the measured logs and tau^2 their spread beyond
-    the noise (the variance of the logs less their mean sampling variance, at least 0). A factor measured without
-    noise keeps its value; one that is all noise (or not measured: v = inf) becomes mu."""
-    logs, variances = logs.double(), variances.double()
-    finite = variances.isfinite()
-    if not finite.any():
-        return torch.zeros_like(logs)
-    mu = logs[finite].mean()
-    spread = (logs[finite] - mu).square().mean() if finite.sum() > 1 else torch.zeros((), dtype=torch.float64)
-    tau2 = (spread - variances[finite].mean()).clamp_min(0)
-    keep = torch.where(variances == 0, torch.ones_like(logs),
-                       torch.where(finite, tau2 / (tau2 + variances).clamp_min(1e-300), torch.zeros_like(logs)))
-    return mu + (logs - mu) * keep
 
 
 def _unit_scores(w: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

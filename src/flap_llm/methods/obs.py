@@ -16,13 +16,6 @@ Two passes, like FLAP + lsq:
    errors instead: the windows are split in two halves, each module's path is fitted on one half and every
    prefix's refit scored on the other, both ways round, and the two curves averaged (the calibration fit
    error flatters wide projections, which fit their own windows' noise).
-   With `token_windows` > 0 the Fisher pass also keeps every token's input and output gradient on about that
-   many of its windows (`fisher.TokenSample`), and each module's curve is multiplied by how much more its refit
-   at the uniform width of `ratio` costs with each token's own Fisher g g^T than with the average F
-   (`reconstruct.token_costs`): the averaged F misses where large errors meet the most sensitive tokens
-   (benchmarks/layer_kl.py measured that on Qwen's first and last layers). With `token_shrink` each module's
-   log factor is first pulled toward the mean of all of them by its sampling noise over the sampled windows
-   (`reconstruct.shrunk_log_factors`), so a factor the windows cannot tell from 1 moves the curves little.
 2. The refit pass (`flap.refit_walk`): per layer the units chosen (greedy OBS again on this pass's
    covariances, which with `sequential` come from the already pruned layers; or FLAP's metric order for the
    ablation), the least-squares refit of the kept columns (float64), and the layer is pruned.
@@ -32,8 +25,7 @@ The refit pass's greedy chooses with its own ridge (`select_damp`, 0.01 by defau
 default): the refit and the allocation's curves keep `lsq_damp`, so only which units go differs, not how many.
 
 Options (PruneConfig): selection "obs" | "metric", allocation "held-out" (default) | "measured" | "structure" (FLAP's
-`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp, token_windows,
-token_shrink, token_reference. selection="metric" with allocation="structure" and sequential=False is FLAP + lsq.
+`structure` on FLAP's scores), sequential (on by default for obs), fisher_fraction, select_damp. selection="metric" with allocation="structure" and sequential=False is FLAP + lsq.
 """
 
 from __future__ import annotations
@@ -47,10 +39,9 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..arch import Dims
 from ..errors import FlapError
-from ..fisher import TokenSample, output_fisher, weighting
+from ..fisher import output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
-from ..reconstruct import (RemovalPath, allocate, damped, held_out_moment, log_ratio, ratio_moments, removal_path,
-                           shrunk_log_factors, token_costs)
+from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
 from ..select import aligned_count, select, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
@@ -140,35 +131,14 @@ def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tupl
 
 def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covariance, Covariance]],
                      counts: tuple[int, int], orders: tuple[torch.Tensor, torch.Tensor] | None,
-                     weights: dict[str, torch.Tensor] | None) -> tuple[tuple[torch.Tensor, torch.Tensor],
-                                                                        tuple[torch.Tensor, torch.Tensor]]:
+                     weights: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """o_proj's and down_proj's error curves as the mean of two held-out curves: paths fitted on one half of
-    the windows, scored on the other, and the other way round; and the first half's removal orders. These
-    paths only estimate curves (the units are chosen again in the refit pass), so they work in float32: the
-    same units and curves as float64 to 1e-5 (tested), faster on wide MLPs (BENCHMARKS.md, the held-out timing
-    rows)."""
+    the windows, scored on the other, and the other way round. These paths only estimate curves (the units are
+    chosen again in the refit pass), so they work in float32: the same units and curves as float64 to 1e-5
+    (tested), faster on wide MLPs (BENCHMARKS.md, the held-out timing rows)."""
     folds = [_paths(layer, job, {k: h[a] for k, h in halves.items()}, counts, orders, weights,
                     {k: h[1 - a] for k, h in halves.items()}, torch.float32) for a in (0, 1)]
-    return (tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds)),
-            tuple(f.order for f in folds[0]))
-
-
-def _token_scale(layer: nn.Module, job: Job, idx: int, name: str, h: torch.Tensor, mean: torch.Tensor,
-                 removed_units: torch.Tensor, unit_size: int, fisher: torch.Tensor,
-                 sample: TokenSample) -> tuple[float, float]:
-    """The log of how much more one of layer idx's refits (h: the damped input covariance, mean: the inputs'
-    mean) costs with each sampled token's own Fisher than with the averaged one (`token_costs`, over every
-    process's sampled windows), and that log's sampling variance (`log_ratio`; (0, inf) when nothing was
-    sampled)."""
-    proj = output_projections(layer, job.spec)[name]
-    x, g, window = sample.tokens(idx, name)
-    moments = torch.zeros(6, dtype=torch.float64)
-    if x.numel():
-        removed = (removed_units[:, None] * unit_size + torch.arange(unit_size)).flatten()
-        own, averaged = token_costs(proj.weight, h, removed, x - mean.to(torch.float32), g, fisher, FISHER_RIDGE)
-        moments = ratio_moments(own, averaged, window)
-    distributed.all_reduce_sum_(moments)
-    return log_ratio(moments)
+    return tuple((f0.held_out + f1.held_out) / 2 for f0, f1 in zip(*folds))
 
 
 def _layer_plan(dims: Dims, removed_groups: torch.Tensor, removed_channels: torch.Tensor) -> LayerPlan:
@@ -196,24 +166,6 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     dense_paths: list[tuple[RemovalPath, RemovalPath]] = []  # allocation "measured": the curves' paths
     weights: list[dict[str, torch.Tensor]] | None = None
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
-    sample = TokenSample(dims.n_layers, cfg.token_windows) if measured and cfg.token_windows else None
-    token_logs: list[list[tuple[float, float]]] = []  # with a sample: each module's (log factor, its variance)
-    # token_reference "allocated": per layer, what the factors are measured with once the plain allocation is known
-    deferred: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
-    sizes = (dims.group_size * dims.head_dim, 1)  # columns per unit of o_proj and down_proj
-
-    def reference(counts: tuple[int, int]) -> tuple[int, int]:
-        """The units a factor is measured at: the given counts, at least one KV group and one greedy step of
-        MLP channels (a refit that removes nothing has no error to weigh)."""
-        return (min(dims.n_kv_heads, max(1, counts[0])), min(mlp_cap, max(1, dims.d_ff // STEPS, counts[1])))
-
-    def token_logs_of(idx: int, h: dict[str, torch.Tensor], means: dict[str, torch.Tensor],
-                      orders: tuple[torch.Tensor, torch.Tensor], counts: tuple[int, int]) -> list[tuple[float, float]]:
-        refs = reference(counts)
-        out = [_token_scale(job.layers.modules[idx], job, idx, k, h[k], means[k], orders[j][:refs[j]], sizes[j],
-                            fisher[idx][k], sample) for j, k in enumerate(("attn", "mlp"))]
-        sample.release(idx)
-        return out
     if cfg.needs_backward:
         if not isinstance(job.layers, InMemoryLayers):
             raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
@@ -223,7 +175,7 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
             recorded = [_covariances(output_projections(layer, job.spec), split) for layer in job.layers.modules]
         with job.timer("sensitivity"):
             fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
-                                   fraction=cfg.fisher_fraction, sample=sample)
+                                   fraction=cfg.fisher_fraction)
             weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def order_of(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -244,20 +196,10 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         scores.append(channel_scores(layer, job.spec, stats[-1], cfg.metric))
         counts = (dims.n_kv_heads, mlp_cap)
         if split:
-            pair, orders = _held_out_curves(layer, job, halves, counts, order_of(idx), weights[idx])
-            curves.append(pair)
+            curves.append(_held_out_curves(layer, job, halves, counts, order_of(idx), weights[idx]))
         elif measured:
             dense_paths.append(_paths(layer, job, covs, counts, order_of(idx), weights[idx]))
             curves.append((dense_paths[-1][0].error, dense_paths[-1][1].error))
-            orders = (dense_paths[-1][0].order, dense_paths[-1][1].order)
-        if sample is not None:  # each curve's per-token cost: at the uniform width now, or after a plain allocation
-            h = {k: damped(covs[k].cov, cfg.lsq_damp).to(torch.float32) for k in ("attn", "mlp")}
-            means = {k: covs[k].mean.to(torch.float32) for k in ("attn", "mlp")}
-            if cfg.token_reference == "uniform":
-                token_logs.append(token_logs_of(idx, h, means, orders, (round(cfg.ratio * dims.n_kv_heads),
-                                                                        round(cfg.ratio * dims.d_ff))))
-            else:
-                deferred.append((h, means, orders))
 
     def walked(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
@@ -276,29 +218,16 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
                 survey(idx, job.layers.modules[idx], recorded[idx])
                 recorded[idx] = None  # each layer's covariances are freed once read
 
-    def split(curves: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[int, int]]:
-        """Each layer's (KV groups, MLP channels) removed: the curves' cheapest split of the budget."""
-        budget = cfg.ratio * total_weight(dims)
-        costs = [dims.group_weight, 1.0] * dims.n_layers
-        counts = allocate([c for pair in curves for c in pair], costs, budget)
-        if sum(k * c for k, c in zip(counts, costs)) < budget - 1:
-            raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head and "
-                            f"{MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
-                            "allocation='structure'")
-        return [(counts[2 * i], counts[2 * i + 1]) for i in range(dims.n_layers)]
-
     with job.timer("plan"):
-        if sample is not None:  # each curve scaled by its refit's per-token cost
-            if cfg.token_reference == "allocated":  # measured at the widths the plain curves' split gives
-                for idx, (plain, (h, means, orders)) in enumerate(zip(split(curves), deferred)):
-                    token_logs.append(token_logs_of(idx, h, means, orders, plain))
-                    deferred[idx] = None
-            logs, variances = (torch.tensor([m[i] for pair in token_logs for m in pair], dtype=torch.float64)
-                               for i in (0, 1))
-            factors = (shrunk_log_factors(logs, variances) if cfg.token_shrink else logs).exp()
-            curves = [(a * float(factors[2 * i]), m * float(factors[2 * i + 1])) for i, (a, m) in enumerate(curves)]
-        if measured:
-            counts = split(curves)
+        if measured:  # each layer's (KV groups, MLP channels) removed: the curves' cheapest split of the budget
+            budget = cfg.ratio * total_weight(dims)
+            costs = [dims.group_weight, 1.0] * dims.n_layers
+            flat = allocate([c for pair in curves for c in pair], costs, budget)
+            if sum(k * c for k, c in zip(flat, costs)) < budget - 1:
+                raise FlapError(f"ratio {cfg.ratio} needs more than the measured allocation may take (every head "
+                                f"and {MAX_MLP_REMOVED:.0%} of each layer's MLP channels); use a lower ratio or "
+                                "allocation='structure'")
+            counts = [(flat[2 * i], flat[2 * i + 1]) for i in range(dims.n_layers)]
         else:
             sel = select(cfg.structure, [a for a, _ in scores], [m for _, m in scores], dims, cfg.ratio,
                          cfg.remove_heads)
