@@ -244,3 +244,64 @@ def test_export_refuses_before_loading(tmp_path, model_dir, capsys, monkeypatch)
     _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf" / "x.gguf")],
              "is a file")
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == '["m.gguf"]'
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "gguf"])
+def test_a_full_disk_ends_in_one_line_and_leaves_nothing(tmp_path, model_dir, text_file, capsys, monkeypatch, target):
+    """A disk that fills while the checkpoint or the GGUF is written: exit 1 and one line saying what was being
+    written, how much it needs and how much is free; no output and no temporary left."""
+    import gguf
+
+    from flap_llm.checkpoint import CheckpointWriter
+    real_save = CheckpointWriter.save_model
+
+    def save_then_fill(self, model):  # the weights land, then the next write finds the disk full
+        real_save(self, model)
+        _enospc()
+    if target == "checkpoint":
+        monkeypatch.setattr(CheckpointWriter, "save_model", save_then_fill)
+        args = ["prune", "--quiet", "--model", str(model_dir), "--calib", str(text_file), "--no-eval",
+                "--nsamples", "4", "--seqlen", "16", "--out", str(tmp_path / "out")]
+        what, written = "the pruned checkpoint", tmp_path / "out"
+    else:
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", _enospc)
+        args = ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")]
+        what, written = "the GGUF file", tmp_path / "m.gguf"
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"flap-llm: error: the disk filled while writing {what} to {written}: it needs " in err
+    import re
+    needed = re.search(r"it needs (about|more than the) ([\d.]+) (bytes|KiB|MiB)", err)
+    assert needed and float(needed.group(2)) > 0, err
+    assert re.search(r"and [\d.]+ (bytes|KiB|MiB|GiB|TiB) is free there", err), err
+    assert not written.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_calibration_text_shorter_than_the_windows_asked_warns(tmp_path, model_dir, capsys):
+    """1024 windows of 16 tokens from a short file overlap heavily: a warning gives the text's tokens against
+    the tokens asked for; the run still completes."""
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    rc = main(["prune", "--quiet", "--model", str(model_dir), "--calib", str(short), "--no-eval", "--nsamples", "64",
+               "--seqlen", "16", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    import re
+    m = re.search(r"flap-llm: warning: .*short\.txt holds (\d+) distinct tokens of text, but 64 windows of 16 ask for "
+                  r"1024: the windows overlap, each token in about ([\d.]+) of them", err)
+    assert m, err
+    assert int(m.group(1)) < 1024 and float(m.group(2)) == pytest.approx(1024 / int(m.group(1)), abs=0.05)
+    assert (tmp_path / "out" / "flap_manifest.json").is_file()
+    # enough text: no warning
+    from flap_llm.data import sample_windows
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample_windows(torch.arange(2000), 8, 16, 0)

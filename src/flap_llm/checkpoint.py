@@ -9,6 +9,7 @@ architecture, for plans in which every layer has the same shapes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from torch import nn
 from . import modeling_flap
 from .arch import (ARCHITECTURES, applied_window, architecture_of, config_head_dim, decoder_layers, dims_of, input_projs,
                    model_params, spec_of)
-from .errors import FlapError
+from .errors import DiskFullError, FlapError
 from .report import versions
 
 MANIFEST = "flap_manifest.json"
@@ -119,9 +120,39 @@ def pause_before_commit() -> None:
         time.sleep(0.05)
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 when it is gone)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _human(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, what: str, written: int, needed: int | None) -> DiskFullError:
+    """The one-line error for a write that filled the disk (after its temporary output was removed)."""
+    free = shutil.disk_usage(path.parent).free
+    need = (f"it needs about {_human(needed)}" if needed and needed > written
+            else f"it needs more than the {_human(written)} written before the disk filled")
+    return DiskFullError(f"the disk filled while writing {what} to {path}: {need}, and {_human(free)} is free there; "
+                         "nothing partial was left. Free some space or write elsewhere")
+
+
 @contextmanager
-def atomic_folder(path: Path):
-    """Yield a temporary sibling folder; on success it replaces `path`, on error nothing is left."""
+def atomic_folder(path: Path, what: str = "the output folder", needed: int | None = None):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error nothing is left. A full disk
+    ends in a DiskFullError naming `what` and the `needed` bytes (an estimate, if known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -129,8 +160,11 @@ def atomic_folder(path: Path):
     try:
         yield tmp
         pause_before_commit()
-    except BaseException:  # errors, Ctrl-C and (through the CLI's handler) SIGTERM: no temporary output left
+    except BaseException as e:  # errors, Ctrl-C and (through the CLI's handler) SIGTERM: no temporary output left
+        written = _size(tmp) if _is_disk_full(e) else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise _disk_full(path, what, written, needed) from e
         raise
     old = None
     if path.exists():
@@ -146,9 +180,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def atomic_file(path: Path):
+def atomic_file(path: Path, what: str = "the output file", needed: int | None = None):
     """Yield a temporary name beside `path`; once the block has written it, it is renamed to `path`.
-    On any error or interruption the temporary file is removed and `path` is left as it was."""
+    On any error or interruption the temporary file is removed and `path` is left as it was; a full disk ends
+    in a DiskFullError naming `what` and the `needed` bytes (an estimate, if known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -156,8 +191,11 @@ def atomic_file(path: Path):
         yield tmp
         pause_before_commit()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = _size(tmp) if _is_disk_full(e) else 0
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e):
+            raise _disk_full(path, what, written, needed) from e
         raise
 
 
@@ -278,12 +316,14 @@ class CheckpointWriter:
         self.path, self.format = Path(path), format
         self.base = base_model_info(model)
         check_destination(self.path, overwrite, [self.base["name_or_path"], *sources])
+        # about what the weights take on disk (an upper bound: a pruned model is smaller, tied tensors count twice)
+        self.needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         self.folder: Path | None = None
         self.parameters: int | None = None
 
     @contextmanager
     def open(self):
-        with atomic_folder(self.path) as tmp:
+        with atomic_folder(self.path, "the pruned checkpoint", self.needed) as tmp:
             self.folder = tmp
             yield self
         self.folder = None

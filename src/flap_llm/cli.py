@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, SELECT_DAMP,
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
+    show = warnings.showwarning
+    warnings.showwarning = _show_warning  # the library's warnings as one line each
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -154,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print("flap-llm: terminated; temporary output removed, nothing was changed", file=sys.stderr)
         return 143
     finally:
+        warnings.showwarning = show
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"flap-llm: warning: {message}", file=file or sys.stderr)
 
 
 def _run(args) -> int:
@@ -177,7 +185,7 @@ def _run(args) -> int:
             raise
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"flap-llm: error: {message}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 def _say(args, msg: str) -> None:

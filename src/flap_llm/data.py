@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,6 +163,11 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, spe
     if ids.numel() <= seqlen:
         raise FlapError(f"{spec} has only {ids.numel()} tokens, too short for windows of {seqlen} tokens; "
                         + (f"use --seqlen {ids.numel() - 1} or less, or more text" if ids.numel() > 1 else "give more text"))
+    asked = nsamples * seqlen
+    if ids.numel() < asked:
+        warnings.warn(f"{spec} holds {ids.numel()} distinct tokens of text, but {nsamples} windows of {seqlen} ask for {asked}: "
+                      f"the windows overlap, each token in about {asked / ids.numel():.1f} of them on average; give more "
+                      f"text or fewer windows (--nsamples {max(1, ids.numel() // seqlen)})", stacklevel=2)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

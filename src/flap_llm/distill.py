@@ -192,7 +192,7 @@ def _window_order(n: int, steps_windows: int, seed: int) -> torch.Tensor:
 
 def _save_state(path: Path, state: dict) -> None:
     from .checkpoint import atomic_file
-    with atomic_file(path) as tmp:
+    with atomic_file(path, "the heal resume checkpoint") as tmp:
         torch.save(state, tmp)
 
 

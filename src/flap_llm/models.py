@@ -101,7 +101,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     fresh = type(model)(config)
     fresh.load_state_dict(model.state_dict())
     fresh.config.flap_source = str(gguf)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, "the converted model in the cache") as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out

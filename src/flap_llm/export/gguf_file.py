@@ -263,7 +263,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
     if rope["rope_type"] == "llama3":
         tensors.add("rope_freqs.weight", llama3_rope_factors(rope, hd))
 
-    with atomic_file(path) as tmp:
+    needed = sum(data.nbytes for _, data, _ in tensors.items)  # the tensors; the header and vocabulary are small
+    with atomic_file(path, "the GGUF file", needed) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _write_header(writer, model, layout, hd, dtype, n_vocab, rope)
         if source is not None:
