@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHO
 from .methods import ALLOCATIONS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .errors import FlapError
-from .export import GGUF_DTYPES
+from .export import GGUF_DTYPES, QUANT_TYPES, gguf_alignment, gguf_type
+from .export.gguf_file import needs_quantize
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream the model layer by layer from its safetensors files (models larger than memory)")
     p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
                    help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
-    p.add_argument("--gguf", nargs="?", const="f16", default=None, choices=GGUF_DTYPES, metavar="DTYPE",
-                   help="also write model-DTYPE.gguf for llama.cpp into --out (DTYPE: f32, f16 (default), bf16, q8_0)")
+    p.add_argument("--gguf", nargs="?", const="f16", default=None, metavar="TYPE",
+                   help="also write model-TYPE.gguf for llama.cpp into --out, and report its size and llama.cpp's "
+                        f"perplexity (TYPE: {', '.join(GGUF_DTYPES)} (f16 by default), or through llama-quantize "
+                        f"{', '.join(QUANT_TYPES)}; any case); without --align the MLP widths are aligned for the "
+                        "type (256 for k-quants, 32 for the others but f32/bf16)")
     p.add_argument("--heal-tokens", type=int, default=None, metavar="N",
                    help="after pruning, distill the dense model into the pruned one on N tokens of --calib's text "
                         "(see `flap-llm heal`)")
@@ -119,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a GGUF file for llama.cpp (pruned checkpoint, dense model or .gguf)")
     x.add_argument("--model", default=None, help="pruned checkpoint, local HF folder, .gguf file (default: builtin:smollm2)")
     x.add_argument("--out", required=True, help="the GGUF file to write (name ending in .gguf)")
-    x.add_argument("--dtype", default="f16", choices=GGUF_DTYPES, help="weight type: f32, f16 (default), bf16, q8_0")
+    x.add_argument("--dtype", default="f16", help=f"weight type: {', '.join(GGUF_DTYPES)} (f16 by default), or "
+                                                  f"through llama-quantize {', '.join(QUANT_TYPES)} (any case)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -252,6 +258,11 @@ def _prune(args) -> int:
     if args.gguf and (args.offload or config.mode == "mask"):
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
+    if args.gguf:
+        args.gguf = gguf_type(args.gguf)
+        if needs_quantize(args.gguf):  # before any work: llama-quantize makes this type
+            from .llamacpp import binary
+            binary("llama-quantize")
     tasks = _tasks(args)
     device = pick_device(args.device)
     if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
@@ -280,6 +291,12 @@ def _prune(args) -> int:
         if getattr(model.config, "flap_layers", None):
             raise FlapError(f"{path} is already pruned; prune the original dense model instead")
         from .engine import check_model
+        if args.gguf and config.align is None:  # ffn_down's rows take the type whole
+            multiple = gguf_alignment(args.gguf)
+            if multiple and multiple < model.config.intermediate_size:
+                config = dataclasses.replace(config, align=multiple)
+                _say(args, f"aligning each layer's kept MLP channels to a multiple of {multiple} for {args.gguf} "
+                           "(--align sets another)")
         check_model(model, config)
         if args.gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
             from .export.gguf_file import check_exportable
@@ -332,16 +349,41 @@ def _prune(args) -> int:
         if not lead:
             return 0
         def before_commit(folder: Path) -> None:
-            _write_reports(folder, report, result)
+            nonlocal report
             if args.gguf:
                 from .export import save_gguf
-                save_gguf(model, folder / f"model-{args.gguf}.gguf", tokenizer, args.gguf, progress=progress)
+                gguf_path = save_gguf(model, folder / f"model-{args.gguf}.gguf", tokenizer, args.gguf,
+                                      progress=progress)
+                report = report.with_evaluation(gguf=_gguf_report(args, gguf_path))
+            _write_reports(folder, report, result)
 
         save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
                     extra=extra, before_commit=before_commit)
     _say(args, report.summary())
     _say(args, f"saved the pruned model and reports to {out}")
     return 0
+
+
+def _gguf_report(args, path: Path) -> dict:
+    """The deployed file's type and size, and llama.cpp's own perplexity of it on the evaluation text (its
+    convention: windows of --eval-seqlen tokens, the second half of each scored); None without llama.cpp's
+    tools or with --no-eval."""
+    out = {"file": path.name, "type": args.gguf, "bytes": path.stat().st_size, "llama_perplexity": None}
+    from .llamacpp import bin_dir
+    if args.no_eval or bin_dir() is None:
+        out["llama_perplexity_skipped"] = "--no-eval" if args.no_eval else "llama.cpp's tools are not installed"
+        return out
+    import tempfile
+    from .data import load_texts
+    from .llamacpp import perplexity
+    _say(args, f"measuring {path.name} with llama.cpp's llama-perplexity on {args.eval_spec}")
+    with tempfile.TemporaryDirectory() as d:
+        text = Path(d) / "eval.txt"
+        text.write_text("\n\n".join(load_texts(args.eval_spec, "eval")))
+        chunks = args.eval_limit if args.eval_limit else -1
+        out["llama_perplexity"] = perplexity(path, text, args.eval_seqlen, chunks)
+    out.update(llama_perplexity_spec=args.eval_spec, llama_perplexity_ctx=args.eval_seqlen)
+    return out
 
 
 def _heal_windows(args, tokenizer, spec: str, tokens: int, seqlen: int):
@@ -430,6 +472,10 @@ def _export(args) -> int:
     if args.model and Path(args.model).expanduser().resolve() == out.resolve():
         raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")
     check_gguf_destination(out, args.overwrite)  # before loading; save_gguf checks again, cheaply
+    args.dtype = gguf_type(args.dtype)
+    if needs_quantize(args.dtype):  # before loading: llama-quantize makes this type
+        from .llamacpp import binary
+        binary("llama-quantize")
     model, tokenizer, path = load_model(args.model, "float32", "cpu", not args.quiet)
     save_gguf(model, out, tokenizer, args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     if not args.quiet:

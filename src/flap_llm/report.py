@@ -170,6 +170,12 @@ def render_markdown(report: PruneReport | dict) -> str:
     ]
     if ppl:
         lines.append(f"| perplexity ({ppl['spec']}, {ppl['seqlen']} tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} | |")
+    gguf = report.get("gguf")
+    if gguf:
+        lines.append(f"| GGUF `{gguf['file']}` ({gguf['type']}) | | {gguf['bytes'] / 2**20:.1f} MiB | |")
+        if gguf.get("llama_perplexity") is not None:
+            lines.append(f"| llama.cpp perplexity ({gguf['llama_perplexity_spec']}, {gguf['llama_perplexity_ctx']} "
+                         f"tokens, llama-perplexity's convention) | | {gguf['llama_perplexity']:.2f} | |")
     if report.get("zeroshot"):
         lines += ["", "Zero-shot accuracy (%, lm-evaluation-harness):", "",
                   zeroshot_markdown({"dense": report["zeroshot"]["before"], "pruned": report["zeroshot"]["after"]})]
@@ -192,6 +198,12 @@ def summary_table(report: PruneReport | dict) -> str:
     if report.get("zeroshot"):
         rows.append(("zero-shot avg acc", f"{100 * report['zeroshot']['before']['average']:.2f}",
                      f"{100 * report['zeroshot']['after']['average']:.2f}"))
+    gguf = report.get("gguf")
+    if gguf:
+        rows.append((f"GGUF {gguf['type']}", "", f"{gguf['bytes'] / 2**20:.1f} MiB"))
+        if gguf.get("llama_perplexity") is not None:
+            rows.append((f"llama.cpp perplexity ({gguf['llama_perplexity_spec']})", "",
+                         f"{gguf['llama_perplexity']:.2f}"))
     rows.append(("time (s)", "", f"{report['timings_s']['total']:.1f} pruning"))
     w = max(len(r[0]) for r in rows)
     out = [f"{'':{w}}  {'dense':>14}  {'pruned':>24}"]

@@ -20,12 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, applied_window, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
-from ..checkpoint import atomic_file, check_writable_parent
+from ..checkpoint import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
 from .layout import DeciLayer, deci_layout
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what this exporter writes itself
+# llama.cpp's quantization types that llama-quantize makes from our f16 file (its names; any case on input)
+QUANT_TYPES = ("Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 ARCH = "deci"
 _Q8_BLOCK = 32
 
@@ -66,10 +68,39 @@ def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def gguf_type(name: str) -> str:
+    """A GGUF weight type as given by a user (any case) in its canonical spelling: ours in lower case (f32, f16,
+    bf16, q8_0; Q8_0 is ours too), llama-quantize's in upper case (Q4_K_M, ...)."""
+    if not isinstance(name, str):
+        raise FlapError(f"GGUF type must be a string such as f16 or Q4_K_M, got {name!r}")
+    if name.lower() in GGUF_DTYPES:
+        return name.lower()
+    if name.upper() in QUANT_TYPES:
+        return name.upper()
+    raise FlapError(f"unknown GGUF type {name!r}; choose one of: {', '.join(GGUF_DTYPES + QUANT_TYPES)} (any case)")
+
+
+def needs_quantize(dtype: str) -> bool:
+    """Whether llama.cpp's llama-quantize makes this type (from an f16 file we write first)."""
+    return gguf_type(dtype) in QUANT_TYPES
+
+
+def gguf_alignment(dtype: str) -> int | None:
+    """The MLP width multiple a type needs for ffn_down's rows (its input width: the kept channels) to take it
+    whole: 256 for the k-quants' super-blocks, 32 for the 32-value blocks of Q4_0, Q5_0, q8_0, and for f16;
+    None for f32 and bf16. llama-quantize gives a row that is not a multiple another, wider type."""
+    t = gguf_type(dtype)
+    if "_K" in t:
+        return 256
+    return None if t in ("f32", "bf16") else 32
+
+
 def check_exportable(model: nn.Module, dtype: str) -> None:
-    """Everything that makes a GGUF inexact is refused here, before anything is written."""
-    if dtype not in GGUF_DTYPES:
-        raise FlapError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
+    """Everything that makes a GGUF inexact is refused here, before anything is written; a type llama-quantize
+    makes needs llama.cpp's tools installed."""
+    if needs_quantize(dtype):
+        from ..llamacpp import binary
+        binary("llama-quantize")
     spec = spec_of(model)
     if spec.gguf_unsupported:
         raise FlapError(f"cannot export {architecture_of(model)} to GGUF: {spec.gguf_unsupported}; use the flap "
@@ -229,15 +260,21 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
               overwrite: bool = False, progress: bool = False) -> Path:
     """Write a pruned (or dense) model as a GGUF file that llama.cpp runs with each layer's own widths.
 
-    dtype: "f32", "f16" (default), "bf16" or "q8_0" for the 2-D weights (norms and biases stay f32).
+    dtype: "f32", "f16" (default), "bf16" or "q8_0" for the 2-D weights (norms and biases stay f32), written
+        here; or one of llama.cpp's quantization types (QUANT_TYPES: "Q4_K_M", "Q6_K", ...; any case), which
+        llama.cpp's llama-quantize makes from an f16 file written first (needs the `llama` extra). Prune with
+        `align=gguf_alignment(dtype)` so that every ffn_down row takes the type.
     tokenizer: the model's Hugging Face tokenizer; when the model came from a .gguf file, that file's
         tokenizer is carried over instead. The file appears under its name only once complete.
     """
     import gguf
 
+    dtype = gguf_type(dtype)
     check_exportable(model, dtype)
     path = Path(path)
     check_gguf_destination(path, overwrite)
+    if needs_quantize(dtype):
+        return _quantized(model, path, tokenizer, dtype, progress)
     source = _source_gguf(model)
     if source is not None and source.resolve() == path.resolve():
         raise FlapError(f"refusing to overwrite the source model {path}; choose another output name")
@@ -280,4 +317,18 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
     if tensors.fallbacks:
         warnings.warn(f"{tensors.fallbacks} weight matrices were written in f16, not q8_0: their rows are not "
                       "multiples of 32 values; prune with align=32 (--align 32) to quantize them all", stacklevel=2)
+    return path
+
+
+def _quantized(model: nn.Module, path: Path, tokenizer, qtype: str, progress: bool) -> Path:
+    """An f16 GGUF written beside `path` (removed afterwards), then llama-quantize into `path`, atomically."""
+    from ..llamacpp import quantize
+    # named as a temporary of `path` (removed by the next run that writes it, if this one is killed)
+    f16 = Path(f"{temp_sibling(path)}.f16.gguf")
+    try:
+        save_gguf(model, f16, tokenizer, "f16", progress=progress)
+        with atomic_file(path, f"the {qtype} GGUF file", f16.stat().st_size) as tmp:
+            quantize(f16, tmp, qtype)
+    finally:
+        f16.unlink(missing_ok=True)
     return path
