@@ -232,3 +232,28 @@ def test_obs_on_gemma3_refused_before_any_work(tmp_path, text_file, capsys):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "method obs is not offered for Gemma3ForCausalLM" in err and "--method flap --compensation lsq" in err
     assert not out.exists()
+
+
+def test_prune_writes_a_model_card_the_hub_parses(tmp_path, model_dir, text_file):
+    """README.md in --out: Hub front matter, what was removed, the measured table, how to load the folder; a hub
+    id becomes base_model, a local folder does not."""
+    from huggingface_hub import ModelCard
+
+    from flap_llm.modelcard import hub_base
+    out = tmp_path / "smol-30"
+    assert run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
+                   "--eval-seqlen", 16, "--ratio", 0.3, "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert {"pruned", "flap", "flap-llm"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is not a hub id
+    p, ppl = report["params"], report["perplexity"]
+    assert f"{p['decoder_removed_fraction']:.1%} of the decoder's attention and MLP weights" in card.text
+    assert f"| perplexity ({ppl['spec']}, windows of 16 tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} |" \
+        in card.text
+    assert 'flap_llm.load_pruned("smol-30")' in card.text and "trust_remote_code=True" in card.text
+    assert "llama-cli" not in card.text  # no GGUF was written
+    assert hub_base("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_base("/root/.cache/flap-llm/SmolLM2-135M-Instruct.Q4_1-0123") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_base(str(model_dir)) is None and hub_base(None) is None

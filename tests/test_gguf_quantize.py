@@ -61,6 +61,10 @@ def test_prune_to_q4_k_m_in_one_command(tmp_path, wide_model_dir, text_file):
     assert report["gguf"]["type"] == "Q4_K_M" and report["gguf"]["bytes"] == path.stat().st_size
     assert 1 < report["gguf"]["llama_perplexity"] < 1e4
     assert "llama.cpp perplexity" in (out / "report.md").read_text()
+    card = (out / "README.md").read_text()  # the model card says how to run the file and what it measured
+    assert "llama-cli -m out/model-Q4_K_M.gguf" in card
+    assert f"| llama.cpp perplexity of the GGUF ({text_file}, llama-perplexity) |  | " \
+        f"{report['gguf']['llama_perplexity']:.2f} |" in card
     # every ffn_down row takes a k-quant (Q4_K_M gives some of them Q6_K), none falls back
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     downs = [v for k, v in types.items() if k.endswith("ffn_down.weight")]

@@ -148,6 +148,12 @@ def test_cli_heal_and_prune_heal_tokens(tmp_path, model_dir, text_file):
     assert ppl["before"] > 1 and ppl["after"] > 1  # a random tiny teacher: its text perplexity is no target
     a, b = flap_llm.load_pruned(pruned), flap_llm.load_pruned(healed)
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    # the healed folder's model card gives the prune's numbers and the healing's
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(healed / "README.md")
+    assert "pruned" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    assert f"| perplexity after healing ({text_file}) |  | {ppl['after']:.2f} |" in card.text
+    assert "then healed by distillation" in card.text
     # closer to the teacher on the text it was healed on
     from transformers import AutoModelForCausalLM, AutoTokenizer
     teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()

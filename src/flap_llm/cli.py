@@ -356,6 +356,8 @@ def _prune(args) -> int:
                                       progress=progress)
                 report = report.with_evaluation(gguf=_gguf_report(args, gguf_path))
             _write_reports(folder, report, result)
+            from .modelcard import model_card
+            (folder / "README.md").write_text(model_card(report.to_dict(), out.name, args.export))
 
         save_pruned(model, out, tokenizer=tokenizer, result=result, format=args.export, overwrite=args.overwrite,
                     extra=extra, before_commit=before_commit)
@@ -452,8 +454,17 @@ def _heal(args) -> int:
                                                        "limit": args.eval_limit, "before": ppl_before,
                                                        "after": ppl_after}}
     keep = {k: manifest[k] for k in ("prune_config", "plan", "report", "seed", "calibration", "metrics") if k in manifest}
+    def before_commit(folder: Path) -> None:
+        write_json(folder / "heal_report.json", report)
+        if "report" in manifest:  # pruned by the CLI: the card gives the prune's numbers and the healing's
+            from .modelcard import model_card
+            metrics = manifest.get("metrics") or {}
+            card = {**manifest["report"], "model": manifest.get("base_model", {}).get("name_or_path"),
+                    "calibration": {**(manifest["report"].get("calibration") or {}), **(manifest.get("calibration") or {})},
+                    "perplexity": metrics.get("perplexity"), "zeroshot": metrics.get("zeroshot"), "heal": report}
+            (folder / "README.md").write_text(model_card(card, out.name, manifest.get("format", "flap")))
     save_pruned(student, out, tokenizer=tokenizer, overwrite=args.overwrite, extra={**keep, "heal": report},
-                before_commit=lambda folder: write_json(folder / "heal_report.json", report))
+                before_commit=before_commit)
     if state_dir.exists():
         import shutil
         shutil.rmtree(state_dir, ignore_errors=True)
