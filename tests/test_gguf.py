@@ -158,7 +158,7 @@ def test_dtypes_encode_2d_weights_and_keep_1d_in_f32(tmp_path, dtype, bytes_per_
 
 def test_refusals_before_writing(tmp_path):
     model, tok = _pruned_tiny()
-    with pytest.raises(FlapError, match="dtype"):
+    with pytest.raises(FlapError, match="unknown GGUF type .q4."):
         save_gguf(model, tmp_path / "a.gguf", tok, dtype="q4")
     with pytest.raises(FlapError, match=r"\.gguf"):
         save_gguf(model, tmp_path / "a.bin", tok)
