@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.arch import spec_of  # noqa: E402
-from flap_llm.config import FISHER_FRACTION  # noqa: E402
+from flap_llm.methods.obs import FISHER_FRACTION  # noqa: E402
 from flap_llm.data import calibration_windows  # noqa: E402
 from flap_llm.fisher import output_fisher, weighting, window_selected  # noqa: E402
 from flap_llm.methods.obs import FISHER_RIDGE  # noqa: E402

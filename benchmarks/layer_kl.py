@@ -36,7 +36,8 @@ from common import MODELS, append_jsonl, command_line, commands_of, load, read_j
 from flap_llm.apply import complement  # noqa: E402
 from flap_llm.arch import decoder_layers, dims_of, spec_of  # noqa: E402
 from flap_llm.compensate import lsq_compensation  # noqa: E402
-from flap_llm.config import FISHER_FRACTION, PruneConfig  # noqa: E402
+from flap_llm.config import PruneConfig  # noqa: E402
+from flap_llm.methods.obs import FISHER_FRACTION, SELECT_DAMP  # noqa: E402
 from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
 from flap_llm.evaluate import eval_windows  # noqa: E402
 from flap_llm.fisher import _logit_gradient, output_fisher, weighting, window_uniforms  # noqa: E402
@@ -193,11 +194,11 @@ def main() -> None:
                 continue
             lin, size, n_removed = mods[(i, k)]
             cov, w = covs[(i, k)], lin.weight.detach().to(torch.float64)
-            path = removal_path(weighting(fisher[i][k], FISHER_RIDGE) @ w, damped(cov.cov, cfg.select_damp), size,
+            path = removal_path(weighting(fisher[i][k], FISHER_RIDGE) @ w, damped(cov.cov, SELECT_DAMP), size,
                                 n_removed, 1 if k == "attn" else max(1, dims.d_ff // STEPS), dtype=torch.float32)
             gone = (path.order[:, None] * size + torch.arange(size)).flatten()
             keep = complement(gone, lin.in_features)
-            w_k, b = lsq_compensation(lin.weight, lin.bias, cov.mean, cov.cov, keep, gone, cfg.lsq_damp)
+            w_k, b = lsq_compensation(lin.weight, lin.bias, cov.mean, cov.cov, keep, gone, cfg.options.lsq_damp)
             new = torch.zeros_like(w)
             new[:, keep] = w_k
             err = torch.cat(seen[(i, k)]).to(torch.float64) @ (new - w).T + (b - _bias(lin))
@@ -226,8 +227,8 @@ def main() -> None:
                                      for key in mine)
     append_jsonl(Path(args.results), {
         "model": args.model, "seed": args.seed, "ratio": args.ratio, "row": args.row, "nsamples": args.nsamples,
-        "seqlen": args.seqlen, "eval_windows": args.eval_windows, "select_damp": cfg.select_damp,
-        "lsq_damp": cfg.lsq_damp, "label_draws": args.label_draws, "per_layer": per_layer, "together_kl": together,
+        "seqlen": args.seqlen, "eval_windows": args.eval_windows, "select_damp": SELECT_DAMP,
+        "lsq_damp": cfg.options.lsq_damp, "label_draws": args.label_draws, "per_layer": per_layer, "together_kl": together,
         "seconds": time.perf_counter() - t0, "versions": versions(), "command": command_line()})
 
 

@@ -65,6 +65,23 @@ ROWS = {
 }
 
 
+# options a row may name with the value obs has fixed since (dropped), and the options deleted since: a row that
+# needs one of them is history (its results stay in the results files and BENCHMARKS.md) and no longer runs
+FIXED_SINCE = {"select_damp": 0.01, "fisher_fraction": 0.5, "sequential": True, "selection": "obs"}
+DELETED = {"selection", "sequential", "fisher_fraction", "select_damp", "token_windows", "token_shrink",
+           "token_reference", "structure"}
+
+
+def config_of(name: str, ratio: float) -> flap_llm.PruneConfig:
+    """The PruneConfig of a row at a ratio; refused for a row that measured an option deleted since."""
+    row = {k: v for k, v in ROWS[name].items() if not (ROWS[name].get("method") == "obs" and FIXED_SINCE.get(k, ...) == v)}
+    gone = sorted(k for k in row if row.get("method") == "obs" and k in DELETED)
+    if gone or row.get("allocation") == "structure":
+        raise SystemExit(f"row {name!r} measured obs options deleted since ({', '.join(gone) or 'allocation structure'}); "
+                         "its results are history (BENCHMARKS.md)")
+    return flap_llm.PruneConfig(ratio=ratio, **row)
+
+
 def plan_digest(plan) -> str:
     """A fingerprint of the exact units a plan keeps (rows with equal digests pruned the same model)."""
     return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -221,8 +238,7 @@ def timing(args, model, calib) -> None:
             for name in ("flap+lsq", "obs"):
                 m = copy.deepcopy(model)
                 t = time.perf_counter()
-                config = ROWS[name if name == "flap+lsq" else args.timing_row]
-                result = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **config),
+                result = flap_llm.prune(m, calib, config_of(name if name == "flap+lsq" else args.timing_row, ratio),
                                         batch_size=args.batch_size)
                 times[name].append(time.perf_counter() - t)
                 if name == "obs":
@@ -232,7 +248,7 @@ def timing(args, model, calib) -> None:
         before = quality.get((args.model, ratio))
         row = {"model": args.model, "ratio": ratio, **({"seed": args.seed} if args.seed else {}),
                "flap+lsq_s": times["flap+lsq"], "obs_s": times["obs"],
-               "obs_timings_s": sections, "obs_lsq_damp": flap_llm.PruneConfig(**ROWS[args.timing_row]).lsq_damp,
+               "obs_timings_s": sections, "obs_lsq_damp": config_of(args.timing_row, 0.5).options.lsq_damp,
                **({} if args.timing_row == "obs" else {"obs_row": args.timing_row}),
                "same_plan_as_quality_row": same_plan(before, kept, digest), "obs_kept_per_layer": kept,
                "obs_plan_sha": digest, "versions": versions(),
@@ -386,7 +402,7 @@ def main() -> None:
                     help="--render: also the rows of the tables' draw that only these files hold")
     ap.add_argument("--timing", action="store_true", help="only time FLAP+lsq against obs, alternately")
     ap.add_argument("--repeats", type=int, default=2, help="--timing: runs of each")
-    ap.add_argument("--timing-row", default="obs held-out", help="--timing: the obs row to time against FLAP+lsq")
+    ap.add_argument("--timing-row", default="obs select 0.01", help="--timing: the obs row to time against FLAP+lsq")
     ap.add_argument("--timing-results", default="benchmarks/results/obs_timing.jsonl")
     ap.add_argument("--render-timing", action="store_true")
     ap.add_argument("--render-seeds", nargs="+", default=None, metavar="JSONL",
@@ -437,7 +453,7 @@ def main() -> None:
         m = copy.deepcopy(model)
         report, digest, t = None, None, time.perf_counter()
         if name != "dense":
-            result = flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=ratio, **ROWS[name]),
+            result = flap_llm.prune(m, calib, config_of(name, ratio),
                                     batch_size=args.batch_size)
             report, digest = result.report, plan_digest(result.plan)
         prune_s = time.perf_counter() - t

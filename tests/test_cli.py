@@ -67,19 +67,17 @@ def test_prune_jsonl_mask_uniform_export(tmp_path, model_dir):
 
 
 def test_prune_obs(tmp_path, model_dir, text_file):
-    """--method obs end to end: the manifest records its options, the checkpoint reloads with its perplexity, and
-    the uniform ablation exports as a stock model."""
+    """--method obs end to end: the manifest and the report record only obs's options, the checkpoint reloads
+    with its perplexity; FLAP's uniform structure exports as a stock model."""
     out = tmp_path / "obs"
     rc = run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
-                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--lsq-damp", 0.05, "--fisher-fraction", 0.75,
-                 "--select-damp", 0.02, "--out", out)
+                 "--eval-seqlen", 16, "--ratio", 0.4, "--method", "obs", "--lsq-damp", 0.05, "--out", out)
     assert rc == 0
     manifest = json.loads((out / "flap_manifest.json").read_text())
-    cfg = manifest["prune_config"]
-    assert (cfg["method"], cfg["selection"], cfg["allocation"], cfg["sequential"]) == ("obs", "obs", "held-out", True)
-    assert cfg["lsq_damp"] == 0.05 and cfg["fisher_fraction"] == 0.75 and cfg["select_damp"] == 0.02
-    assert not {"token_windows", "token_shrink", "token_reference"} & set(cfg)  # options measured worse, deleted
     report = json.loads((out / "report.json").read_text())
+    for cfg in (manifest["prune_config"], report["config"]):
+        assert cfg == {"ratio": 0.4, "method": "obs", "options": {"allocation": "held-out", "lsq_damp": 0.05},
+                       "mode": "prune", "align": None}
     assert report["compensation"] == "lsq"
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
     res_file = tmp_path / "ppl.json"
@@ -87,12 +85,28 @@ def test_prune_obs(tmp_path, model_dir, text_file):
                  "--json", str(res_file), "--device", "cpu"]) == 0
     assert json.loads(res_file.read_text())["perplexity"]["ppl"] == pytest.approx(report["perplexity"]["ppl_after"],
                                                                                 rel=1e-5)
+    flap_out = tmp_path / "flap"  # a plain FLAP run records FLAP's options alone
+    assert run_cli("--model", model_dir, "--calib", text_file, "--no-eval", "--nsamples", 8, "--seqlen", 16,
+                   "--out", flap_out) == 0
+    assert json.loads((flap_out / "report.json").read_text())["config"]["options"] == {
+        "metric": "WIFV", "structure": "AL-AM", "compensation": "bias"}
+    assert "allocation" not in (flap_out / "report.md").read_text()
     uniform = tmp_path / "uniform"
     assert run_cli("--model", model_dir, "--calib", text_file, "--no-eval", "--nsamples", 8, "--seqlen", 16,
-                   "--ratio", 0.5, "--method", "obs", "--allocation", "structure", "--structure", "UL-UM",
-                   "--export", "hf-uniform", "--out", uniform) == 0
+                   "--ratio", 0.5, "--structure", "UL-UM", "--compensation", "lsq", "--export", "hf-uniform",
+                   "--out", uniform) == 0
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(uniform).config.intermediate_size == 48
+
+
+def test_help_groups_each_methods_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    flap, obs = out.index("options of --method flap:"), out.index("options of --method obs:")
+    assert flap < out.index("--compensation {", flap) < obs < out.index("--allocation {", obs)
+    for gone in ("--selection", "--fisher-fraction", "--select-damp", "--token-windows", "--no-sequential"):
+        assert gone not in out
 
 
 def test_python_dash_m_alias(tmp_path, model_dir, text_file):
@@ -116,16 +130,15 @@ def test_python_dash_m_alias(tmp_path, model_dir, text_file):
     (lambda t, m, f: ["--model", m, "--structure", "AL-MM"], "remove_heads"),
     (lambda t, m, f: ["--model", t / "bad.gguf"], "could not load the GGUF"),
     (lambda t, m, f: ["--model", "builtin:gpt5"], "unknown built-in model"),
-    (lambda t, m, f: ["--model", m, "--selection", "metric"], "options of method obs"),
+    (lambda t, m, f: ["--model", m, "--allocation", "measured"], "--allocation: option of --method obs, not flap"),
+    (lambda t, m, f: ["--model", m, "--method", "obs", "--metric", "IFV"], "--metric: option of --method flap, not obs"),
+    (lambda t, m, f: ["--model", m, "--method", "wanda-sp", "--compensation", "lsq"], "option of --method flap"),
+    (lambda t, m, f: ["--model", m, "--lsq-damp", 0.1], "--lsq-damp is the ridge of the least-squares refit"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--export", "hf-uniform"], "allocation by measured errors"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--allocation", "measured", "--export", "hf-uniform"],
-     "held-out or measured"),
+    (lambda t, m, f: ["--model", m, "--export", "hf-uniform"], "--structure UL-UM"),
     (lambda t, m, f: ["--model", m, "--method", "obs", "--ratio", 0.95], "needs more than the measured allocation"),
     (lambda t, m, f: ["--model", m, "--compensation", "lsq", "--lsq-damp", 0], "lsq_damp must be positive"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--fisher-fraction", 0], "fisher_fraction must be in"),
-    (lambda t, m, f: ["--model", m, "--fisher-fraction", 0.5], "fisher_fraction is an option of method obs"),
-    (lambda t, m, f: ["--model", m, "--method", "obs", "--select-damp", -1], "select_damp must be positive"),
-    (lambda t, m, f: ["--model", m, "--select-damp", 0.01], "select_damp is an option of method obs"),
+    (lambda t, m, f: ["--model", m, "--sequential"], "options of compensation lsq"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, model_dir, text_file, capsys, make_args, words):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")

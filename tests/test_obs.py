@@ -12,7 +12,7 @@ import torch
 import flap_llm
 from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
-from flap_llm.config import FISHER_FRACTION
+from flap_llm.config import FlapOptions, ObsOptions
 from flap_llm.fisher import window_selected
 from flap_llm.methods import flap as flap_method
 from flap_llm.methods import obs as obs_method
@@ -177,27 +177,12 @@ OBS_ARCHS = [a for a in ARCHS if a != "gemma3"]
 
 
 @pytest.mark.parametrize("arch", OBS_ARCHS)
-def test_obs_metric_structure_is_flap_lsq(arch):
-    """With FLAP's selection and allocation (and the same ridge), obs is FLAP + lsq exactly: the parts are
-    separable."""
+def test_obs_mask_equals_prune_and_reloads(arch, tmp_path):
     model, cal = tiny_model(arch), calibration()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = prune(a, cal, PruneConfig(ratio=0.3, compensation="lsq"))
-    rb = prune(b, cal, PruneConfig(ratio=0.3, method="obs", selection="metric", allocation="structure",
-                                   sequential=False, lsq_damp=0.01))
-    assert ra.plan == rb.plan
-    ids = calibration(3, 16, seed=5)
-    assert torch.equal(_logits(a, ids), _logits(b, ids))
-
-
-@pytest.mark.parametrize("arch", OBS_ARCHS)
-@pytest.mark.parametrize("sequential", [False, True])
-def test_obs_mask_equals_prune_and_reloads(arch, sequential, tmp_path):
-    model, cal = tiny_model(arch), calibration()
-    cfg = PruneConfig(ratio=0.4, method="obs", sequential=sequential)
+    cfg = PruneConfig(ratio=0.4, method="obs", options=ObsOptions(allocation="measured"))
     pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
     rp = prune(pruned, cal, cfg)
-    rm = prune(masked, cal, PruneConfig(**{**cfg.to_dict(), "mode": "mask"}))
+    rm = prune(masked, cal, PruneConfig.from_dict({**cfg.to_dict(), "mode": "mask"}))
     assert rp.plan == rm.plan
     assert rp.report["compensation"] == "lsq"
     assert rp.report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
@@ -211,13 +196,14 @@ def test_obs_mask_equals_prune_and_reloads(arch, sequential, tmp_path):
 
 
 @pytest.mark.parametrize("arch, fraction", [("llama-gqa", 1.0), ("phi3", 1.0), ("llama-gqa", 0.5)])
-@pytest.mark.parametrize("allocation", ["measured", "structure"])
+@pytest.mark.parametrize("allocation", ["measured", "held-out"])
 def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, fraction, allocation, monkeypatch):
     """The dense covariances come from the Fisher pass's forward when they fit, else from a walk of their own:
     the same plan and the same refit weights either way, and one pass fewer over the model (with a Fisher
     from part of the windows, the others still pass once, through the decoder only)."""
+    monkeypatch.setattr(obs_method, "FISHER_FRACTION", fraction)
     model, cal = tiny_model(arch), calibration()
-    cfg = PruneConfig(ratio=0.4, method="obs", allocation=allocation, fisher_fraction=fraction)
+    cfg = PruneConfig(ratio=0.4, method="obs", options=ObsOptions(allocation=allocation))
     assert obs_method.covariance_bytes(flap_llm.arch.dims_of(model)) <= obs_method.fused_budget(torch.device("cpu"))
     windows = {True: 0, False: 0}  # windows through layer 0, fused or walked
     runs = {}
@@ -243,63 +229,70 @@ def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, fraction,
     assert windows[False] - windows[True] == picked + 2 * n - n
 
 
-def test_obs_lowers_the_layer_error_below_flap_lsq():
-    """On a tiny model at the same per-layer counts, OBS selection leaves less output error than FLAP's
-    metric order does: the sum over the layers' refit errors of the chosen sets, measured directly."""
-    model, cal = tiny_model("llama-mha", layers=2), calibration(24)
-    ids = calibration(8, 16, seed=9)
-    dense = _logits(model, ids)
-    errs = {}
-    for sel in ("metric", "obs"):
-        m = copy.deepcopy(model)
-        prune(m, cal, PruneConfig(ratio=0.4, method="obs", selection=sel, allocation="structure", structure="UL-UM"))
-        errs[sel] = float((_logits(m, ids) - dense).pow(2).mean())
-    assert errs["obs"] < errs["metric"]
-
-
-def test_obs_is_sequential_unless_told_otherwise():
-    assert PruneConfig(method="obs").sequential is True
-    assert PruneConfig(method="obs", sequential=False).sequential is False
-    assert PruneConfig(compensation="lsq").sequential is False
-    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).sequential is True
-    with pytest.raises(FlapError, match="sequential"):
-        PruneConfig(sequential="yes")
-
-
-def test_lsq_damp_defaults_to_the_methods():
-    """obs refits with a larger ridge than FLAP's lsq unless told; a saved config keeps what it ran with."""
-    assert PruneConfig(method="obs").lsq_damp == 0.1
-    assert PruneConfig(compensation="lsq").lsq_damp == 0.01
-    assert PruneConfig(method="obs", lsq_damp=0.01).lsq_damp == 0.01
-    assert PruneConfig.from_dict({"method": "obs", "lsq_damp": 0.01}).lsq_damp == 0.01
-    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).lsq_damp == 0.1
+def test_obs_options_hold_only_what_applies():
+    """ObsOptions: the allocation and the refit's ridge, defaults 'held-out' and 0.1; 0.1's flat keywords fill it;
+    the options that were deleted are refused with the reason (or accepted where they hold today's fixed value)."""
+    cfg = PruneConfig(method="obs")
+    assert cfg.options == ObsOptions() == ObsOptions(allocation="held-out", lsq_damp=0.1)
+    assert cfg.to_dict() == {"ratio": 0.2, "method": "obs", "options": {"allocation": "held-out", "lsq_damp": 0.1},
+                             "mode": "prune", "align": None}
+    assert cfg.label == "obs, held-out allocation" and cfg.effective_compensation == "lsq"
+    assert PruneConfig(method="obs", lsq_damp=0.01, allocation="measured").options == ObsOptions("measured", 0.01)
+    assert PruneConfig(method="obs", sequential=True, selection="obs", compensation="lsq").options == ObsOptions()
+    assert PruneConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, words in ((dict(sequential=False), "sequential is no longer an option of method obs"),
+                       (dict(selection="metric"), "selection is no longer"), (dict(fisher_fraction=0.5), "internal"),
+                       (dict(select_damp=0.01), "internal"), (dict(token_windows=16), "measured worse"),
+                       (dict(compensation="none"), "always refits by least squares"),
+                       (dict(metric="IFV"), "metric is not an option of method obs"),
+                       (dict(allocation="structure"), "unknown allocation 'structure'")):
+        with pytest.raises(FlapError, match=words):
+            PruneConfig(method="obs", **bad)
     for bad in (0, -0.1, True, "0.1"):
         with pytest.raises(FlapError, match="lsq_damp must be positive"):
-            PruneConfig(method="obs", lsq_damp=bad)
+            ObsOptions(lsq_damp=bad)
+    with pytest.raises(FlapError, match="takes ObsOptions, got FlapOptions"):
+        PruneConfig(method="obs", options=FlapOptions())
+    with pytest.raises(FlapError, match="either options= or the flat keywords"):
+        PruneConfig(method="obs", options=ObsOptions(), lsq_damp=0.1)
 
 
-def test_fisher_fraction_is_checked_and_kept():
-    assert PruneConfig(method="obs").fisher_fraction == FISHER_FRACTION
-    assert PruneConfig(method="flap").fisher_fraction is None
-    assert PruneConfig.from_dict({"method": "obs"}).fisher_fraction == 1.0  # saved before the option: all windows
-    assert PruneConfig.from_dict(PruneConfig(method="obs", fisher_fraction=0.5).to_dict()).fisher_fraction == 0.5
-    for bad in (0, -0.5, 1.5, True, "0.5"):
-        with pytest.raises(FlapError, match="fisher_fraction must be in"):
-            PruneConfig(method="obs", fisher_fraction=bad)
-    with pytest.raises(FlapError, match="option of method obs"):
-        PruneConfig(compensation="lsq", fisher_fraction=0.5)
+def test_flap_options_hold_only_what_applies():
+    """FlapOptions: the paper's metric, structure, compensation; lsq_damp and sequential only with lsq."""
+    cfg = PruneConfig(ratio=0.5)
+    assert cfg.options == FlapOptions() and cfg.to_dict()["options"] == {"metric": "WIFV", "structure": "AL-AM",
+                                                                        "compensation": "bias"}
+    lsq = PruneConfig(ratio=0.5, compensation="lsq")
+    assert lsq.options == FlapOptions(compensation="lsq", lsq_damp=0.01, sequential=False)
+    assert lsq.to_dict()["options"] == {"metric": "WIFV", "structure": "AL-AM", "compensation": "lsq",
+                                        "lsq_damp": 0.01, "sequential": False}
+    assert PruneConfig(metric="IFV", structure="UL-MM", remove_heads=2).options.remove_heads == 2
+    assert PruneConfig.from_dict(lsq.to_dict()) == lsq
+    for bad, words in ((dict(lsq_damp=0.1), "options of compensation lsq"), (dict(sequential=True), "compensation lsq"),
+                       (dict(structure="AL-MM"), "needs remove_heads"), (dict(remove_heads=1), "goes with structure"),
+                       (dict(allocation="measured"), "allocation: not an option of method flap"),
+                       (dict(metric="L2"), "unknown metric")):
+        with pytest.raises(FlapError, match=words):
+            PruneConfig(**bad)
+    with pytest.raises(FlapError, match="method wanda-sp has no options"):
+        PruneConfig(method="wanda-sp", compensation="lsq")
+    assert PruneConfig(method="mag-sp").options is None and PruneConfig(method="mag-sp").to_dict()["options"] is None
 
 
-def test_obs_options_are_checked():
-    with pytest.raises(FlapError, match="selection"):
-        PruneConfig(method="obs", selection="best")
-    with pytest.raises(FlapError, match="options of method obs"):
-        PruneConfig(method="flap", allocation="structure")
-    with pytest.raises(FlapError, match="least squares"):
-        PruneConfig(method="obs", compensation="none")
-    with pytest.raises(FlapError, match="remove_heads"):
-        PruneConfig(method="obs", allocation="structure", structure="AL-MM")
-    PruneConfig(method="obs", allocation="structure", structure="AL-MM", remove_heads=1)
+def test_configs_saved_by_0_1_read_back():
+    """0.1 saved every field flat, the obs-only ones included (a plain FLAP run recorded "selection": "obs"):
+    they read back as the method's options, the deleted ones dropped."""
+    flap_01 = {"ratio": 0.2, "method": "flap", "metric": "WIFV", "structure": "AL-AM", "remove_heads": None,
+               "compensation": "lsq", "mode": "prune", "lsq_damp": 0.01, "sequential": False, "align": None,
+               "selection": "obs", "allocation": "held-out", "fisher_fraction": None, "select_damp": None,
+               "token_windows": None, "token_shrink": None, "token_reference": None}
+    assert PruneConfig.from_dict(flap_01) == PruneConfig(ratio=0.2, options=FlapOptions(compensation="lsq"))
+    obs_01 = {**flap_01, "method": "obs", "compensation": "bias", "lsq_damp": 0.1, "sequential": True,
+              "fisher_fraction": 0.5, "select_damp": 0.01, "token_windows": 16, "token_shrink": True,
+              "token_reference": "uniform"}
+    assert PruneConfig.from_dict(obs_01) == PruneConfig(method="obs")
+    ablation = {**obs_01, "selection": "metric", "allocation": "structure", "sequential": False}
+    assert PruneConfig.from_dict(ablation).options == ObsOptions()
 
 
 @pytest.mark.parametrize("unit_size, block", [(1, 4), (3, 1)])
@@ -421,18 +414,18 @@ def test_fused_budget_is_capped_by_the_available_memory(monkeypatch):
 
 @pytest.mark.parametrize("arch, fraction", [("llama-gqa", 1.0), ("qwen3", 1.0), ("llama-gqa", 0.5)])
 def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_path, monkeypatch):
+    monkeypatch.setattr(obs_method, "FISHER_FRACTION", fraction)
     """allocation="held-out": the budget is met, mask == prune, the checkpoint reloads exactly, and the
     fused (Fisher-pass) and walked covariances give the same plan, also when the Fisher pass runs each batch's
     windows in two groups and at other batch sizes (each window goes to the half of its index in the
     calibration set)."""
     model, cal = tiny_model(arch), calibration(16)
-    cfg = PruneConfig(ratio=0.4, method="obs", allocation="held-out", fisher_fraction=fraction)
+    cfg = PruneConfig(ratio=0.4, method="obs")
     picked = int(window_selected(cal, 0, fraction).sum())
     assert 0 < picked <= cal.shape[0] and (picked == cal.shape[0]) == (fraction == 1.0)
-    assert cfg.label == "obs, obs selection, held-out allocation"
     pruned, masked, walked = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     rp = prune(pruned, cal, cfg)
-    rm = prune(masked, cal, PruneConfig(**{**cfg.to_dict(), "mode": "mask"}))
+    rm = prune(masked, cal, PruneConfig(ratio=0.4, method="obs", mode="mask"))
     assert rp.plan == rm.plan
     assert rp.report["params"]["decoder_removed_fraction"] == pytest.approx(0.4, abs=0.01)
     ids = calibration(3, 16, seed=5)
@@ -445,76 +438,44 @@ def test_obs_held_out_allocation_prunes_masks_and_reloads(arch, fraction, tmp_pa
     assert prune(walked, cal, cfg).plan == rp.plan
     assert prune(copy.deepcopy(model), cal, cfg, batch_size=1).plan == rp.plan
     # the held-out curves are not the fit curves: the allocation differs from "measured" here
-    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation="measured",
-                                                       fisher_fraction=fraction))
+    fit = prune(copy.deepcopy(model), cal, PruneConfig(ratio=0.4, method="obs", allocation="measured"))
     assert fit.plan != rp.plan
 
 
-def test_select_damp_defaults_to_0_01_and_is_checked():
-    assert PruneConfig(method="obs").select_damp == 0.01
-    assert PruneConfig(method="obs").lsq_damp == 0.1
-    assert PruneConfig(method="obs", lsq_damp=0.03).select_damp == 0.01  # its own default, whatever the refit's
-    assert PruneConfig(method="obs", select_damp=0.2).select_damp == 0.2
-    assert PruneConfig(compensation="lsq").select_damp is None
-    # saved before the option existed: one ridge for both, as those runs had
-    assert PruneConfig.from_dict({"method": "obs", "lsq_damp": 0.3}).select_damp == 0.3
-    assert PruneConfig.from_dict({"method": "obs"}).select_damp == 0.1
-    assert PruneConfig.from_dict({"method": "flap", "compensation": "lsq"}).select_damp is None
-    assert PruneConfig.from_dict(PruneConfig(method="obs").to_dict()).select_damp == 0.01
-    assert PruneConfig.from_dict(PruneConfig(method="obs", select_damp=0.2).to_dict()).select_damp == 0.2
-    for bad in (0, -0.1, True, "0.1"):
-        with pytest.raises(FlapError, match="select_damp must be positive"):
-            PruneConfig(method="obs", select_damp=bad)
-    with pytest.raises(FlapError, match="select_damp is an option of method obs"):
-        PruneConfig(compensation="lsq", select_damp=0.01)
-
-
-@pytest.mark.parametrize("allocation, sequential", [("held-out", True), ("measured", False)])
-def test_select_damp_only_changes_the_greedy_choice(allocation, sequential, monkeypatch):
-    """select_damp changes which units the refit pass's greedy takes (its paths run at select_damp) but not how
-    many (the allocation's paths, and the refit, keep lsq_damp); the default chooses at 0.01."""
+@pytest.mark.parametrize("allocation", ["held-out", "measured"])
+def test_the_greedy_chooses_at_its_own_ridge_and_the_refit_at_lsq_damp(allocation, monkeypatch):
+    """The refit pass's greedy takes its units at SELECT_DAMP; the allocation's paths and every refit keep
+    lsq_damp, so the greedy's ridge changes which units go but not how many."""
     model, cal = tiny_model("llama-gqa"), calibration(16)
-    base = dict(ratio=0.4, method="obs", allocation=allocation, sequential=sequential)
-    runs = {}
-    calls = []
-    paths = obs_method._paths
+    calls, refits = [], []
+    paths, lsq_update = obs_method._paths, flap_method._lsq_update
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("damp"))  # the ridge asked for (None: lsq_damp)
         return paths(*args, **kwargs)
 
-    refits = []
-    lsq_update = flap_method._lsq_update
-
     def refit_spy(*args):
         refits.append(args[-1])  # the refit's ridge
         return lsq_update(*args)
-
     monkeypatch.setattr(obs_method, "_paths", spy)
     monkeypatch.setattr(flap_method, "_lsq_update", refit_spy)
-    for name, extra in (("default", {}), ("one", {"select_damp": 0.1}), ("large", {"select_damp": 1e4})):
+    cfg = PruneConfig(ratio=0.4, method="obs", allocation=allocation)
+    runs = {}
+    for select_damp in (0.01, 1e4):
+        monkeypatch.setattr(obs_method, "SELECT_DAMP", select_damp)
         calls.clear()
-        m = copy.deepcopy(model)
-        runs[name] = (prune(m, cal, PruneConfig(**base, **extra)).plan, list(calls))
-    n = len(runs["default"][0].layers)
-    assert runs["default"][1].count(0.01) == n  # the default chooses at 0.01
-    plan = runs["large"][0]
-    assert plan != runs["one"][0]
-    counts = [(len(a.heads), len(a.channels)) for a in plan.layers]
-    assert counts == [(len(a.heads), len(a.channels)) for a in runs["one"][0].layers]
-    assert counts == [(len(a.heads), len(a.channels)) for a in runs["default"][0].layers]
-    # the refit pass's greedy asks for select_damp once per layer; the allocation's paths for lsq_damp
-    large_calls = runs["large"][1]
-    assert large_calls.count(1e4) == n
-    assert all(d is None for d in large_calls if d != 1e4)
-    assert len(large_calls) == n + (2 * n if allocation == "held-out" else n)
-    assert refits and set(refits) == {0.1}  # every refit (two per layer, three runs) at lsq_damp
-    assert len(refits) == 3 * 2 * n
-    if allocation == "measured":  # non-sequential with one ridge: the dense paths are reused, not recomputed
-        assert runs["one"][1] == [None] * n
+        runs[select_damp] = (prune(copy.deepcopy(model), cal, cfg).plan, list(calls))
+    n = len(runs[0.01][0].layers)
+    assert obs_method.SELECT_DAMP == 1e4 and runs[0.01][1].count(0.01) == n
+    assert runs[1e4][1].count(1e4) == n and all(d is None for d in runs[1e4][1] if d != 1e4)
+    assert len(runs[1e4][1]) == n + (2 * n if allocation == "held-out" else n)
+    a, b = runs[0.01][0], runs[1e4][0]
+    assert a != b
+    assert [(len(x.heads), len(x.channels)) for x in a.layers] == [(len(x.heads), len(x.channels)) for x in b.layers]
+    assert set(refits) == {0.1} and len(refits) == 2 * 2 * n  # two refits per layer, two runs, at lsq_damp
 
 
-@pytest.mark.parametrize("options", [{}, dict(selection="metric", allocation="structure")])
+@pytest.mark.parametrize("options", [{}, dict(allocation="measured")])
 def test_obs_refused_where_a_norm_follows_the_projections(options):
     """Gemma 3 puts a norm right after o_proj and down_proj: obs is refused before anything changes, and the
     message names what to use instead."""

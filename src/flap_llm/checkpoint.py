@@ -421,7 +421,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """Load a checkpoint written by `save_pruned`, with each layer's own shapes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import check_device, parse_dtype
+    from .devices import check_device, parse_dtype
     dtype = parse_dtype(dtype)
     if device is not None:
         check_device(str(device))

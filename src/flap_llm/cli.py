@@ -15,11 +15,10 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import (ALLOCATION, COMPENSATIONS, FISHER_FRACTION, LSQ_DAMP, METHODS, MODES, OBS_DAMP, SELECT_DAMP,
-                     STRUCTURES, PruneConfig)
-from .methods import ALLOCATIONS, SELECTIONS
-from .metrics import FLUCTUATION_METRICS
+from .config import ALLOCATIONS, COMPENSATIONS, LSQ_DAMP, METHODS, MODES, OBS_DAMP, FlapOptions, ObsOptions, PruneConfig
 from .errors import FlapError
+from .metrics import FLUCTUATION_METRICS
+from .select import STRUCTURES
 from .export import GGUF_DTYPES, QUANT_TYPES, gguf_alignment, gguf_type
 from .export.gguf_file import needs_quantize
 
@@ -50,30 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=128, help="calibration window length in tokens (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows (default 0)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of attention+MLP parameters to remove (default 0.2)")
-    p.add_argument("--method", default="flap", choices=list(METHODS))
-    p.add_argument("--metric", default="WIFV", choices=list(FLUCTUATION_METRICS))
-    p.add_argument("--structure", default="AL-AM", choices=list(STRUCTURES))
-    p.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
-    p.add_argument("--compensation", default="bias", choices=list(COMPENSATIONS))
-    p.add_argument("--lsq-damp", type=float, default=None,
-                   help="lsq, obs: ridge of the least-squares refit, as a fraction of the mean input variance "
-                        f"(default {LSQ_DAMP} for lsq, {OBS_DAMP} for obs)")
-    p.add_argument("--sequential", action="store_true", default=None,
-                   help="lsq, obs: second-pass statistics from the already-pruned layers (default: on for obs only)")
-    p.add_argument("--no-sequential", dest="sequential", action="store_false",
-                   help="obs: second-pass statistics from the dense model")
-    p.add_argument("--selection", default="obs", choices=list(SELECTIONS),
-                   help="obs: units removed by their refit error (obs, default) or by FLAP's --metric order")
-    p.add_argument("--allocation", default=ALLOCATION, choices=list(ALLOCATIONS),
-                   help="obs: per-module widths by refit error on held-out halves of the windows (held-out, "
-                        "default), by the refit error on the windows fitted (measured: faster), or by FLAP's "
-                        "--structure")
-    p.add_argument("--fisher-fraction", type=float, default=None,
-                   help="obs: share of the calibration windows whose backward pass estimates the output Fisher "
-                        f"(default {FISHER_FRACTION}; less is faster and noisier)")
-    p.add_argument("--select-damp", type=float, default=None,
-                   help="obs: ridge of the greedy choice of units in the refit pass, as --lsq-damp (default "
-                        f"{SELECT_DAMP}); the refit itself keeps --lsq-damp")
+    p.add_argument("--method", default="flap", choices=list(METHODS),
+                   help="flap (the paper, default); obs (structured OBS: best measured on SmolLM2 and Qwen, not "
+                        "offered for Gemma 3); the paper's baselines wanda-sp, mag-sp")
+    f = p.add_argument_group("options of --method flap")
+    f.add_argument("--metric", default=None, choices=list(FLUCTUATION_METRICS), help="fluctuation metric (default WIFV)")
+    f.add_argument("--structure", default=None, choices=list(STRUCTURES),
+                   help="how units are allotted to layers and modules (default AL-AM, adaptive)")
+    f.add_argument("--remove-heads", type=int, default=None, help="KV groups to remove in total (UL-MM, AL-MM)")
+    f.add_argument("--compensation", default=None, choices=list(COMPENSATIONS),
+                   help="bias (the paper's, default), lsq (least-squares refit of the kept columns) or none")
+    f.add_argument("--sequential", action="store_true", default=None,
+                   help="with --compensation lsq: the refit's statistics from the already-pruned layers")
+    o = p.add_argument_group("options of --method obs")
+    o.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
+                   help="per-module widths by refit errors on held-out halves of the windows (held-out, default) "
+                        "or on the windows fitted (measured: faster, a little worse)")
+    r = p.add_argument_group("options of the least-squares refit (--compensation lsq, --method obs)")
+    r.add_argument("--lsq-damp", type=float, default=None,
+                   help="the refit's ridge, as a fraction of the mean input variance "
+                        f"(default {LSQ_DAMP} for lsq, {OBS_DAMP} for obs; larger: less fitted to the calibration)")
     p.add_argument("--mode", default="prune", choices=MODES)
     p.add_argument("--align", type=int, default=None,
                    help="round each layer's kept MLP channels to a multiple of N, by score (64/128 suit GPUs)")
@@ -199,23 +194,41 @@ def _say(args, msg: str) -> None:
         print(msg, flush=True)
 
 
+FLAP_FLAGS = {"metric": "--metric", "structure": "--structure", "remove_heads": "--remove-heads",
+              "compensation": "--compensation", "sequential": "--sequential"}
+OBS_FLAGS = {"allocation": "--allocation"}
+
+
+def _options(args) -> FlapOptions | ObsOptions | None:
+    """The method's options from its flags; a flag of another method is refused with the method it belongs to."""
+    flap = {k: getattr(args, k) for k in FLAP_FLAGS if getattr(args, k) is not None}
+    obs = {k: getattr(args, k) for k in OBS_FLAGS if getattr(args, k) is not None}
+    for mine, flags, owner in ((flap, FLAP_FLAGS, "flap"), (obs, OBS_FLAGS, "obs")):
+        if mine and args.method != owner:
+            raise FlapError(f"{', '.join(flags[k] for k in mine)}: option of --method {owner}, not {args.method}")
+    if args.lsq_damp is not None and not (args.method == "obs" or flap.get("compensation") == "lsq"):
+        raise FlapError("--lsq-damp is the ridge of the least-squares refit: use it with --compensation lsq or "
+                        "--method obs")
+    if args.method == "flap":
+        return FlapOptions(**flap, lsq_damp=args.lsq_damp)
+    if args.method == "obs":
+        return ObsOptions(**obs, **({} if args.lsq_damp is None else {"lsq_damp": args.lsq_damp}))
+    return None
+
+
 def _validate_prune_args(args) -> tuple[PruneConfig, Path]:
     for name in ("nsamples", "seqlen", "batch_size"):
         if getattr(args, name) < 1:
             raise FlapError(f"--{name.replace('_', '-')} must be at least 1")
     _check_eval_args(args)
-    if args.export == "hf-uniform" and args.method == "obs" and args.allocation != "structure":
-        raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's allocation "
-                        "by measured errors (held-out or measured) does not give; use --allocation structure --structure "
-                        "UL-UM, or --export flap")
-    if args.export == "hf-uniform" and args.structure not in ("UL-UM", "UL-MM"):
-        raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which structure "
-                        f"{args.structure} does not give; use --structure UL-UM (or UL-MM), or --export flap")
-    config = PruneConfig(ratio=args.ratio, method=args.method, metric=args.metric, structure=args.structure,
-                         remove_heads=args.remove_heads, compensation=args.compensation, mode=args.mode,
-                         lsq_damp=args.lsq_damp, sequential=args.sequential, align=args.align,
-                         selection=args.selection, allocation=args.allocation,
-                         fisher_fraction=args.fisher_fraction, select_damp=args.select_damp)
+    options = _options(args)
+    if args.export == "hf-uniform" and args.method == "obs":
+        raise FlapError("--export hf-uniform needs every layer to keep the same shapes, which obs's allocation by "
+                        "measured errors does not give; use --method flap --structure UL-UM, or --export flap")
+    if args.export == "hf-uniform" and (options is None or options.structure not in ("UL-UM", "UL-MM")):
+        raise FlapError("--export hf-uniform needs every layer to keep the same shapes; use --method flap --structure "
+                        "UL-UM (or UL-MM), or --export flap")
+    config = PruneConfig(ratio=args.ratio, method=args.method, options=options, mode=args.mode, align=args.align)
     from .checkpoint import check_destination
     out = Path(args.out).expanduser()
     sources = [args.model] if args.model and Path(args.model).expanduser().exists() else []

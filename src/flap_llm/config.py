@@ -1,23 +1,34 @@
-"""The pruning configuration: one frozen dataclass, validated on construction."""
+"""The pruning configuration: what every method shares (ratio, method, mode, align) and one frozen options class
+per method that holds only the options that apply to it, each validated on construction.
+
+    PruneConfig(ratio=0.5)                                                     # FLAP, the paper (the default)
+    PruneConfig(ratio=0.5, options=FlapOptions(compensation="lsq"))           # FLAP + least-squares refit
+    PruneConfig(ratio=0.5, method="obs")                                       # obs with its defaults
+    PruneConfig(ratio=0.5, method="obs", options=ObsOptions(allocation="measured"))
+
+The flat keywords of 0.1 (`PruneConfig(ratio=0.5, compensation="lsq")`, `metric=`, `structure=`, `lsq_damp=`,
+`sequential=`, `allocation=`, ...) still work: they fill the method's options. Options of 0.1 that were deleted
+(measured worse, or internal) are refused with the reason, except where they hold the value that is now fixed.
+
+This module imports no method: the methods read their options from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .errors import FlapError
-from .methods.flap import COMPENSATIONS
-from .methods import ALLOCATIONS, DATA_FREE, METHODS, SELECTIONS
 from .metrics import FLUCTUATION_METRICS
 from .select import MANUAL_STRUCTURES, STRUCTURES
 
+METHODS = ("flap", "obs", "wanda-sp", "mag-sp")  # methods/__init__.py maps each name to its implementation
+DATA_FREE = ("mag-sp",)  # methods that score weights alone and need no calibration data
+COMPENSATIONS = ("bias", "lsq", "none")  # FLAP's: the paper's bias, the least-squares refit, or none
 MODES = ("prune", "mask")
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
 OBS_DAMP = 0.1  # obs's: chosen by the refit's error on validation windows of the calibration text
-ALLOCATION = "held-out"  # obs's default allocation ("measured" before it: older configs record that)
-FISHER_FRACTION = 0.5  # obs: the share of calibration windows whose backward pass estimates the output Fisher
-# obs's greedy choice of units: a smaller ridge than its refit's chose better units on both models and every ratio
-# measured (BENCHMARKS.md, "Other calibration draws"); configs saved before it chose at their lsq_damp
-SELECT_DAMP = 0.01
+ALLOCATIONS = ("held-out", "measured")  # obs's: refit errors scored on held-out windows, or on the fitted ones
+ALLOCATION = "held-out"
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -25,150 +36,215 @@ def _check_choice(name: str, value: str, choices) -> None:
         raise FlapError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _check_ridge(name: str, value, none_means: str) -> None:
+def _check_ridge(name: str, value) -> None:
     """A ridge is a positive number (a fraction of the mean input variance)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise FlapError(f"{name} must be positive (a fraction such as 0.01; None: {none_means}), got {value!r}")
+        raise FlapError(f"{name} must be positive (a fraction such as 0.01), got {value!r}")
+
+
+class _Options:
+    """What the per-method option classes share: a dict of what applies, and a readable repr."""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "_Options":
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """What to prune and how.
+class FlapOptions(_Options):
+    """FLAP's options (the paper).
 
-    ratio: fraction of the decoder's attention+MLP weight parameters to remove, in [0, 1).
-    method: "flap" (the paper, the default); "obs" (structured OBS selection, allocation by held-out refit
-        errors and the least-squares refit: see methods/obs.py); or the baselines "wanda-sp" and "mag-sp" (uniform, no
-        compensation).
-    metric: FLAP's fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
-    structure: how units are allotted to layers and modules; "AL-AM" (default, adaptive) or
-        "UL-UM", "UL-MM", "AL-MM". The *-MM structures need `remove_heads`.
-    remove_heads: total KV groups to remove over all layers, for UL-MM and AL-MM.
-    compensation: "bias" (FLAP's mean compensation), "lsq" (least-squares refit of the kept
-        columns), or "none".
-    mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
-    lsq_damp: damping (ridge) of the least-squares solve, as a fraction of the mean diagonal of C_KK; None
-        (default) means the method's: 0.01 for FLAP's lsq, 0.1 for obs (its refit, removal paths and
-        allocation all read off calibration errors, and a larger ridge made them carry over better to other
-        windows of the same text: benchmarks/refit_generalization.py).
-    sequential: for lsq and obs, take the second-pass statistics from the already-pruned earlier layers;
-        None (default) means on for obs (it measured better there), off otherwise.
-    selection: obs only: which units go within a module: "obs" (greedy, by the refit error they leave) or
-        "metric" (FLAP's `metric` order).
-    allocation: obs only: how many units each layer and module gives up: "held-out" (default: each module's
-        refit error against its width, weighed by the output Fisher, with each refit scored on the half of the
-        windows it was not fitted on, both ways round, split under the budget), "measured" (the same scored on
-        the windows each refit was fitted on: cheaper, but those errors flatter wide projections for fitting
-        their own windows) or "structure" (FLAP's `structure` on FLAP's scores).
-    fisher_fraction: obs only: the share of the calibration windows (each drawn by a hash of its tokens)
-        whose backward pass estimates the output Fisher; the others still give the covariances. Less is
-        faster (the backward and the vocabulary projection are most of obs's first pass on small models) and
-        noisier. None (default): FISHER_FRACTION.
-    select_damp: obs only: the ridge of the refit pass's greedy choice of units (as `lsq_damp`, a fraction of
-        the mean diagonal of C_KK); the refit of the kept columns and the allocation's curves keep `lsq_damp`.
-        None (default): SELECT_DAMP (0.01; configs saved before the option had one ridge for both).
-    align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or
-        128 for GPU tensor cores; None (default) keeps the exact plan.
+    metric: the fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
+    structure: how units are allotted to layers and modules: "AL-AM" (default, adaptive), "UL-UM", "UL-MM",
+        "AL-MM"; the *-MM structures need `remove_heads` (KV groups to remove over all layers).
+    compensation: "bias" (the paper's), "lsq" (least-squares refit of the kept columns) or "none".
+    lsq_damp: with "lsq": the refit's ridge as a fraction of the mean input variance (default 0.01).
+    sequential: with "lsq": take the refit's statistics from the already pruned earlier layers (default off).
     """
 
-    ratio: float = 0.2
-    method: str = "flap"
     metric: str = "WIFV"
     structure: str = "AL-AM"
     remove_heads: int | None = None
     compensation: str = "bias"
-    mode: str = "prune"
     lsq_damp: float | None = None
     sequential: bool | None = None
-    align: int | None = None
-    selection: str = "obs"
-    allocation: str = ALLOCATION
-    fisher_fraction: float | None = None
-    select_damp: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-            raise FlapError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise FlapError(f"ratio must be in [0, 1) (the fraction of parameters to remove), got {self.ratio}")
-        _check_choice("method", self.method, METHODS)
         _check_choice("metric", self.metric, FLUCTUATION_METRICS)
         _check_choice("structure", self.structure, STRUCTURES)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
-        _check_choice("mode", self.mode, MODES)
-        if self.sequential is None:  # the method's default, resolved once so reports and checkpoints record it
-            object.__setattr__(self, "sequential", self.method == "obs")
-        if not isinstance(self.sequential, bool):
-            raise FlapError(f"sequential must be True, False or None (the method's default), got {self.sequential!r}")
-        _check_choice("selection", self.selection, SELECTIONS)
-        _check_choice("allocation", self.allocation, ALLOCATIONS)
-        if self.method != "obs" and (self.selection != "obs" or self.allocation not in (ALLOCATION, "measured")):
-            raise FlapError(f"selection and allocation are options of method obs; method {self.method} has its own")
-        if self.method != "obs":
-            if self.fisher_fraction is not None:
-                raise FlapError(f"fisher_fraction is an option of method obs; method {self.method} has no Fisher pass")
-        else:
-            if self.fisher_fraction is None:
-                object.__setattr__(self, "fisher_fraction", FISHER_FRACTION)
-            if (isinstance(self.fisher_fraction, bool) or not isinstance(self.fisher_fraction, (int, float))
-                    or not 0 < self.fisher_fraction <= 1):
-                raise FlapError(f"fisher_fraction must be in (0, 1] (None: obs's default), got {self.fisher_fraction!r}")
-        if self.method == "obs" and self.compensation not in ("bias", "lsq"):
-            raise FlapError("method obs always refits the kept columns by least squares; leave compensation unset")
-        uses_structure = self.method == "flap" or (self.method == "obs" and self.allocation == "structure")
-        if uses_structure and self.structure in MANUAL_STRUCTURES:
-            if self.remove_heads is None:
-                raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
+        if self.structure in MANUAL_STRUCTURES and self.remove_heads is None:
+            raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
         if self.remove_heads is not None:
+            if self.structure not in MANUAL_STRUCTURES:
+                raise FlapError(f"remove_heads goes with structure UL-MM or AL-MM; {self.structure} sets its own")
             if isinstance(self.remove_heads, bool) or not isinstance(self.remove_heads, int) or self.remove_heads < 0:
                 raise FlapError(f"remove_heads must be a non-negative integer, got {self.remove_heads!r}")
-        if self.align is not None and (isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1):
-            raise FlapError(f"align must be a positive integer (e.g. 64) or None, got {self.align!r}")
+        if self.compensation != "lsq":
+            if self.lsq_damp is not None or self.sequential:
+                raise FlapError(f"lsq_damp and sequential are options of compensation lsq, not {self.compensation}")
+            object.__setattr__(self, "sequential", None)
+            return
         if self.lsq_damp is None:
-            object.__setattr__(self, "lsq_damp", OBS_DAMP if self.method == "obs" else LSQ_DAMP)
-        _check_ridge("lsq_damp", self.lsq_damp, "the method's default")
-        if self.method != "obs":
-            if self.select_damp is not None:
-                raise FlapError(f"select_damp is an option of method obs; method {self.method} has no greedy selection")
-        else:
-            if self.select_damp is None:
-                object.__setattr__(self, "select_damp", SELECT_DAMP)
-            _check_ridge("select_damp", self.select_damp, f"obs's default, {SELECT_DAMP}")
+            object.__setattr__(self, "lsq_damp", LSQ_DAMP)
+        _check_ridge("lsq_damp", self.lsq_damp)
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", False)
+        if not isinstance(self.sequential, bool):
+            raise FlapError(f"sequential must be True or False, got {self.sequential!r}")
+
+
+@dataclass(frozen=True)
+class ObsOptions(_Options):
+    """obs's options (methods/obs.py).
+
+    allocation: how many units each layer and module gives up: "held-out" (default: each module's Fisher-weighted
+        refit error against its width, scored on the half of the windows each refit was not fitted on) or
+        "measured" (scored on the windows fitted: faster, a little worse).
+    lsq_damp: the refit's ridge as a fraction of the mean input variance (default 0.1; with many calibration
+        windows 0.01 can do better).
+    """
+
+    allocation: str = ALLOCATION
+    lsq_damp: float = OBS_DAMP
+
+    def __post_init__(self) -> None:
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_ridge("lsq_damp", self.lsq_damp)
+
+
+OPTIONS = {"flap": FlapOptions, "obs": ObsOptions}  # methods without options take none
+_FLAP_KEYS = {f.name for f in fields(FlapOptions)}
+_OBS_KEYS = {f.name for f in fields(ObsOptions)}
+# 0.1's obs options that are gone: the value each now has (accepted, and ignored), and why it went
+_OBS_GONE = {
+    "selection": ("obs", "FLAP's order within obs was an ablation that measured worse"),
+    "sequential": (True, "obs always takes its refit's statistics from the pruned earlier layers (it measured better)"),
+    "fisher_fraction": (None, "obs's Fisher share is internal now"),
+    "select_damp": (None, "obs's greedy ridge is internal now"),
+    "token_windows": (0, "per-token Fisher factors measured worse and were deleted"),
+    "token_shrink": (None, "per-token Fisher factors measured worse and were deleted"),
+    "token_reference": (None, "per-token Fisher factors measured worse and were deleted"),
+}
+
+
+def _options_of(method: str, legacy: dict, lenient: bool = False):
+    """The method's options from 0.1's flat keywords (None values are unset). `lenient` (reading a saved
+    config): keywords of deleted options, and FLAP's keywords on another method, are dropped."""
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if method == "flap":
+        unknown = set(given) - _FLAP_KEYS
+        if unknown and not lenient:
+            raise FlapError(f"{', '.join(sorted(unknown))}: not an option of method flap (FlapOptions takes "
+                            f"{', '.join(sorted(_FLAP_KEYS))})")
+        return FlapOptions(**{k: v for k, v in given.items() if k in _FLAP_KEYS})
+    if method == "obs":
+        opts = {}
+        for key, value in given.items():
+            if key in _OBS_KEYS:
+                if key == "allocation" and value == "structure" and lenient:
+                    continue  # a saved ablation: its plan is data and re-applies; the option is gone
+                opts[key] = value
+            elif key in _OBS_GONE:
+                fixed, why = _OBS_GONE[key]
+                if not (lenient or (fixed is not None and value == fixed)):
+                    raise FlapError(f"{key} is no longer an option of method obs: {why}; use "
+                                    "PruneConfig(method='obs', options=ObsOptions(...)) with allocation, lsq_damp")
+            elif key == "compensation" and value in ("bias", "lsq"):
+                continue  # obs always refits by least squares
+            elif not lenient:
+                raise FlapError(f"{key} is not an option of method obs; obs always refits by least squares and "
+                                f"splits the budget by measured errors (ObsOptions takes {', '.join(sorted(_OBS_KEYS))})")
+        return ObsOptions(**opts)
+    if given and not lenient:
+        raise FlapError(f"method {method} has no options (got {', '.join(sorted(given))})")
+    return None
+
+
+@dataclass(frozen=True, init=False)
+class PruneConfig:
+    """What to prune and how.
+
+    ratio: fraction of the decoder's attention+MLP weight parameters to remove, in [0, 1).
+    method: "flap" (the paper, the default); "obs" (structured OBS selection with the least-squares refit and an
+        allocation by measured errors: methods/obs.py); or the baselines "wanda-sp" and "mag-sp" (uniform, no
+        compensation).
+    options: the method's options, FlapOptions or ObsOptions (None: the method's defaults; the baselines have
+        none). 0.1's flat keywords (metric=, structure=, remove_heads=, compensation=, lsq_damp=, sequential=,
+        allocation=) fill them.
+    mode: "prune" shrinks the weight matrices; "mask" zeroes them and keeps shapes.
+    align: round each layer's kept MLP channels to the nearest multiple of this (by score), e.g. 64 or 128 for
+        GPU tensor cores, 256 for llama.cpp's k-quants; None (default) keeps the exact plan.
+    """
+
+    ratio: float
+    method: str
+    options: FlapOptions | ObsOptions | None
+    mode: str
+    align: int | None
+
+    def __init__(self, ratio: float = 0.2, method: str = "flap", options: FlapOptions | ObsOptions | None = None,
+                 mode: str = "prune", align: int | None = None, **legacy) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise FlapError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        if not 0.0 <= float(ratio) < 1.0:
+            raise FlapError(f"ratio must be in [0, 1) (the fraction of parameters to remove), got {ratio}")
+        _check_choice("method", method, METHODS)
+        _check_choice("mode", mode, MODES)
+        if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+            raise FlapError(f"align must be a positive integer (e.g. 64) or None, got {align!r}")
+        lenient = legacy.pop("_lenient", False)
+        if options is None:
+            options = _options_of(method, legacy, lenient)
+        elif any(v is not None for v in legacy.values()):
+            raise FlapError(f"give either options= or the flat keywords ({', '.join(sorted(legacy))}), not both")
+        want = OPTIONS.get(method)
+        if want is None and options is not None:
+            raise FlapError(f"method {method} has no options; drop options=")
+        if want is not None and not isinstance(options, want):
+            raise FlapError(f"method {method} takes {want.__name__}, got {type(options).__name__}")
+        for name, value in (("ratio", ratio), ("method", method), ("options", options), ("mode", mode),
+                            ("align", align)):
+            object.__setattr__(self, name, value)
 
     @property
     def effective_compensation(self) -> str:
-        """Baselines never compensate (as in the paper); FLAP uses the configured compensation; obs always
-        refits by least squares."""
+        """Baselines never compensate (as in the paper); FLAP uses its compensation; obs always refits by least
+        squares."""
         if self.method == "obs":
             return "lsq"
-        return self.compensation if self.method == "flap" else "none"
+        return self.options.compensation if self.method == "flap" else "none"
 
     @property
     def label(self) -> str:
         """The method and what shapes its plan, for messages and plot titles."""
         if self.method == "obs":
-            alloc = {"measured": "measured allocation", "held-out": "held-out allocation"}.get(self.allocation,
-                                                                                               self.structure)
-            return f"obs, {self.selection} selection, {alloc}"
+            return f"obs, {self.options.allocation} allocation"
         if self.method == "flap":
-            return f"flap, {self.structure}, {self.metric}"
+            lsq = ", lsq" if self.options.compensation == "lsq" else ""
+            return f"flap, {self.options.structure}, {self.options.metric}{lsq}"
         return self.method
-
-    @property
-    def needs_backward(self) -> bool:
-        """obs weighs its errors by the output Fisher: one backward pass of the whole model in memory."""
-        return self.method == "obs" and (self.selection, self.allocation) != ("metric", "structure")
 
     @property
     def needs_data(self) -> bool:
         return self.method not in DATA_FREE
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Only what applies: the shared fields, and the method's options (None for the baselines)."""
+        return {"ratio": self.ratio, "method": self.method,
+                "options": None if self.options is None else self.options.to_dict(), "mode": self.mode,
+                "align": self.align}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if known.get("method") == "obs":  # saved before these options existed:
-            known.setdefault("fisher_fraction", 1.0)  # every window estimated the Fisher
-            known.setdefault("select_damp", known.get("lsq_damp") or OBS_DAMP)  # the refit's ridge chose the units
-        return cls(**known)
+        """A config saved by to_dict, or by 0.1 (flat keys, some of them options since deleted)."""
+        shared = {k: data[k] for k in ("ratio", "method", "mode", "align") if k in data}
+        method = shared.get("method", "flap")
+        if isinstance(data.get("options"), dict):
+            want = OPTIONS.get(method)
+            return cls(**shared, options=None if want is None else want.from_dict(data["options"]))
+        legacy = {k: v for k, v in data.items() if k not in shared and k != "options"}
+        return cls(**shared, **legacy, _lenient=True)

