@@ -1,6 +1,6 @@
 """flap-llm: retraining-free structured pruning of LLMs with FLAP (AAAI 2024)."""
 
-from .config import PruneConfig
+from .config import FlapOptions, ObsOptions, PruneConfig
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .engine import PruneResult, prune
@@ -12,5 +12,5 @@ from .distill import HealConfig, HealResult, heal
 
 __version__ = "0.1.0"
 
-__all__ = ["FlapError", "HealConfig", "HealResult", "LayerPlan", "LayerUpdate", "OutputUpdate", "PruneConfig", "PrunePlan", "PruneReport", "PruneResult",
+__all__ = ["FlapError", "FlapOptions", "HealConfig", "HealResult", "LayerPlan", "LayerUpdate", "ObsOptions", "OutputUpdate", "PruneConfig", "PrunePlan", "PruneReport", "PruneResult",
            "apply_plan", "heal", "load_pruned", "prune", "save_gguf", "save_pruned", "__version__"]
