@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -277,3 +278,27 @@ def test_hf_uniform_refuses_a_window_the_stock_target_would_drop(tmp_path):
         save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
     model.config.sliding_window = None
     save_pruned(model, tmp_path / "u", result=result, format="hf-uniform")
+
+
+def test_a_checkpoint_written_by_0_1_loads_and_its_plan_applies_again(tmp_path):
+    """0.1 saved its config flat, obs's options on every run: such a checkpoint still loads with the same outputs,
+    its config reads back as the method's options, and its plan applies again to the dense model."""
+    from flap_llm.checkpoint import MANIFEST
+    model = tiny_model("llama-gqa")
+    dense = copy.deepcopy(model)
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.4, compensation="lsq"))
+    flap_llm.save_pruned(model, tmp_path / "old", result=result)
+    manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    manifest["prune_config"] = {"ratio": 0.4, "method": "flap", "metric": "WIFV", "structure": "AL-AM",
+                                "remove_heads": None, "compensation": "lsq", "mode": "prune", "lsq_damp": 0.01,
+                                "sequential": False, "align": None, "selection": "obs", "allocation": "held-out",
+                                "fisher_fraction": None, "select_damp": None, "token_windows": None,
+                                "token_shrink": None, "token_reference": None}
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(manifest))
+    ids = calibration(3, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, flap_llm.load_pruned(tmp_path / "old")(ids).logits)
+    assert flap_llm.PruneConfig.from_dict(manifest["prune_config"]) == result.config
+    flap_llm.apply_plan(dense, manifest["plan"])
+    assert [len(layer.mlp.down_proj.weight[0]) for layer in dense.model.layers] == \
+        [len(lp["channels"]) for lp in manifest["plan"]["layers"]]
