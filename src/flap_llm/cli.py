@@ -262,7 +262,8 @@ def _prune(args) -> int:
     from . import distributed, prune, save_pruned
     from .checkpoint import check_destination
     from .data import calibration_windows
-    from .models import load_model, load_tokenizer, pick_device, resolve_model
+    from .devices import pick_device
+    from .models import load_model, load_tokenizer, resolve_model
 
     config, out = _validate_prune_args(args)
     if args.heal_tokens is not None and (args.heal_tokens < 1 or args.offload or config.mode == "mask"):
@@ -331,7 +332,7 @@ def _prune(args) -> int:
     context = {"model": path, "device": device, "dtype": args.dtype, "seed": args.seed, "calibration": calib_spec,
                "load_s": load_s, "title": f"{Path(path).name}: {config.label} {config.ratio:.0%}"}
     if args.offload:
-        from .models import parse_dtype
+        from .devices import parse_dtype
         from .offload import prune_offloaded
         reports: dict = {}
 
@@ -420,7 +421,8 @@ def _heal(args) -> int:
     from . import load_pruned, save_pruned
     from .checkpoint import check_destination, read_manifest, write_json
     from .distill import HealConfig, heal
-    from .models import load_model, load_tokenizer, pick_device
+    from .devices import pick_device
+    from .models import load_model, load_tokenizer
 
     for name in ("tokens", "seqlen", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
@@ -552,7 +554,8 @@ def _zeroshot(args, model, tokenizer, tasks: list[str] | None) -> dict | None:
 def _eval(args) -> int:
     from .checkpoint import write_text_atomic
     from .evaluate import perplexity
-    from .models import load_model, pick_device
+    from .devices import pick_device
+    from .models import load_model
     from .report import versions, zeroshot_markdown
 
     _check_eval_args(args)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .arch import ARCHITECTURES
 from .checkpoint import MANIFEST, atomic_folder, load_pruned
-from .devices import DTYPES, check_device, parse_dtype, pick_device  # noqa: F401 (re-exported)
+from .devices import parse_dtype
 from .errors import FlapError
 
 DEFAULT_MODEL = "builtin:smollm2"

@@ -25,7 +25,6 @@ inverse's as Q0 - R^T X, the held-out terms of the whole group from one X V.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
