@@ -58,7 +58,9 @@ def render(results: Path) -> str:
         out += [head, "|---|---:|---:|---:|" + "---:|" * len(zs_tasks) + "---:|---:|"]
         for r in mine:
             if r.get("refused"):
-                out.append(f"| {r['name']} | {r['ratio']:.0%} | refused: {r['refused']} |" + " |" * (len(zs_tasks) + 3))
+                why = r["refused"].split(":")[0]  # "method obs is not offered for <family>"
+                out.append(f"| {r['name']} | {r['ratio']:.0%} | refused up front: {why} (docs/obs.md) |"
+                           + " |" * (len(zs_tasks) + 3))
                 continue
             zs = r.get("zeroshot") or {}
             cells = [f"{100 * zs[t]['acc']:.1f}" if t in zs else "–" for t in zs_tasks]
