@@ -19,8 +19,8 @@ from .config import ALLOCATIONS, COMPENSATIONS, LSQ_DAMP, METHODS, MODES, OBS_DA
 from .errors import FlapError
 from .metrics import FLUCTUATION_METRICS
 from .select import STRUCTURES
-from .export import GGUF_DTYPES, QUANT_TYPES, gguf_alignment, gguf_type
-from .export.gguf_file import needs_quantize
+from .export import GGUF_DTYPES, QUANT_TYPES, gguf_alignment
+from .export.gguf_file import usable_type
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -273,10 +273,7 @@ def _prune(args) -> int:
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
     if args.gguf:
-        args.gguf = gguf_type(args.gguf)
-        if needs_quantize(args.gguf):  # before any work: llama-quantize makes this type
-            from .llamacpp import binary
-            binary("llama-quantize")
+        args.gguf = usable_type(args.gguf)  # before any work
     tasks = _tasks(args)
     device = pick_device(args.device)
     if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
@@ -498,10 +495,7 @@ def _export(args) -> int:
     if args.model and Path(args.model).expanduser().resolve() == out.resolve():
         raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")
     check_gguf_destination(out, args.overwrite)  # before loading; save_gguf checks again, cheaply
-    args.dtype = gguf_type(args.dtype)
-    if needs_quantize(args.dtype):  # before loading: llama-quantize makes this type
-        from .llamacpp import binary
-        binary("llama-quantize")
+    args.dtype = usable_type(args.dtype)  # before loading
     model, tokenizer, path = load_model(args.model, "float32", "cpu", not args.quiet)
     save_gguf(model, out, tokenizer, args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     if not args.quiet:

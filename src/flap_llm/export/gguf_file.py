@@ -95,12 +95,20 @@ def gguf_alignment(dtype: str) -> int | None:
     return None if t in ("f32", "bf16") else 32
 
 
-def check_exportable(model: nn.Module, dtype: str) -> None:
-    """Everything that makes a GGUF inexact is refused here, before anything is written; a type llama-quantize
-    makes needs llama.cpp's tools installed."""
+def usable_type(name: str) -> str:
+    """`gguf_type`, and for a type llama-quantize makes, a check (before any work) that llama.cpp's tools are
+    installed."""
+    dtype = gguf_type(name)
     if needs_quantize(dtype):
         from ..llamacpp import binary
         binary("llama-quantize")
+    return dtype
+
+
+def check_exportable(model: nn.Module, dtype: str) -> None:
+    """Everything that makes a GGUF inexact is refused here, before anything is written; a type llama-quantize
+    makes needs llama.cpp's tools installed."""
+    usable_type(dtype)
     spec = spec_of(model)
     if spec.gguf_unsupported:
         raise FlapError(f"cannot export {architecture_of(model)} to GGUF: {spec.gguf_unsupported}; use the flap "
