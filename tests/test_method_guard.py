@@ -1,7 +1,9 @@
 """The guard for every family we ship a real model of: at 50%, each method offered beyond the paper (FLAP + lsq,
 obs) must leave a held-out perplexity no worse than plain FLAP's (bias compensation) on the same budget and
-calibration windows. A method refused for a family must be refused up front. The baselines are exempt: they are
-there to lose. Marked slow: minutes on 2 cores."""
+calibration windows, and obs, where it is offered, must beat FLAP + lsq on the calibration domain and on another
+one. A method refused for a family must be refused up front. The paper's baselines are there to lose: on SmolLM2,
+FLAP must beat them. Marked slow; obs on Qwen2.5-Coder-0.5B (7 minutes on 2 cores) is also marked long, which the
+README's test command leaves to `bash scripts/test.sh --long` and CI."""
 
 from __future__ import annotations
 
@@ -16,28 +18,39 @@ pytestmark = pytest.mark.slow
 
 # methods beyond the paper, as PruneConfig options
 BEYOND_PAPER = {"flap + lsq": dict(compensation="lsq"), "obs": dict(method="obs")}
-# model -> (calibration windows of 128 tokens, methods refused for its family)
-MODELS = {"smollm2": (32, ()), "qwen0.5b": (32, ()), "gemma3-270m": (32, ("obs",))}
+REFUSED = {"gemma3-270m": ("obs",)}  # methods refused for a model's family
+BASELINES = {"smollm2": ("wanda-sp", "mag-sp")}  # the paper's baselines, which FLAP must beat there
+NSAMPLES, EVAL_WINDOWS, TEXTS = 32, 16, ("builtin:wiki", "builtin:books")
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_no_method_beyond_the_paper_loses_to_flap(name):
+@pytest.mark.parametrize("name,methods", [
+    pytest.param("smollm2", ("flap + lsq", "obs"), id="smollm2"),
+    pytest.param("qwen0.5b", ("flap + lsq",), id="qwen0.5b-lsq"),
+    pytest.param("qwen0.5b", ("obs",), marks=pytest.mark.long, id="qwen0.5b-obs"),
+    pytest.param("gemma3-270m", ("flap + lsq", "obs"), id="gemma3-270m"),
+])
+def test_no_method_beyond_the_paper_loses_to_flap(name, methods):
     from flap_llm.data import calibration_windows
     from flap_llm.evaluate import perplexity
-    nsamples, refused = MODELS[name]
     model, tok, _ = benchmark_module("common").load(name)
-    calib = calibration_windows("builtin:wiki", tok, nsamples, 128, 0)
+    calib = calibration_windows("builtin:wiki", tok, NSAMPLES, 128, 0)
+    refused = REFUSED.get(name, ())
+    for method in refused:  # before any other work, as the CLI refuses it
+        with pytest.raises(flap_llm.FlapError, match="not offered"):
+            flap_llm.prune(copy.deepcopy(model), calib, flap_llm.PruneConfig(ratio=0.5, **BEYOND_PAPER[method]))
 
-    def ppl(**options) -> float:
+    def ppl(texts=TEXTS, **options) -> dict[str, float]:
         m = copy.deepcopy(model)
         flap_llm.prune(m, calib, flap_llm.PruneConfig(ratio=0.5, **options), batch_size=16)
-        return perplexity(m, tok, "builtin:wiki", 128, 16, limit=16)["ppl"]
+        return {t: perplexity(m, tok, t, 128, 16, limit=EVAL_WINDOWS)["ppl"] for t in texts}
 
     flap = ppl()
-    for method, options in BEYOND_PAPER.items():
-        if method in refused:
-            with pytest.raises(flap_llm.FlapError, match="not offered"):
-                flap_llm.prune(copy.deepcopy(model), calib, flap_llm.PruneConfig(ratio=0.5, **options))
-            continue
-        beyond = ppl(**options)
-        assert beyond <= flap, f"{method} leaves perplexity {beyond:.2f} on {name} at 50%, plain FLAP {flap:.2f}"
+    beyond = {m: ppl(**BEYOND_PAPER[m]) for m in methods if m not in refused}
+    for method, got in beyond.items():
+        assert got["builtin:wiki"] <= flap["builtin:wiki"], \
+            f"{method} leaves perplexity {got['builtin:wiki']:.2f} on {name} at 50%, plain FLAP {flap['builtin:wiki']:.2f}"
+    if {"obs", "flap + lsq"} <= beyond.keys():
+        for text in TEXTS:
+            assert beyond["obs"][text] < beyond["flap + lsq"][text], (name, text, beyond)
+    for baseline in BASELINES.get(name, ()):
+        assert flap["builtin:wiki"] < ppl(("builtin:wiki",), method=baseline)["builtin:wiki"], (name, baseline)
