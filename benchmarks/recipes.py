@@ -138,6 +138,14 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         todo = [r for r in ratios if (recipe, r) not in done]
         if recipe == "deploy":  # the dense file is measured in the same rounds, so it is written again
+            from flap_llm.export.gguf_file import check_exportable
+            try:
+                check_exportable(dense, DEPLOY_TYPE)
+            except FlapError as e:  # a family GGUF cannot express: the table says so
+                if todo:
+                    append_jsonl(args.results, _row(args, "deploy", 0.0, f"--gguf {DEPLOY_TYPE}", refused=str(e)))
+                print(f"{args.model} deploy: refused ({e})", flush=True)
+                continue
             if todo:
                 with tempfile.TemporaryDirectory(prefix="flap-recipes-") as work:
                     _deploy(args, dense, tok, calib, todo, Path(work))
@@ -177,6 +185,9 @@ def render(path: Path = RESULTS) -> str:
         mine = sorted((r for r in newest.values() if r["model"] == model), key=lambda r: (r["ratio"], order[r["recipe"]]))
         dense = next((r for r in mine if r["recipe"] == "dense"), None)
         for r in mine:
+            if r.get("refused"):
+                out.append(f"| {NAMES.get(model, model)} | – | deploy | refused up front: {r['refused']} |" + " |" * 6)
+                continue
             zs = r.get("zeroshot")
             avg = f"{100 * zs['average']:.1f}" if zs else "–"
             seconds = r.get("prune_s", 0) + (r["heal"]["seconds"] if "heal" in r else 0)
