@@ -11,7 +11,7 @@ every command; here it is evaluated once per model). Rows append to a JSONL file
 `--render` prints the tables.
 
   .venv/bin/python benchmarks/recipes.py --model smollm2 --nsamples 128 --zs-limit 50 --heal-tokens 250000
-  .venv/bin/python benchmarks/recipes.py --render
+  .venv/bin/python benchmarks/recipes.py --render            (BENCHMARKS.md's table; --render-summary: the README's)
 """
 
 from __future__ import annotations
@@ -125,10 +125,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="llama-bench rounds (medians)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--render", action="store_true", help="print BENCHMARKS.md's table and exit")
+    ap.add_argument("--render-summary", action="store_true", help="print the README's table and exit")
     args = ap.parse_args()
-    if args.render:
-        print(render(args.results))
+    if args.render or args.render_summary:
+        print(render(args.results) if args.render else render_summary(args.results))
         return
     torch.manual_seed(0)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -207,6 +208,34 @@ def render(path: Path = RESULTS) -> str:
                 books += f" ({r['before_heal']['ppl_books']:.2f})"
             out.append(f"| {NAMES.get(model, model)} | {r['ratio']:.0%} | {what} | {wiki} | {books} | {avg} | "
                        f"{seconds:.0f} | {gguf} | {ppl_q} | {speed} |")
+    return "\n".join(out)
+
+
+def render_summary(path: Path = RESULTS) -> str:
+    """The README's short table: held-out wiki perplexity per recipe, and the deploy file's size and speed."""
+    newest = {(r["model"], r["recipe"], r["ratio"]): r for r in read_jsonl(path)}
+    out = ["| model | ratio | 1. paper FLAP | 2. best quality | 3. deploy: Q4_K_M file, speed vs dense Q4_K_M |",
+           "|---|---:|---:|---:|---|"]
+    for model in dict.fromkeys(m for m, _, _ in newest):
+        dense = newest.get((model, "dense", 0.0))
+        refused = newest.get((model, "deploy", 0.0), {}).get("refused")
+        if dense:
+            out.append(f"| {NAMES.get(model, model)} | dense | {dense['ppl_wiki']:.2f} | | "
+                       f"{dense['gguf_bytes'] / 2**20:.0f} MiB |")
+        for ratio in sorted({r for m, _, r in newest if m == model and r}):
+            paper, best, deploy = (newest.get((model, k, ratio)) for k in ("paper", "best", "deploy"))
+            cells = [f"{paper['ppl_wiki']:.2f}" if paper else "–"]
+            if best:
+                how = "obs" if "obs" in best["command"] else "FLAP + lsq"
+                cells.append(f"{best['ppl_wiki']:.2f} ({how} + heal {best['heal']['tokens'] // 1000}k)")
+            else:
+                cells.append("–")
+            if deploy and dense:
+                cells.append(f"{deploy['gguf_bytes'] / 2**20:.0f} MiB, {deploy['pp512'] / dense['pp512']:.2f}x / "
+                             f"{deploy['tg128'] / dense['tg128']:.2f}x (wiki {deploy['ppl_wiki']:.2f})")
+            else:
+                cells.append("not offered for this family" if refused else "–")
+            out.append(f"| {NAMES.get(model, model)} | {ratio:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
