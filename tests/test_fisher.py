@@ -151,3 +151,39 @@ def test_the_windows_drawn_do_not_depend_on_the_process():
     assert len(runs) == 1
     picked = eval(runs.pop())
     assert 10 <= sum(picked) <= 40
+
+
+@pytest.mark.parametrize("arch", ["llama-mha", "llama-gqa", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "granite"])
+def test_streamed_fisher_equals_the_whole_model_pass(arch, tmp_path):
+    """One layer at a time (forward keeping each layer's input, the head's gradient, then back layer by layer
+    with each forward recomputed) gives the whole-model pass's Fisher, with half the windows drawn, saved inputs
+    spilled to files once past a byte budget, and no parameter gradients left."""
+    from flap_llm.fisher import streamed_output_fisher
+    from flap_llm.walk import InMemoryLayers
+    model = tiny_model(arch, layers=3)
+    spec, ids = spec_of(model), calibration(n=8, length=12, seed=5)
+    batches = list(ids.split(3))
+    want = output_fisher(model, spec, batches, fraction=0.5)
+    layers = InMemoryLayers(model, spec)
+    got = streamed_output_fisher(model, spec, batches, layers, fraction=0.5, scratch=tmp_path / "spill",
+                                 memory=6 * 12 * 64 * 4)  # the first layer's inputs fit, the others spill
+    assert not (tmp_path / "spill").exists()  # the spilled files are removed
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    for x, y in zip(want, got):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert float(x[k].abs().max()) > 0
+            torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6 * float(x[k].abs().max()))
+
+
+def test_streamed_fisher_spills_what_does_not_fit(tmp_path, monkeypatch):
+    """Saved inputs past the budget go to files in the scratch folder, one per layer."""
+    from flap_llm import fisher
+    from flap_llm.walk import InMemoryLayers
+    seen = []
+    real_save = torch.save
+    monkeypatch.setattr(fisher.torch, "save", lambda obj, path: (seen.append(path), real_save(obj, path))[1])
+    model = tiny_model("llama-gqa", layers=3)
+    spec, ids = spec_of(model), calibration(n=4, length=8)
+    fisher.streamed_output_fisher(model, spec, [ids], InMemoryLayers(model, spec), scratch=tmp_path / "s", memory=0)
+    assert [p.name for p in seen] == ["layer-0.pt", "layer-1.pt", "layer-2.pt"]

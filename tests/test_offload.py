@@ -15,12 +15,16 @@ from conftest import ARCHS, calibration, tiny_model
 
 
 CONFIGS = [dict(ratio=0.5), dict(ratio=0.5, compensation="lsq"), dict(ratio=0.5, method="wanda-sp"),
-           dict(ratio=0.4, method="mag-sp"), dict(ratio=0.9)]
+           dict(ratio=0.4, method="mag-sp"), dict(ratio=0.9), dict(ratio=0.5, method="obs"),
+           dict(ratio=0.5, method="obs", allocation="measured")]
 
 
-# every family with the default method; the other methods on three families
-@pytest.mark.parametrize("arch, cfg", [(a, CONFIGS[0]) for a in ARCHS] +
-                         [(a, c) for a in ("llama-gqa", "qwen2", "gemma3") for c in CONFIGS[1:]])
+# every family with the default method and with obs (its Fisher streamed); the other methods on three families
+# (not obs on Gemma 3, which refuses it)
+@pytest.mark.parametrize("arch, cfg", [(a, c) for a in ARCHS for c in (CONFIGS[0], CONFIGS[5]) if
+                                       not (a == "gemma3" and c.get("method") == "obs")] +
+                         [(a, c) for a in ("llama-gqa", "qwen2", "gemma3") for c in CONFIGS[1:5]] +
+                         [("qwen2", CONFIGS[6])])
 def test_offloaded_equals_in_memory(tmp_path, arch, cfg):
     src = tmp_path / "src"
     tiny_model(arch, layers=3).save_pretrained(src, max_shard_size="20KB")  # several source shards
@@ -51,6 +55,8 @@ def test_offload_refuses_bad_sources(tmp_path):
         prune_offloaded(src, calibration(), flap_llm.PruneConfig(), src, overwrite=True)
     with pytest.raises(FlapError, match="vocabulary"):
         prune_offloaded(src, torch.full((2, 8), 10_000), flap_llm.PruneConfig(), tmp_path / "o")
-    with pytest.raises(FlapError, match="backward pass of the whole model"):
-        prune_offloaded(src, calibration(), flap_llm.PruneConfig(method="obs"), tmp_path / "o")
+    gemma = tmp_path / "gemma"
+    tiny_model("gemma3").save_pretrained(gemma)
+    with pytest.raises(FlapError, match="not offered"):  # before any weight is read
+        prune_offloaded(gemma, calibration(), flap_llm.PruneConfig(method="obs"), tmp_path / "o")
     assert not (tmp_path / "o").exists()

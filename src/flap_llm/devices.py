@@ -38,3 +38,18 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     check_device(name)
     return name
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory available for new tensors on `device`: free CUDA memory, or Linux's MemAvailable for the CPU;
+    None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

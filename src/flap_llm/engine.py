@@ -90,6 +90,14 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
     return PruneResult(plan=plan, config=config, report=report, stats=stats)
 
 
+def check_method_offered(model: nn.Module, config: PruneConfig) -> None:
+    """Refuse a method the model's family is not offered (from the architecture alone: before any weight)."""
+    spec = spec_of(model)
+    if config.method == "obs" and spec.obs_unsupported:
+        raise FlapError(f"method obs is not offered for {architecture_of(model)}: {spec.obs_unsupported}; use method "
+                        "flap with compensation lsq (--method flap --compensation lsq), the best measured there")
+
+
 def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:
     """Everything about the model and config that can be refused before any pass (or any evaluation) runs."""
     if not isinstance(config, PruneConfig):
@@ -97,9 +105,7 @@ def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:
     spec = spec_of(model)
     dims = dims_of(model)
     check_dense(model, spec, dims)
-    if config.method == "obs" and spec.obs_unsupported:
-        raise FlapError(f"method obs is not offered for {architecture_of(model)}: {spec.obs_unsupported}; use method "
-                        "flap with compensation lsq (--method flap --compensation lsq), the best measured there")
+    check_method_offered(model, config)
     max_groups = dims.n_layers * dims.n_kv_heads
     remove_heads = getattr(config.options, "remove_heads", None)
     if remove_heads is not None and remove_heads > max_groups:

@@ -11,11 +11,19 @@ and backward pass of the whole model per calibration batch; no parameter gradien
 same whatever the batching; all of them if none is drawn): the others, when their inputs are still to be
 recorded, only run through the decoder, without the vocabulary projection or a backward pass, which are most
 of the cost on small models with large vocabularies.
+
+`streamed_output_fisher` computes the same F one decoder layer at a time, for models streamed from disk
+(`--offload`): forward, layer by layer, keeping each layer's input hidden states (in host memory, or in files of
+a scratch folder once they pass a share of the memory available); the head's gradient; then back from the last
+layer, each layer's forward recomputed from its saved input and its output gradient propagated through it.
+Device memory holds one layer and its activations.
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,8 +31,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import ArchSpec, decoder_layers
+from .errors import DiskFullError
 from .stats import Covariance, SplitCovariance
-from .walk import output_projections, record_inputs
+from .walk import LayerProvider, capture_inputs, forward_all, layer_output, output_projections, record_inputs
+
+# the streamed Fisher keeps the layers' saved inputs in host memory up to this share of the memory available
+# when it starts, and spills the rest to its scratch folder
+HIDDEN_MEMORY_SHARE = 0.5
 
 
 @contextmanager
@@ -34,9 +47,8 @@ def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch
     handles = []
 
     def record(sink: torch.Tensor):
-        def on_grad(g):
-            g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
-            sink.add_((g.T @ g).to(sink.device))  # float32 products, float64 sums
+        def on_grad(g) -> None:
+            sink.add_(_gram(g).to(sink.device))
 
         def hook(module, args, out):
             if out.requires_grad:  # not in the forward-only passes
@@ -143,6 +155,164 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
         _hold_rows(inputs, None)
         for p in params:
             p.requires_grad_(True)
+    distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
+    return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
+
+
+def _record_output_grads(modules: dict[str, nn.Module], sums: dict[str, torch.Tensor]):
+    """While the block runs, each module's output gradient g adds g^T g (over its tokens) to its sum."""
+    stack = ExitStack()
+
+    def hook(sink):
+        def on_grad(g) -> None:
+            sink.add_(_gram(g).to(sink.device))
+
+        def forward_hook(module, args, out):
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        return forward_hook
+
+    for name, module in modules.items():
+        stack.callback(module.register_forward_hook(hook(sums[name])).remove)
+    return stack
+
+
+def _gram(g: torch.Tensor) -> torch.Tensor:
+    g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
+    return g.T @ g  # float32 products, float64 sums
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """No parameter gradients while the block runs (only the activations' are wanted)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def _decoder_replaced_by(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor):
+    """While the block runs, the decoder layers pass their input through and the last one returns `hidden`:
+    a forward of the model is then the head (final norm, vocabulary projection, any scaling) on `hidden`."""
+    layers = decoder_layers(model, spec)
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    for layer in layers:
+        layer.forward = passthrough
+    layers[-1].forward = lambda *args, **kwargs: hidden
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class _SavedInputs:
+    """Each layer's input hidden states (one tensor per batch), kept for the backward walk: in host memory
+    while they fit in `memory` bytes, then in one file per layer under `scratch` (removed when read back)."""
+
+    def __init__(self, memory: int | None, scratch: Path | None):
+        self.memory, self.scratch = memory, scratch
+        self.items: dict[int, list[torch.Tensor] | Path] = {}
+        self.spilled = 0
+
+    def put(self, idx: int, hidden: list[torch.Tensor]) -> None:
+        cpu = [h.detach().to("cpu", copy=True) for h in hidden]
+        size = sum(h.numel() * h.element_size() for h in cpu)
+        if self.scratch is None or self.memory is None or size <= self.memory:
+            self.items[idx] = cpu
+            self.memory = None if self.memory is None else self.memory - size
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        path = self.scratch / f"layer-{idx}.pt"
+        try:
+            torch.save(cpu, path)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            free = shutil.disk_usage(self.scratch).free
+            raise DiskFullError(f"the disk filled while spilling the Fisher pass's saved hidden states to "
+                                f"{self.scratch}: a layer needs about {size / 2**20:.0f} MiB and "
+                                f"{free / 2**20:.0f} MiB is free there; use fewer calibration windows, more memory, "
+                                "or free some space") from e
+        self.items[idx], self.spilled = path, self.spilled + 1
+
+    def pop(self, idx: int, device) -> list[torch.Tensor]:
+        item = self.items.pop(idx)
+        if isinstance(item, Path):
+            hidden = torch.load(item)
+            item.unlink()
+        else:
+            hidden = item
+        return [h.to(device) for h in hidden]
+
+    def close(self) -> None:
+        self.items.clear()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def streamed_output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], layers: LayerProvider,
+                           seed: int = 0, progress: bool = False, fraction: float = 1.0,
+                           scratch: Path | None = None, memory: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`output_fisher`'s result, computed one decoder layer at a time through `layers` (module docstring).
+    `scratch`: a folder for the saved inputs that do not fit in `memory` bytes (default: HIDDEN_MEMORY_SHARE of
+    the memory available; without a scratch folder everything stays in memory); it is removed at the end."""
+    device = model.get_input_embeddings().weight.device
+    picks = [window_selected(ids, seed, fraction) for ids in batches]
+    tokens = torch.zeros(1, dtype=torch.float64)
+    if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
+        picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+    chosen = [ids[p] for ids, p in zip(batches, picks) if p.any()]
+    if memory is None and scratch is not None:
+        from .devices import available_bytes
+        free = available_bytes(torch.device("cpu"))
+        memory = None if free is None else int(HIDDEN_MEMORY_SHARE * free)
+    saved = _SavedInputs(memory, scratch)
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in range(len(layers))]
+    bar = tqdm(total=2 * len(layers) + 1, desc="obs: output sensitivity (streamed)", disable=not progress,
+               unit="pass")
+    try:
+        inputs, kwargs = capture_inputs(model, spec, chosen) if chosen else ([], [[] for _ in range(len(layers))])
+        for idx in range(len(layers)):  # forward: every layer's input kept
+            inputs[:] = [(hidden, kw) for (hidden, _), kw in zip(inputs, kwargs[idx])]
+            saved.put(idx, [hidden for hidden, _ in inputs])
+            with layers.open(idx) as layer:
+                forward_all(layer, inputs, keep=True)
+            bar.update()
+        grads = []
+        with layers.open_head() as head, _frozen(head), torch.enable_grad():  # the head's gradient
+            for (hidden, _), ids in zip(inputs, chosen):
+                hidden = hidden.detach().requires_grad_(True)
+                with _decoder_replaced_by(head, spec, hidden):
+                    logits = head(input_ids=ids.to(device), use_cache=False).logits
+                flat = logits.reshape(-1, logits.shape[-1])
+                flat.backward(_logit_gradient(flat, window_uniforms(ids, seed)).to(flat.dtype))
+                grads.append(hidden.grad.detach())
+                tokens += flat.shape[0]
+        del inputs
+        bar.update()
+        for idx in reversed(range(len(layers))):  # backward: each layer's forward again, then its gradient
+            hidden = saved.pop(idx, device)
+            with layers.open(idx) as layer, _frozen(layer), torch.enable_grad():
+                proj = output_projections(layer, spec)
+                sums[idx] = {name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
+                             for name, p in proj.items()}
+                with _record_output_grads(proj, sums[idx]):
+                    for b, (h, kw) in enumerate(zip(hidden, kwargs[idx])):
+                        h.requires_grad_(True)
+                        layer_output(layer(h, **kw)).backward(grads[b])
+                        grads[b] = h.grad.detach()
+            bar.update()
+    finally:
+        bar.close()
+        saved.close()
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
     return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
 

@@ -20,7 +20,7 @@ from torch import nn
 from .arch import ArchSpec, architecture_of, decoder_layers, get_module, spec_of
 from .checkpoint import CheckpointWriter, ShardWriter, check_destination
 from .config import PruneConfig
-from .engine import PruneResult, prune
+from .engine import PruneResult, check_method_offered, prune
 from .errors import FlapError
 
 
@@ -59,10 +59,13 @@ class OffloadedLayers:
     """The layer provider of the engine for streamed models: `open` reads one layer's weights onto the
     device and releases them afterwards; `commit` writes the pruned layer to the output shards."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, store: WeightStore, device, dtype, writer: ShardWriter):
+    def __init__(self, model: nn.Module, spec: ArchSpec, store: WeightStore, device, dtype, writer: ShardWriter,
+                 scratch: Path | None = None):
+        self.model, self.spec = model, spec
         self.modules = decoder_layers(model, spec)
         self.prefix = spec.layers
         self.store, self.device, self.dtype, self.writer = store, device, dtype, writer
+        self.scratch = scratch  # where passes may spill activations that do not fit in memory
         self.peak_layer_bytes = 0
 
     def __len__(self) -> int:
@@ -92,6 +95,24 @@ class OffloadedLayers:
     def info(self) -> dict | None:
         return {"peak_layer_bytes": self.peak_layer_bytes, "device": str(self.device)}
 
+    @contextmanager
+    def open_head(self):
+        """The model with its final norm and (untied) vocabulary projection read onto the device."""
+        loaded = []
+        for path in (self.spec.final_norm, self.spec.lm_head):
+            module = get_module(self.model, path)
+            if not any(p.is_meta for p in module.parameters()):
+                continue  # already real: the head tied to the loaded embeddings
+            names = [n for n in self.store.names() if n.startswith(path + ".")]
+            state = {k[len(path) + 1:]: v for k, v in self.store.load(names, self.device, self.dtype).items()}
+            module.load_state_dict(state, strict=True, assign=True)
+            loaded.append(module)
+        try:
+            yield self.model
+        finally:
+            for module in loaded:
+                module.to("meta")
+
 
 def _has(model: nn.Module, path: str) -> bool:
     try:
@@ -101,8 +122,10 @@ def _has(model: nn.Module, path: str) -> bool:
     return True
 
 
-def _skeleton(source: Path, dtype: torch.dtype | None, device) -> tuple[nn.Module, WeightStore, torch.dtype]:
-    """The model with every decoder layer on the meta device, embeddings and rotary tables on `device`."""
+def _skeleton(source: Path, dtype: torch.dtype | None, device,
+              prune_config: PruneConfig) -> tuple[nn.Module, WeightStore, torch.dtype]:
+    """The model with every decoder layer on the meta device, embeddings and rotary tables on `device`; a method
+    the family is not offered is refused before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     store = WeightStore(source)
@@ -110,6 +133,7 @@ def _skeleton(source: Path, dtype: torch.dtype | None, device) -> tuple[nn.Modul
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     spec = spec_of(model)  # fails clearly for unsupported architectures
+    check_method_offered(model, prune_config)
     embed_name = spec.embed + ".weight"
     if embed_name not in store.names():
         raise FlapError(f"{source} has no {embed_name}; is it a {architecture_of(model)} checkpoint?")
@@ -143,18 +167,15 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
         raise FlapError(f"{source} is not a model folder with config.json; --offload needs a local safetensors checkpoint")
-    if config.method == "obs":
-        raise FlapError("method obs weighs errors by a backward pass of the whole model, which --offload cannot hold "
-                        "in memory; prune without --offload, or use --method flap --compensation lsq")
     check_destination(out, overwrite, [source])  # before any weight is read
-    model, store, dtype = _skeleton(source, dtype, device)
+    model, store, dtype = _skeleton(source, dtype, device, config)
     spec = spec_of(model)
     layer_prefix = spec.layers + "."
     others = [n for n in store.names() if not n.startswith(layer_prefix)]
     checkpoint = CheckpointWriter(out, model, "flap", overwrite, [source])
     with checkpoint.open():
         shards = checkpoint.shards(model.config.num_hidden_layers + len(others))
-        layers = OffloadedLayers(model, spec, store, device, dtype, shards)
+        layers = OffloadedLayers(model, spec, store, device, dtype, shards, checkpoint.folder / ".activations")
         result = prune(model, calibration, config, batch_size=batch_size, progress=progress, layers=layers)
         for name in others:  # embeddings, final norm, lm_head: copied through one at a time
             shards.write(store.load([name], "cpu", dtype))

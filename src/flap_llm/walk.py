@@ -104,7 +104,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]
     return first, per_layer
 
 
-def _layer_output(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -112,7 +112,7 @@ def _layer_output(out) -> torch.Tensor:
 def forward_all(layer: nn.Module, inputs: list[LayerInput], keep: bool = True) -> None:
     """Run every batch through one layer; with keep, the outputs replace the inputs in place."""
     for i, (hidden, kwargs) in enumerate(inputs):
-        out = _layer_output(layer(hidden, **kwargs))
+        out = layer_output(layer(hidden, **kwargs))
         if keep:
             inputs[i] = (out, kwargs)
 
@@ -166,11 +166,17 @@ class LayerProvider(Protocol):
     def info(self) -> dict | None:
         """What the report should say about the provider (None: nothing)."""
 
+    def open_head(self) -> AbstractContextManager[nn.Module]:
+        """The model with its final norm and vocabulary projection loaded, for the duration of the block."""
+
 
 class InMemoryLayers:
     """The decoder layers of a model held in memory."""
 
+    scratch = None  # no folder for spilled activations: the model is in memory, so are they
+
     def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.model = model
         self.modules = decoder_layers(model, spec)
 
     def __len__(self) -> int:
@@ -185,6 +191,10 @@ class InMemoryLayers:
 
     def info(self) -> dict | None:
         return None
+
+    @contextmanager
+    def open_head(self):
+        yield self.model
 
 
 def walk(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..arch import Dims
+from ..devices import available_bytes
 from ..errors import FlapError
-from ..fisher import output_fisher, weighting
+from ..fisher import output_fisher, streamed_output_fisher, weighting
 from ..plan import LayerPlan, PrunePlan
 from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
 from ..select import aligned_count, total_weight
@@ -69,21 +70,6 @@ STEPS = 128
 def covariance_bytes(dims: Dims) -> int:
     """Bytes of the float64 input covariances of every layer's o_proj and down_proj."""
     return 8 * dims.n_layers * ((dims.n_heads * dims.head_dim) ** 2 + dims.d_ff ** 2)
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory available for new tensors on `device`: free CUDA memory, or Linux's MemAvailable for the CPU;
-    None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def fused_budget(device: torch.device) -> int:
@@ -161,15 +147,18 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     stats: list[LayerStats] = []
     curves: list[tuple[torch.Tensor, torch.Tensor]] = []  # each layer's o_proj and down_proj error curves
     recorded: list[dict[str, Covariance]] | None = None  # the dense covariances, from the Fisher pass
-    if not isinstance(job.layers, InMemoryLayers):
-        raise FlapError("method obs weighs errors by a backward pass of the whole model, which needs it in memory; "
-                        "prune without --offload, or use --method flap --compensation lsq")
+    in_memory = isinstance(job.layers, InMemoryLayers)
     embed = job.model.get_input_embeddings().weight
-    if covariance_bytes(dims) * (2 if split else 1) <= distributed.reduce_min(fused_budget(embed.device), embed):
+    if in_memory and covariance_bytes(dims) * (2 if split else 1) <= distributed.reduce_min(
+            fused_budget(embed.device), embed):
         recorded = [_covariances(output_projections(layer, job.spec), split) for layer in job.layers.modules]
     with job.timer("sensitivity"):
-        fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
-                               fraction=FISHER_FRACTION)
+        if in_memory:
+            fisher = output_fisher(job.model, job.spec, job.batches, progress=job.progress, inputs=recorded,
+                                   fraction=FISHER_FRACTION)
+        else:  # streamed from disk: one layer at a time, forward then back
+            fisher = streamed_output_fisher(job.model, job.spec, job.batches, job.layers, progress=job.progress,
+                                            fraction=FISHER_FRACTION, scratch=job.layers.scratch)
         weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
 
     def survey(idx, layer, covs):
