@@ -118,3 +118,66 @@ def median_time(fn, repeat: int) -> float:
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+# Published shapes of real models (their configs), for random-weight runs: speed and memory only.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def random_checkpoint(folder: Path, shape: dict, layers: int | None = None, dtype: str = "bfloat16") -> Path:
+    """A LLaMA-architecture safetensors checkpoint of the given shape with random weights (std 0.02), written
+    shard by shard (one decoder layer per shard), so that writing it needs little memory; reused when present."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n_layers = layers or shape["num_hidden_layers"]
+    cfg = LlamaConfig(**{**shape, "num_hidden_layers": n_layers, "max_position_embeddings": 4096,
+                         "rms_norm_eps": 1e-5}, dtype=dtype)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(tmp)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    hd = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    torch_dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+              "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+              "mlp.down_proj.weight": (h, f)}
+
+    def rand(*size):
+        return (torch.randn(size, generator=g) * 0.02).to(torch_dtype)
+
+    n = n_layers + 1
+    weight_map = {}
+    for i in range(n):  # one shard in memory at a time
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        if i < n_layers:
+            tensors = {f"model.layers.{i}.{k}": rand(*s) for k, s in shapes.items()}
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                tensors[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=torch_dtype)
+        else:
+            tensors = {"model.embed_tokens.weight": rand(cfg.vocab_size, h),
+                       "model.norm.weight": torch.ones(h, dtype=torch_dtype)}
+            if not cfg.tie_word_embeddings:
+                tensors["lm_head.weight"] = rand(cfg.vocab_size, h)
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tmp.rename(folder)
+    return folder

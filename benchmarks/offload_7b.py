@@ -13,7 +13,6 @@ import argparse
 import json
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -21,50 +20,13 @@ from pathlib import Path
 
 import torch
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, random_checkpoint  # noqa: E402
 
 
 def make_model(folder: Path, layers: int) -> None:
-    """Write random bf16 weights shard by shard (one decoder layer per shard)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    if (folder / "model.safetensors.index.json").is_file():
-        return
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cfg = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}, dtype="bfloat16")
-    cfg.architectures = ["LlamaForCausalLM"]
-    cfg.save_pretrained(tmp)
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    g = torch.Generator().manual_seed(0)
-    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (h, h), "self_attn.v_proj.weight": (h, h),
-              "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
-              "mlp.down_proj.weight": (h, f)}
-    def layer(i: int) -> dict[str, torch.Tensor]:
-        out = {f"model.layers.{i}.{k}": (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"model.layers.{i}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        return out
-
-    n = layers + 1
-    weight_map = {}
-    for i in range(n):  # one shard in memory at a time
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        if i < layers:
-            tensors = layer(i)
-        else:
-            tensors = {"model.embed_tokens.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).bfloat16(),
-                       "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-                       "lm_head.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).bfloat16()}
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    tmp.rename(folder)
+    """Random bf16 weights of Llama-2-7B's shapes, shard by shard (one decoder layer per shard)."""
+    random_checkpoint(folder, SHAPES["llama-2-7b"], layers)
 
 
 def run(src: Path, out: Path, nsamples: int, seqlen: int, ratio: float) -> None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU rows of BENCHMARKS.md in one run, sized for at most 9 minutes on one H200 (run from the repository root):
+#   1. FLAP, FLAP + lsq and obs on a Llama-3-8B-shaped random model in bf16 (all 32 layers), each against one
+#      plain forward pass over the same tokens, with torch's peak GPU memory (benchmarks/scaling.py);
+#   2. heal of a Qwen2.5-1.5B-shaped pruned model: tokens/s and peak GPU memory (benchmarks/heal.py --synthetic).
+# Rows go to $OUT (default /tmp/flap-gpu) as JSONL; append them to benchmarks/results/ and render with
+# `python benchmarks/scaling.py --render` and `python benchmarks/heal.py --render`.
+# Needs torch with CUDA, and transformers, safetensors, tqdm, peft (on a bare machine: wheels installed first,
+# with PYTHONPATH set). $PYTHON picks the interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/flap-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# 1. about 5 minutes: writing the 16 GB random checkpoint, then four fresh processes that load it
+timeout 330 "$PY" benchmarks/scaling.py --shapes llama-3-8b --layers 32 --device cuda --dtype bfloat16 \
+    --nsamples 128 --batch-size 16 --methods forward,flap,flap+lsq,obs --workdir /tmp/flap-scaling \
+    --results "$OUT/scaling.jsonl" || echo "scaling: stopped at its limit; the rows written so far stand"
+# 2. about 2 minutes
+timeout 180 "$PY" benchmarks/heal.py --synthetic qwen2.5-1.5b --device cuda --tokens 131072 --seqlen 1024 \
+    --batch-size 8 --nsamples 32 --results "$OUT/heal.jsonl" || echo "heal: stopped at its limit"

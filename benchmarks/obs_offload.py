@@ -1,0 +1,92 @@
+"""obs with the model in memory against obs streamed from disk (`--offload`): the same plan, and each run's peak
+RSS and time, every run in a fresh process (ru_maxrss is per process).
+
+  .venv/bin/python benchmarks/obs_offload.py --model smollm2 --ratio 0.5 --nsamples 128
+
+The model is the cached safetensors folder of a benchmark model (converted once from its GGUF); each run prunes
+it with method obs into a temporary folder, and the plans of the two runs are compared unit by unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, append_jsonl, command_line  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "obs_offload.jsonl"
+
+
+def _folder(name: str) -> Path:
+    """The model's safetensors folder in the cache (--offload streams safetensors)."""
+    from flap_llm.models import resolve_model
+    path, _ = resolve_model(MODELS[name](), False)
+    return Path(path)
+
+
+def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
+    """The measured part, in its own process: one obs pruning, in memory or streamed."""
+    import flap_llm
+    from flap_llm.data import calibration_windows
+    from flap_llm.models import load_model, load_tokenizer
+    from flap_llm.offload import prune_offloaded
+
+    torch.set_num_threads(2)
+    folder = _folder(name)
+    tok = load_tokenizer(str(folder))
+    calib = calibration_windows("builtin:wiki", tok, nsamples, 128, 0)
+    config = flap_llm.PruneConfig(ratio=ratio, method="obs")
+    t = time.perf_counter()
+    if mode == "offload":
+        result = prune_offloaded(folder, calib, config, out, tokenizer=tok, batch_size=8, progress=False)
+    else:
+        model, _, _ = load_model(str(folder), progress=False)
+        result = flap_llm.prune(model, calib, config, batch_size=8)
+    return {"wall_s": time.perf_counter() - t, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "timings_s": result.report["timings_s"], "plan": result.plan.to_dict()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--run", choices=["memory", "offload"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        print(json.dumps(run(args.model, args.run, args.ratio, args.nsamples, Path(args.out))))
+        return
+    _folder(args.model)  # converted once, outside the measured processes
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="flap-obs-offload-") as work:
+        for mode in ("memory", "offload"):
+            proc = subprocess.run([sys.executable, __file__, "--run", mode, "--model", args.model, "--ratio",
+                                   str(args.ratio), "--nsamples", str(args.nsamples), "--out", f"{work}/{mode}"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(proc.stderr[-4000:])
+            rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(mode, {k: v for k, v in rows[mode].items() if k != "plan"}, flush=True)
+    a, b = (rows[m]["plan"]["layers"] for m in ("memory", "offload"))
+    differ = sum(len(set(x[k]) ^ set(y[k])) for x, y in zip(a, b) for k in ("kv_heads", "channels"))
+    from flap_llm.report import versions
+    for mode, r in rows.items():
+        append_jsonl(RESULTS, {"model": args.model, "ratio": args.ratio, "nsamples": args.nsamples, "mode": mode,
+                               "wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"],
+                               "timings_s": r["timings_s"], "same_plan": differ == 0, "units_differing": differ,
+                               "versions": versions(), "command": command_line()})
+    print(f"plans: {differ} units differ", flush=True)
+
+
+if __name__ == "__main__":
+    main()

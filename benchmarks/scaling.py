@@ -1,0 +1,136 @@
+"""How pruning's cost grows with the model: peak memory and time of FLAP, FLAP + lsq, obs and obs --offload on
+random-weight LLaMA models of real shapes (SmolLM2-135M's up to Llama-2-7B's and Llama-3-8B's), a few decoder
+layers each, with one plain forward pass over the same tokens as the yardstick. Every run is a fresh process
+(peak RSS is per process; on CUDA also torch's peak allocated memory). The weights are random, so the numbers are
+costs, not quality.
+
+  .venv/bin/python benchmarks/scaling.py --shapes smollm2-135m,qwen2.5-0.5b,llama-2-7b,llama-3-8b --layers 2
+  .venv/bin/python benchmarks/scaling.py --render
+
+Per-layer costs extrapolate to the whole depth: the passes walk one layer at a time, so their time grows with
+the layer count and their memory does not (except what every layer keeps: obs's Fisher sums, and with --offload
+the saved inputs of the streamed Fisher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, append_jsonl, command_line, random_checkpoint, read_jsonl  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scaling.jsonl"
+METHODS = {"flap": dict(), "flap+lsq": dict(compensation="lsq"), "obs": dict(method="obs"),
+           "obs --offload": dict(method="obs")}
+
+
+def _peak(device: str) -> dict:
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device: str, dtype: str,
+        batch_size: int, out: Path) -> dict:
+    """One measured run, in its own process."""
+    import flap_llm
+    from flap_llm.offload import prune_offloaded
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    torch_dtype = getattr(torch, dtype)
+    if method == "obs --offload":
+        t = time.perf_counter()
+        result = prune_offloaded(src, ids, flap_llm.PruneConfig(ratio=ratio, **METHODS[method]), out, device=device,
+                                 dtype=torch_dtype, batch_size=batch_size)
+        return {"wall_s": time.perf_counter() - t, "timings_s": result.report["timings_s"], **_peak(device)}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype).to(device).eval()
+    t = time.perf_counter()
+    if method == "forward":
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                model(batch.to(device), use_cache=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return {"wall_s": time.perf_counter() - t, **_peak(device)}
+    result = flap_llm.prune(model, ids, flap_llm.PruneConfig(ratio=ratio, **METHODS[method]), batch_size=batch_size)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"wall_s": time.perf_counter() - t, "timings_s": result.report["timings_s"], **_peak(device)}
+
+
+def render(path: Path = RESULTS) -> str:
+    rows = read_jsonl(path)
+    out = ["| shape | layers | method | device | dtype | windows | wall (s) | / forward | peak RSS GiB | peak device GiB |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    forward = {(r["shape"], r["layers"], r["device"], r["nsamples"]): r["wall_s"] for r in rows if r["method"] == "forward"}
+    for r in rows:
+        base = forward.get((r["shape"], r["layers"], r["device"], r["nsamples"]))
+        ratio = f"{r['wall_s'] / base:.2f}" if base and r["method"] != "forward" else ""
+        dev = f"{r['peak_device_bytes'] / 2**30:.2f}" if "peak_device_bytes" in r else "–"
+        out.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['device_name']} | {r['dtype']} | "
+                   f"{r['nsamples']} | {r['wall_s']:.1f} | {ratio} | {r['peak_rss_bytes'] / 2**30:.2f} | {dev} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of each random model")
+    ap.add_argument("--methods", default="forward," + ",".join(METHODS))
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="the model's dtype in the runs (the files are bf16)")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flap-scaling"))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--run", nargs=2, metavar=("SRC", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.render:
+        print(render(args.results))
+        return
+    if args.run:
+        src, method = Path(args.run[0]), args.run[1]
+        with tempfile.TemporaryDirectory(prefix="flap-scaling-out-") as out:
+            print(json.dumps(run(src, method, args.ratio, args.nsamples, args.seqlen, args.device, args.dtype,
+                                 args.batch_size, Path(out) / "pruned")))
+        return
+    from flap_llm.report import versions
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    for shape in args.shapes.split(","):
+        src = random_checkpoint(Path(args.workdir) / f"{shape}-{args.layers}", SHAPES[shape], args.layers)
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--run", str(src), method, "--ratio", str(args.ratio), "--nsamples",
+                   str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+                   "--device", args.device, "--dtype", args.dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{shape} {method}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = {"shape": shape, "layers": args.layers, "method": method, "ratio": args.ratio,
+                   "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
+                   "device": args.device, "device_name": device_name, "dtype": args.dtype,
+                   **json.loads(proc.stdout.strip().splitlines()[-1]), "versions": versions(),
+                   "command": command_line()}
+            append_jsonl(args.results, row)
+            print(f"{shape} x{args.layers} {method}: {row['wall_s']:.1f}s, peak RSS "
+                  f"{row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
