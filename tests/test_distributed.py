@@ -119,17 +119,21 @@ HEAL_WORKER = textwrap.dedent("""
     flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
     result = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**{cfg!r}))
     if dist.get_rank() == 0:
-        torch.save({{"loss": result.loss, "tokens": result.tokens, "state": student.state_dict()}}, {out!r})
+        torch.save({{"loss": result.loss, "tokens": result.tokens, "state": student.state_dict(),
+                    "state_bytes": result.state_bytes}}, {out!r})
     dist.destroy_process_group()
 """)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method):
+@pytest.mark.parametrize("method,shard", [("full", False), ("lora", False), ("full", True), ("lora", True)])
+def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method, shard):
+    """Replicated (DDP) or sharded (FSDP2), two processes follow one process's loss curve and end with its
+    weights; sharded, each rank holds about half of the trained weights, their gradients and the optimizer
+    state."""
     import copy
     from flap_llm.distill import HealConfig, heal
     pytest.importorskip("peft")
-    cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method)
+    cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method, shard=shard)
     out = tmp_path / "rank0.pt"
     script = tmp_path / "heal_worker.py"
     script.write_text(HEAL_WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out)))
@@ -138,8 +142,52 @@ def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method):
     teacher = tiny_model("llama-gqa")
     student = copy.deepcopy(teacher)
     flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
-    one = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**cfg))
+    one = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**{**cfg, "shard": False}))
     assert two["tokens"] == one.tokens and len(two["loss"]) == len(one.loss) == 4
+    share = two["state_bytes"] / one.state_bytes  # this rank's against the whole (DDP holds the whole)
+    assert (0.45 < share < 0.6) if shard else share == 1, share
     assert two["loss"] == pytest.approx(one.loss, rel=1e-4)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_heal_shard_resumes_and_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m flap_llm heal --shard`: stopped after its first resume checkpoint (a
+    torch.distributed.checkpoint folder) and resumed, rank 0 writes the healed checkpoint one process makes
+    without sharding; it reloads, and the resume state is removed."""
+    import json
+
+    from conftest import tiny_checkpoint
+    from flap_llm.cli import main
+    model_dir = tiny_checkpoint(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    assert main(["prune", "--model", str(model_dir), "--calib", str(text), "--nsamples", "8", "--seqlen", "16",
+                 "--no-eval", "--quiet", "--ratio", "0.5", "--out", str(tmp_path / "pruned")]) == 0
+    heal_args = ["heal", "--model", str(tmp_path / "pruned"), "--data", str(text), "--tokens", "256", "--seqlen", "16",
+                 "--batch-size", "4", "--lr", "3e-3", "--no-eval", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra: str, stop_after_checkpoint: bool = False) -> subprocess.CompletedProcess:
+        run_env = {**env, "FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT": "1"} if stop_after_checkpoint else env
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(_free_port()), "-m", "flap_llm", *heal_args, "--shard", *extra,
+                               "--out", str(tmp_path / "two")], env=run_env, capture_output=True, text=True,
+                              timeout=300)
+
+    stopped = torchrun("--checkpoint-every", "2", stop_after_checkpoint=True)
+    assert stopped.returncode != 0 and not (tmp_path / "two").exists()
+    state = tmp_path / ".two.heal-state" / "heal-state.dcp"
+    assert (state / "progress.pt").is_file() and len(list(state.glob("*.distcp"))) == 2  # one shard file per rank
+    proc = torchrun("--checkpoint-every", "2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / ".two.heal-state").exists()
+    assert main([*heal_args, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "flap_manifest.json").read_text())["heal"]
+    one = json.loads((tmp_path / "one" / "flap_manifest.json").read_text())["heal"]
+    assert two["world_size"] == 2 and two["config"]["shard"] and len(one["loss"]) == 4
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)  # steps 1-2 before the stop, 3-4 after
+    healed, reference = flap_llm.load_pruned(tmp_path / "two"), flap_llm.load_pruned(tmp_path / "one")
+    ids = calibration(n=2, length=16)
+    with torch.no_grad():
+        torch.testing.assert_close(healed(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)

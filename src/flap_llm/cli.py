@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resume checkpoint every N steps beside --out (default 0: none)")
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from its resume checkpoint")
+    h.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard the student, its gradients and optimizer state over the processes "
+                        "(FSDP2) instead of replicating them (DDP)")
     h.add_argument("--eval", dest="eval_spec", default="builtin:wiki",
                    help="perplexity text before and after (default builtin:wiki, held-out articles)")
     h.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
@@ -415,9 +418,9 @@ def _heal_after_prune(args, model, teacher, tokenizer, progress: bool) -> dict:
 
 
 def _heal(args) -> int:
-    from . import load_pruned, save_pruned
+    from . import distributed, load_pruned, save_pruned
     from .checkpoint import check_destination, read_manifest, write_json
-    from .distill import HealConfig, heal
+    from .distill import SHARDED_STATE, STATE_FILE, HealConfig, heal
     from .devices import pick_device
     from .models import load_model, load_tokenizer
 
@@ -430,7 +433,11 @@ def _heal(args) -> int:
     tasks = _tasks(args)
     cfg = HealConfig(tokens=args.tokens, lr=args.lr, method=args.method, temperature=args.temperature,
                      kd_weight=args.kd_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     seed=args.seed, checkpoint_every=args.checkpoint_every)
+                     seed=args.seed, checkpoint_every=args.checkpoint_every, shard=args.shard)
+    if args.shard and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise FlapError("--shard shards the student over the processes of torch.distributed; run it under torchrun "
+                        "with 2 or more processes (torchrun --nproc-per-node N -m flap_llm heal --shard ...), or drop "
+                        "--shard")
     source = Path(args.model).expanduser()
     if not source.is_dir():
         raise FlapError(f"--model {source} is not a folder; give a pruned checkpoint (the --out of flap-llm prune)")
@@ -441,9 +448,15 @@ def _heal(args) -> int:
     out = Path(args.out).expanduser()
     check_destination(out, args.overwrite, [source, teacher_name])
     state_dir = out.parent / f".{out.name}.heal-state"
-    if args.resume and not (state_dir / "heal-state.pt").is_file():
-        raise FlapError(f"nothing to resume: no resume checkpoint in {state_dir} (run with --checkpoint-every N first)")
+    if args.resume and not (state_dir / (SHARDED_STATE if args.shard else STATE_FILE)).exists():
+        raise FlapError(f"nothing to resume: no {'sharded ' if args.shard else ''}resume checkpoint in {state_dir} "
+                        "(run with --checkpoint-every N first, with the same --shard)")
     device = pick_device(args.device)
+    if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    lead = distributed.rank() == 0  # only rank 0 evaluates and writes
+    if not lead:
+        args.quiet, args.no_eval, tasks = True, True, None
     progress = not args.quiet
     student = load_pruned(source, device=device)
     tokenizer = load_tokenizer(str(source))
@@ -457,9 +470,11 @@ def _heal(args) -> int:
     result = heal(student, teacher, data, cfg, progress=progress,
                   checkpoint_dir=state_dir if (args.checkpoint_every or args.resume) else None, resume=args.resume)
     del teacher
+    if not lead:
+        return 0
     ppl_after = None if args.no_eval else _ppl(args, student, tokenizer, args.eval_spec, progress)
     zs_after = _zeroshot(args, student, tokenizer, tasks)
-    report = {**result.to_dict(), "zeroshot": None if tasks is None else {"before": zs_before, "after": zs_after}, "model": str(source), "teacher": str(teacher_path),
+    report = {**result.to_dict(), "world_size": distributed.world_size(), "zeroshot": None if tasks is None else {"before": zs_before, "after": zs_after}, "model": str(source), "teacher": str(teacher_path),
               "data": {"train": f"{args.data} (calibration split)", "windows": list(data.shape),
                        "eval": None if args.no_eval else f"{args.eval_spec} (held-out split)"},
               "perplexity": None if args.no_eval else {"spec": args.eval_spec, "seqlen": args.eval_seqlen,

@@ -5,12 +5,18 @@ merged back into the weights), so the result is an ordinary pruned checkpoint. T
 between the teacher's and the student's next-token distributions at temperature T (times T^2, so its
 gradients keep their scale), optionally mixed with the language-model loss on the same windows. AdamW with
 linear warmup and cosine decay; gradient accumulation; bf16 autocast and gradient checkpointing on GPU;
-torch.distributed (DDP) when a process group is active, each rank taking its share of every batch.
+torch.distributed when a process group is active, each rank taking its share of every batch: the student
+replicated on every rank (DistributedDataParallel), or with `shard=True` sharded over the ranks (FSDP2's
+`fully_shard`, one unit per decoder layer and one for the final norm), so that each rank holds its share of the
+trained weights, their gradients and the optimizer state (resume checkpoints then go through
+torch.distributed.checkpoint). The teacher stays whole on every rank, inference only.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ from .walk import check_token_ids
 
 HEAL_METHODS = ("full", "lora")
 STATE_FILE = "heal-state.pt"
+SHARDED_STATE = "heal-state.dcp"  # shard=True: a torch.distributed.checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class HealConfig:
     batch_size: windows per micro-batch; grad_accum: micro-batches per optimizer step.
     warmup: fraction of the steps with a linear warmup; then cosine decay to zero.
     checkpoint_every: optimizer steps between resume checkpoints (0: none), written to `checkpoint_dir`.
+    shard: under torch.distributed, shard the student's decoder, gradients and optimizer state over the ranks
+        (FSDP2) instead of replicating them (DDP).
     """
 
     tokens: int = 250_000
@@ -58,6 +67,7 @@ class HealConfig:
     lora_alpha: float = 32.0
     seed: int = 0
     checkpoint_every: int = 0
+    shard: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in HEAL_METHODS:
@@ -74,6 +84,8 @@ class HealConfig:
             raise FlapError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if not 0.0 <= self.warmup < 1.0:
             raise FlapError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if not isinstance(self.shard, bool):
+            raise FlapError(f"shard must be True or False, got {self.shard!r}")
         if self.checkpoint_every < 0:
             raise FlapError(f"checkpoint_every must be 0 (none) or a number of steps, got {self.checkpoint_every}")
 
@@ -94,6 +106,7 @@ class HealResult:
     loss: list[float] = field(default_factory=list)  # per optimizer step, the loss being minimized
     kl: list[float] = field(default_factory=list)  # per step, KL(teacher || student) at temperature 1
     merge_error: float | None = None  # LoRA: max |logits after merging - logits of the adapter model|
+    state_bytes: int | None = None  # this rank's trained weights, their gradients and the optimizer state
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,7 +115,7 @@ class HealResult:
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "steps": self.steps, "tokens": self.tokens,
                 "seconds": self.seconds, "tokens_per_s": self.tokens_per_s, "loss": self.loss, "kl": self.kl,
-                "merge_error": self.merge_error}
+                "merge_error": self.merge_error, "state_bytes": self.state_bytes}
 
 
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
@@ -196,6 +209,120 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def _save_sharded_state(path: Path, sharded: "_Sharded", optimizer, progress_state: dict) -> None:
+    """Every rank's shards through torch.distributed.checkpoint into a temporary folder beside `path`, which
+    rank 0 then renames into place: an interrupted save leaves the previous checkpoint as it was."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    tmp = path.with_name(f".{path.name}.tmp-step{progress_state['step']}")
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(sharded.state(optimizer), checkpoint_id=str(tmp))
+    if distributed.rank() == 0:
+        torch.save(progress_state, tmp / "progress.pt")
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_sharded_state(path: Path, sharded: "_Sharded", optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    state = sharded.state(optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    sharded.load(state, optimizer)
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes these tensors take on this rank (a sharded tensor: its local shard)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def _shard_units(runner: nn.Module, student: nn.Module) -> list[str]:
+    """Names (in `runner`) of the modules FSDP2 shards: each decoder layer and the final norm."""
+    spec = spec_of(student)
+    wanted = {id(m) for m in decoder_layers(student, spec)} | {id(get_module(student, spec.final_norm))}
+    return [name for name, m in runner.named_modules() if id(m) in wanted]
+
+
+class _Sharded:
+    """A copy of `runner` whose decoder layers and final norm are sharded over the ranks (FSDP2), the rest
+    shared with `runner`; while it exists, `runner`'s own sharded parts hold no weights (meta), so each rank
+    keeps only its share of them. `restore` gathers the trained weights back into `runner`, on every rank."""
+
+    def __init__(self, runner: nn.Module, student: nn.Module, device: torch.device):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard
+        self.runner, self.units = runner, _shard_units(runner, student)
+        memo = {}
+        for t in [*runner.parameters(), *runner.buffers()]:  # the copy's tensors start on the meta device
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        self.model = copy.deepcopy(runner, memo)
+        ours, theirs = dict(self.model.named_modules()), dict(runner.named_modules())
+        inside = lambda name: any(name == u or name.startswith(u + ".") for u in self.units)  # noqa: E731
+        for name, module in theirs.items():  # outside the units: the very same tensors
+            if not inside(name):
+                ours[name]._parameters.update(module._parameters)
+                ours[name]._buffers.update(module._buffers)
+        full, buffers = {}, {}
+        for unit in self.units:
+            for k, v in theirs[unit].state_dict(keep_vars=True).items():
+                full[f"{unit}.{k}"] = v.detach()
+            buffers.update({f"{unit}.{k}": b for k, b in theirs[unit].named_buffers()})
+            fully_shard(ours[unit])
+            ours[unit].to_empty(device=device)
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        self.buffers = buffers
+        self._copy_buffers(self.model)
+        for unit in self.units:  # runner's copies of what is now sharded are freed
+            theirs[unit].to("meta")
+
+    def _copy_buffers(self, target: nn.Module) -> None:
+        named = dict(target.named_buffers())
+        with torch.no_grad():
+            for name, b in self.buffers.items():
+                if name in named:
+                    named[name].copy_(b)
+
+    def restore(self) -> None:
+        """The trained weights, gathered whole, back into `runner` (on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        mine = {k: v.detach().clone() for k, v in full.items()
+                if any(k == u or k.startswith(u + ".") for u in self.units)}
+        theirs = dict(self.runner.named_modules())
+        for unit in self.units:
+            prefix = unit + "."
+            state = {k[len(prefix):]: v for k, v in mine.items() if k.startswith(prefix)}
+            module = theirs[unit]
+            flags = {n: p.requires_grad for n, p in module.named_parameters()}
+            module.load_state_dict(state, strict=False, assign=True)
+            for n, p in module.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+            for name, b in list(module.named_buffers()):
+                if b.is_meta:
+                    owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+                    owner._buffers[name.rpartition(".")[2]] = self.buffers[prefix + name].clone()
+        self.model = None
+
+    def state(self, optimizer) -> dict:
+        """Model and optimizer state as this rank's shards (for torch.distributed.checkpoint)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, optimizer)}
+
+    def load(self, state: dict, optimizer) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, optimizer, state["optimizer"])
+
+
 def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: HealConfig = HealConfig(), *,
          progress: bool = False, checkpoint_dir: str | Path | None = None, resume: bool = False) -> HealResult:
     """Distill `teacher` into the pruned `student`, in place, on the token windows `data` ([N, L]).
@@ -208,9 +335,14 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
         raise FlapError("config must be a flap_llm.HealConfig")
     check_pair(student, teacher)
     data = _check_data(data, student.config.vocab_size)
-    state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    if resume and (state_path is None or not state_path.is_file()):
-        raise FlapError(f"nothing to resume: no {STATE_FILE} in {checkpoint_dir}")
+    if config.shard and not distributed.active():
+        raise FlapError("shard=True shards the student over the processes of torch.distributed; run under torchrun "
+                        "with 2 or more processes (torchrun --nproc-per-node N -m flap_llm heal --shard ...), or "
+                        "drop --shard")
+    name = SHARDED_STATE if config.shard else STATE_FILE
+    state_path = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
+    if resume and (state_path is None or not state_path.exists()):
+        raise FlapError(f"nothing to resume: no {name} in {checkpoint_dir}")
     if config.checkpoint_every and state_path is None:
         raise FlapError("checkpoint_every needs a checkpoint_dir to write into")
     world, rank = distributed.world_size(), distributed.rank()
@@ -242,28 +374,38 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
         runner = student
     if cuda:
         student.gradient_checkpointing_enable()
+    sharded = None
+    if config.shard:  # each rank keeps its share of the trained weights; `runner` trains the sharded copy
+        sharded = _Sharded(runner, student, device)
+        runner = sharded.model
+        params = {n: p for n, p in runner.named_parameters() if p.requires_grad}
     trainable = list(params.values())
     opt = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total_steps, warmup_steps))
-    if distributed.active():
+    if distributed.active() and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
         runner = DistributedDataParallel(runner)
     result = HealResult(config, 0, 0, 0.0)
     start = 0
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path / "progress.pt" if sharded is not None else state_path, map_location=device,
+                           weights_only=False)
         if state["config"] != config.to_dict() or state["data_shape"] != list(data.shape):
             raise FlapError(f"the checkpoint in {checkpoint_dir} is from another heal configuration or data; "
                             "resume with the same settings, or start afresh")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["params"][name])
-        opt.load_state_dict(state["optimizer"])
+        if sharded is not None:
+            _load_sharded_state(state_path, sharded, opt)
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(state["params"][name])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
         result.loss, result.kl = state["loss"], state["kl"]
     student.train()
+    runner.train()
     t0 = time.perf_counter()
     tokens_done = 0
     completed = False
@@ -295,14 +437,23 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{result.loss[-1]:.4f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):.0f}")
             done = step + 1
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total_steps and rank == 0:
-                _save_state(state_path, {
-                    "step": done, "config": config.to_dict(), "data_shape": list(data.shape),
-                    "params": {n: p.detach().cpu() for n, p in params.items()},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "loss": list(result.loss), "kl": list(result.kl)})
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total_steps:
+                progress_state = {"step": done, "config": config.to_dict(), "data_shape": list(data.shape),
+                                  "scheduler": sched.state_dict(), "loss": list(result.loss), "kl": list(result.kl)}
+                if sharded is not None:  # every rank writes its shards
+                    _save_sharded_state(state_path, sharded, opt, progress_state)
+                elif rank == 0:
+                    _save_state(state_path, {**progress_state,
+                                             "params": {n: p.detach().cpu() for n, p in params.items()},
+                                             "optimizer": opt.state_dict()})
+                if os.environ.get("FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT"):  # the resume tests' interruption
+                    raise FlapError("stopped after a resume checkpoint ($FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT)")
+        result.state_bytes = _local_bytes([*trainable, *(p.grad for p in trainable if p.grad is not None),
+                                           *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))])
         completed = True
     finally:
+        if sharded is not None and completed:  # (after an error the ranks may not all get here: no collective)
+            sharded.restore()
         student.eval()
         if cuda:
             student.gradient_checkpointing_disable()
