@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     p.add_argument("--out", default="./flap-out", help="output folder (default ./flap-out)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read only the model's config, print the peak host and device memory and the work this run "
+                        "needs (and what to change if it will not fit), and write nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the estimate as JSON")
     p.add_argument("--offload", action="store_true",
                    help="stream the model layer by layer from its safetensors files (models larger than memory)")
     p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
@@ -109,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resume checkpoint every N steps beside --out (default 0: none)")
     h.add_argument("--resume", action="store_true", help="continue an interrupted run from its resume checkpoint")
+    h.add_argument("--dry-run", action="store_true",
+                   help="read only the configs, print the peak memory per process and the work, and write nothing")
+    h.add_argument("--json", action="store_true", help="with --dry-run: print the estimate as JSON")
     h.add_argument("--shard", action="store_true",
                    help="under torchrun: shard the student, its gradients and optimizer state over the processes "
                         "(FSDP2) instead of replicating them (DDP)")
@@ -277,6 +284,17 @@ def _prune(args) -> int:
                         "export the checkpoint afterwards with `flap-llm export`")
     if args.gguf:
         args.gguf = usable_type(args.gguf)  # before any work
+    if args.dry_run:
+        from .estimate import config_of, prune_estimate
+        device = "cuda" if args.device == "auto" and torch_cuda() else ("cpu" if args.device == "auto" else args.device)
+        from .devices import parse_dtype
+        est = prune_estimate(config_of(args.model), config, nsamples=args.nsamples, seqlen=args.seqlen,
+                             batch_size=args.batch_size, dtype=parse_dtype(args.dtype), device=device,
+                             offload=args.offload)
+        return _print_estimate(args, est, f"prune {args.model or 'builtin:smollm2'} ({config.label}, ratio "
+                                          f"{config.ratio}{', --offload' if args.offload else ''}) on {device}")
+    if args.json:
+        raise FlapError("--json goes with --dry-run (the run itself writes report.json into --out)")
     tasks = _tasks(args)
     device = pick_device(args.device)
     if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
@@ -380,6 +398,19 @@ def _prune(args) -> int:
     return 0
 
 
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _print_estimate(args, est, what: str) -> int:
+    if args.json:
+        print(json.dumps({"run": what, **est.to_dict()}, indent=2))
+    else:
+        print(f"dry run: {what}\n{est.summary()}")
+    return 0
+
+
 def _gguf_report(args, path: Path) -> dict:
     """The deployed file's type and size, and llama.cpp's own perplexity of it on the evaluation text (its
     convention: windows of --eval-seqlen tokens, the second half of each scored); None without llama.cpp's
@@ -434,7 +465,7 @@ def _heal(args) -> int:
     cfg = HealConfig(tokens=args.tokens, lr=args.lr, method=args.method, temperature=args.temperature,
                      kd_weight=args.kd_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      seed=args.seed, checkpoint_every=args.checkpoint_every, shard=args.shard)
-    if args.shard and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if args.shard and not args.dry_run and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise FlapError("--shard shards the student over the processes of torch.distributed; run it under torchrun "
                         "with 2 or more processes (torchrun --nproc-per-node N -m flap_llm heal --shard ...), or drop "
                         "--shard")
@@ -445,6 +476,19 @@ def _heal(args) -> int:
     teacher_name = args.teacher or manifest.get("base_model", {}).get("name_or_path")
     if not teacher_name:
         raise FlapError(f"{source}'s manifest names no base model; give the dense model with --teacher")
+    if args.dry_run:
+        from .estimate import config_of, heal_estimate
+        from .devices import parse_dtype
+        device = "cuda" if args.device == "auto" and torch_cuda() else ("cpu" if args.device == "auto" else args.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        est = heal_estimate(config_of(str(source)), config_of(teacher_name), batch_size=args.batch_size,
+                            seqlen=args.seqlen, method=args.method, world=world, shard=args.shard,
+                            dtype=parse_dtype(args.dtype), device=device)
+        est.work.update(tokens=args.tokens, steps=-(-args.tokens // (args.batch_size * args.grad_accum * args.seqlen)))
+        return _print_estimate(args, est, f"heal {source} from {teacher_name} ({args.method}, {world} process"
+                                          f"{'es' if world > 1 else ''}{', sharded' if args.shard else ''}) on {device}")
+    if args.json:
+        raise FlapError("--json goes with --dry-run (the run itself writes heal_report.json into --out)")
     out = Path(args.out).expanduser()
     check_destination(out, args.overwrite, [source, teacher_name])
     state_dir = out.parent / f".{out.name}.heal-state"

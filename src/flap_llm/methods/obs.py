@@ -159,7 +159,11 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         else:  # streamed from disk: one layer at a time, forward then back
             fisher = streamed_output_fisher(job.model, job.spec, job.batches, job.layers, progress=job.progress,
                                             fraction=FISHER_FRACTION, scratch=job.layers.scratch)
-        weights = [{k: weighting(f, FISHER_RIDGE) for k, f in layer.items()} for layer in fisher]
+        weights = []  # F^(1/2) per layer, each layer's Fisher released once its weighting is made
+        for i, layer in enumerate(fisher):
+            weights.append({k: weighting(f, FISHER_RIDGE) for k, f in layer.items()})
+            fisher[i] = None
+        del fisher
 
     def survey(idx, layer, covs):
         """FLAP's statistics of one layer, and its dense error curves, from its covariances."""

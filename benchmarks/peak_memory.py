@@ -1,10 +1,10 @@
-"""obs with the model in memory against obs streamed from disk (`--offload`): the same plan, and each run's peak
-RSS and time, every run in a fresh process (ru_maxrss is per process).
+"""Peak RSS and time of pruning a real model, each run in a fresh process (ru_maxrss is per process): FLAP,
+obs with the model in memory, and obs streamed from disk (`--offload`), whose plan is compared with the in-memory
+one unit by unit; beside each, what `--dry-run` estimates for it.
 
-  .venv/bin/python benchmarks/obs_offload.py --model smollm2 --ratio 0.5 --nsamples 128
+  .venv/bin/python benchmarks/peak_memory.py --model smollm2 --ratio 0.5 --nsamples 128
 
-The model is the cached safetensors folder of a benchmark model (converted once from its GGUF); each run prunes
-it with method obs into a temporary folder, and the plans of the two runs are compared unit by unit.
+The model is the cached safetensors folder of a benchmark model (converted once from its GGUF).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, append_jsonl, command_line  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "obs_offload.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results" / "peak_memory.jsonl"
+MODES = {"flap": ("flap", False), "obs": ("obs", False), "obs --offload": ("obs", True)}
 
 
 def _folder(name: str) -> Path:
@@ -34,7 +35,7 @@ def _folder(name: str) -> Path:
 
 
 def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
-    """The measured part, in its own process: one obs pruning, in memory or streamed."""
+    """The measured part, in its own process: one pruning, in memory or streamed."""
     import flap_llm
     from flap_llm.data import calibration_windows
     from flap_llm.models import load_model, load_tokenizer
@@ -44,9 +45,10 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
     folder = _folder(name)
     tok = load_tokenizer(str(folder))
     calib = calibration_windows("builtin:wiki", tok, nsamples, 128, 0)
-    config = flap_llm.PruneConfig(ratio=ratio, method="obs")
+    method, offload = MODES[mode]
+    config = flap_llm.PruneConfig(ratio=ratio, method=method)
     t = time.perf_counter()
-    if mode == "offload":
+    if offload:
         result = prune_offloaded(folder, calib, config, out, tokenizer=tok, batch_size=8, progress=False)
     else:
         model, _, _ = load_model(str(folder), progress=False)
@@ -60,7 +62,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--run", choices=["memory", "offload"], help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--run", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -69,23 +72,37 @@ def main() -> None:
     _folder(args.model)  # converted once, outside the measured processes
     rows = {}
     with tempfile.TemporaryDirectory(prefix="flap-obs-offload-") as work:
-        for mode in ("memory", "offload"):
+        for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--run", mode, "--model", args.model, "--ratio",
-                                   str(args.ratio), "--nsamples", str(args.nsamples), "--out", f"{work}/{mode}"],
+                                   str(args.ratio), "--nsamples", str(args.nsamples), "--out", f"{work}/{mode.replace(' ', '')}"],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(proc.stderr[-4000:])
             rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(mode, {k: v for k, v in rows[mode].items() if k != "plan"}, flush=True)
-    a, b = (rows[m]["plan"]["layers"] for m in ("memory", "offload"))
-    differ = sum(len(set(x[k]) ^ set(y[k])) for x, y in zip(a, b) for k in ("kv_heads", "channels"))
+    differ = None
+    if {"obs", "obs --offload"} <= rows.keys():
+        a, b = (rows[m]["plan"]["layers"] for m in ("obs", "obs --offload"))
+        differ = sum(len(set(x[k]) ^ set(y[k])) for x, y in zip(a, b) for k in ("kv_heads", "channels"))
+        print(f"obs plans in memory and streamed: {differ} units differ", flush=True)
+    from transformers import AutoConfig
+
+    import flap_llm
+    from flap_llm.estimate import prune_estimate
     from flap_llm.report import versions
+    config = AutoConfig.from_pretrained(_folder(args.model))
     for mode, r in rows.items():
-        append_jsonl(RESULTS, {"model": args.model, "ratio": args.ratio, "nsamples": args.nsamples, "mode": mode,
+        method, offload = MODES[mode]
+        est = prune_estimate(config, flap_llm.PruneConfig(ratio=args.ratio, method=method), nsamples=args.nsamples,
+                             seqlen=128, batch_size=8, offload=offload)
+        print(f"{mode}: measured {r['peak_rss_bytes'] / 2**30:.2f} GiB, estimated {est.peak_host_bytes / 2**30:.2f} GiB",
+              flush=True)
+        append_jsonl(RESULTS, {"model": args.model, "ratio": args.ratio, "nsamples": args.nsamples, "seqlen": 128,
+                               "batch_size": 8, "mode": mode, "config": config.to_dict(),
+                               "estimate_peak_host_bytes": est.peak_host_bytes,
                                "wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"],
-                               "timings_s": r["timings_s"], "same_plan": differ == 0, "units_differing": differ,
+                               "timings_s": r["timings_s"], "obs_units_differing_streamed": differ,
                                "versions": versions(), "command": command_line()})
-    print(f"plans: {differ} units differ", flush=True)
 
 
 if __name__ == "__main__":

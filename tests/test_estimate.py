@@ -1,0 +1,88 @@
+"""--dry-run: the estimate reads only the config, writes nothing, grows with what costs memory, and agrees with
+the peak RSS measured by benchmarks/peak_memory.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import flap_llm
+from flap_llm.cli import main
+from flap_llm.estimate import GiB, heal_estimate, prune_estimate
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "peak_memory.jsonl"
+SEVEN_B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+
+
+def test_dry_run_reads_only_the_config_and_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "config-only"  # no weights at all
+    SEVEN_B.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(folder), "--dry-run", "--json", "--method", "obs", "--offload",
+                 "--nsamples", "64", "--out", str(out)]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config-only"]
+    assert est["peak_host_bytes"] == sum(est["parts"].values()) and est["peak_device_bytes"] == 0
+    assert est["work"]["passes"] == {"forward": 3, "backward": 1}
+    # streamed: the weights never whole (a 7B in fp32 is 25 GiB); what stays is the saved inputs of the Fisher's
+    # windows at every layer, and every layer's two 4096 x 4096 Fisher matrices in float64 (8 GiB)
+    assert "model weights" not in est["parts"]
+    assert est["parts"]["streamed Fisher: saved layer inputs (host)"] <= 32 * 32 * 128 * 4096 * 4
+    assert est["parts"]["Fisher sums (every layer)"] == 32 * 2 * 4096 * 4096 * 8
+    assert est["peak_host_bytes"] < 6.74e9 * 4  # less than the weights alone in memory
+
+
+def test_estimates_grow_with_what_costs_memory():
+    base = dict(nsamples=128, seqlen=128, batch_size=8)
+    flap = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2), **base)
+    assert flap.parts["model weights"] == pytest.approx(6.74e9 * 4, rel=0.01)  # Llama-2-7B in fp32
+    lsq = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2, compensation="lsq"), **base)
+    obs = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2, method="obs"), **base)
+    assert flap.peak_host_bytes < lsq.peak_host_bytes < obs.peak_host_bytes
+    streamed = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2), offload=True, **base)
+    assert streamed.peak_host_bytes < flap.peak_host_bytes / 4
+    half = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2), dtype=torch.bfloat16, **base)
+    assert half.parts["model weights"] == flap.parts["model weights"] // 2
+    one = heal_estimate(SEVEN_B, SEVEN_B, batch_size=8, seqlen=128)
+    sharded = heal_estimate(SEVEN_B, SEVEN_B, batch_size=8, seqlen=128, world=4, shard=True)
+    for part in ("trained weights", "their gradients", "AdamW state (two moments)"):
+        assert sharded.parts[part] == pytest.approx(one.parts[part] / 4, rel=1e-6)
+    lora = heal_estimate(SEVEN_B, SEVEN_B, batch_size=8, seqlen=128, method="lora")
+    assert lora.parts["AdamW state (two moments)"] < one.parts["AdamW state (two moments)"] / 50
+
+
+def test_dry_run_of_heal_names_the_processes(tmp_path, capsys, monkeypatch):
+    from conftest import calibration, tiny_model
+    dense = tmp_path / "dense"
+    tiny_model().save_pretrained(dense)
+    model = tiny_model()
+    result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.5))
+    flap_llm.save_pruned(model, tmp_path / "pruned", result=result)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["heal", "--model", str(tmp_path / "pruned"), "--teacher", str(dense), "--dry-run", "--json", "--shard",
+                 "--out", str(tmp_path / "healed")]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["work"]["mode"] == "sharded (FSDP2)" and est["work"]["per-rank micro-batch"] == 4
+    assert not (tmp_path / "healed").exists()
+
+
+def test_estimates_agree_with_the_measured_peak_rss():
+    """Within 25% of the peak RSS benchmarks/peak_memory.py measured (each run a fresh process), for FLAP and
+    obs on SmolLM2 and Qwen2.5-Coder-0.5B, and obs --offload where measured."""
+    from transformers import AutoConfig
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
+    measured = {(r["model"], r["mode"]) for r in rows}
+    assert {("smollm2", "flap"), ("smollm2", "obs")} <= measured, measured
+    for r in rows:
+        fields = {k: v for k, v in r["config"].items() if k not in ("transformers_version", "model_type")}
+        config = AutoConfig.for_model(r["config"]["model_type"], **fields)
+        method = "obs" if r["mode"].startswith("obs") else "flap"
+        est = prune_estimate(config, flap_llm.PruneConfig(ratio=r["ratio"], method=method), nsamples=r["nsamples"],
+                             seqlen=r["seqlen"], batch_size=r["batch_size"], offload=r["mode"].endswith("--offload"))
+        assert est.peak_host_bytes == pytest.approx(r["peak_rss_bytes"], rel=0.25), (r["model"], r["mode"],
+                                                                                       est.parts)
