@@ -181,3 +181,17 @@ def random_checkpoint(folder: Path, shape: dict, layers: int | None = None, dtyp
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tmp.rename(folder)
     return folder
+
+
+def llama_bench(files: dict, rounds: int, threads: int) -> dict:
+    """llama-bench's pp512 and tg128 tokens/s of every GGUF file ({key: path}), medians over `rounds` rounds in
+    which every file runs once (interleaved, so that a noisy minute touches them all alike)."""
+    from flap_llm import llamacpp
+    samples: dict = {k: [] for k in files}
+    for r in range(rounds):
+        for key, path in files.items():
+            out, _ = llamacpp.run("llama-bench", ["-m", str(path), "-p", "512", "-n", "128", "-t", str(threads),
+                                                  "-r", "1", "-o", "json"])
+            samples[key].append({("pp512" if row["n_prompt"] else "tg128"): row["avg_ts"] for row in json.loads(out)})
+        print(f"llama-bench round {r + 1}/{rounds}", flush=True)
+    return {k: {t: statistics.median(s[t] for s in runs) for t in ("pp512", "tg128")} for k, runs in samples.items()}

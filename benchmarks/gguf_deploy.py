@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import append_jsonl, load  # noqa: E402
+from common import append_jsonl, llama_bench, load  # noqa: E402
 from flap_llm import llamacpp  # noqa: E402
 from flap_llm.data import calibration_windows, load_texts  # noqa: E402
 from flap_llm.evaluate import chunked_perplexity  # noqa: E402
@@ -28,14 +27,6 @@ from flap_llm.report import versions  # noqa: E402
 from inference_speed import flops_per_token  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_deploy.jsonl"
-
-
-def bench(path: Path, threads: int) -> dict:
-    """One llama-bench repetition of pp512 and tg128: tokens/s of each."""
-    out, _ = llamacpp.run("llama-bench", ["-m", str(path), "-p", "512", "-n", "128", "-t", str(threads), "-r", "1",
-                                          "-o", "json"])
-    rows = json.loads(out)
-    return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in rows}
 
 
 def render(path: Path = RESULTS) -> str:
@@ -101,14 +92,9 @@ def main() -> None:
                              "ppl_transformers_fp32": ref, "ideal_speedup_pp": ideal}
                 print(key, rows[key], flush=True)
             del model
-        samples: dict[str, list[dict]] = {k: [] for k in files}
-        for r in range(args.rounds):  # interleaved: every model once per round
-            for key, path in files.items():
-                samples[key].append(bench(path, args.threads))
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        speed = llama_bench(files, args.rounds, args.threads)
         for key, row in rows.items():
-            for test in ("pp512", "tg128"):
-                row[test] = statistics.median(s[test] for s in samples[key])
+            row.update(speed[key])
             base = rows[f"0% {row['dtype']}"]
             row["speedup_pp512"] = row["pp512"] / base["pp512"]
             row["speedup_tg128"] = row["tg128"] / base["tg128"]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, llama_bench, load, read_jsonl  # noqa: E402
 from flap_llm import llamacpp  # noqa: E402
 from flap_llm.data import calibration_windows, load_texts, training_windows  # noqa: E402
 from flap_llm.distill import HealConfig, heal  # noqa: E402
@@ -49,12 +47,6 @@ def _quality(model, tok, args, zeroshot: bool = True) -> dict:
            for d in ("builtin:wiki", "builtin:books")}
     zs = evaluate_zeroshot(model, tok, TASKS, args.zs_limit, args.batch_size) if zeroshot and args.zs_limit else None
     return {**out, "zeroshot": zs}
-
-
-def _bench(path: Path, threads: int) -> dict:
-    out, _ = llamacpp.run("llama-bench", ["-m", str(path), "-p", "512", "-n", "128", "-t", str(threads), "-r", "1",
-                                          "-o", "json"])
-    return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in json.loads(out)}
 
 
 def _best_config(model, ratio: float) -> tuple[flap_llm.PruneConfig, str]:
@@ -98,14 +90,9 @@ def _deploy(args, dense, tok, calib, ratios, work: Path) -> None:
         print(f"deploy {ratio:.0%}: {rows[ratio]['gguf_bytes'] / 2**20:.0f} MiB, llama ppl "
               f"{rows[ratio]['llama_ppl']:.2f}", flush=True)
         del model
-    samples = {r: [] for r in files}
-    for i in range(args.rounds):
-        for r, path in files.items():
-            samples[r].append(_bench(path, args.threads))
-        print(f"llama-bench round {i + 1}/{args.rounds}", flush=True)
+    speed = llama_bench(files, args.rounds, args.threads)
     for ratio, row in rows.items():
-        for test in ("pp512", "tg128"):
-            row[test] = statistics.median(s[test] for s in samples[ratio])
+        row.update(speed[ratio])
         command = (f"flap-llm prune --model {NAMES[args.model]} --ratio {ratio} --gguf {DEPLOY_TYPE}" if ratio
                    else f"flap-llm export --model {NAMES[args.model]} --dtype {DEPLOY_TYPE}")
         append_jsonl(args.results, _row(args, "deploy" if ratio else "dense", ratio, command, align=align,
