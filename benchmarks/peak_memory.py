@@ -53,8 +53,12 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
     else:
         model, _, _ = load_model(str(folder), progress=False)
         result = flap_llm.prune(model, calib, config, batch_size=8)
-    return {"wall_s": time.perf_counter() - t, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "timings_s": result.report["timings_s"], "plan": result.plan.to_dict()}
+    wall, peak = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from flap_llm.evaluate import perplexity  # after the peak is read: the evaluation is not part of the run
+    pruned = flap_llm.load_pruned(out) if offload else model
+    ppl = perplexity(pruned, tok, "builtin:wiki", 128, 8, 48)["ppl"]
+    return {"wall_s": wall, "peak_rss_bytes": peak, "timings_s": result.report["timings_s"],
+            "plan": result.plan.to_dict(), "ppl_wiki_48": ppl}
 
 
 def main() -> None:
@@ -100,7 +104,7 @@ def main() -> None:
         append_jsonl(RESULTS, {"model": args.model, "ratio": args.ratio, "nsamples": args.nsamples, "seqlen": 128,
                                "batch_size": 8, "mode": mode, "config": config.to_dict(),
                                "estimate_peak_host_bytes": est.peak_host_bytes,
-                               "wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"],
+                               "wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"], "ppl_wiki_48": r["ppl_wiki_48"],
                                "timings_s": r["timings_s"], "obs_units_differing_streamed": differ,
                                "versions": versions(), "command": command_line()})
 
