@@ -3,6 +3,7 @@ obs with the model in memory, and obs streamed from disk (`--offload`), whose pl
 one unit by unit; beside each, what `--dry-run` estimates for it.
 
   .venv/bin/python benchmarks/peak_memory.py --model smollm2 --ratio 0.5 --nsamples 128
+  .venv/bin/python benchmarks/peak_memory.py --render
 
 The model is the cached safetensors folder of a benchmark model (converted once from its GGUF).
 """
@@ -61,6 +62,18 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
             "plan": result.plan.to_dict(), "ppl_wiki_48": ppl}
 
 
+def render(path: Path = RESULTS) -> str:
+    from common import read_jsonl
+    out = ["| model | ratio | windows | run | peak RSS GiB | --dry-run estimate GiB | estimate / measured | wall (s) | "
+           "held-out ppl (48 windows) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in read_jsonl(path):
+        ppl = f"{r['ppl_wiki_48']:.2f}" if r.get("ppl_wiki_48") else "–"
+        out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['nsamples']} | {r['mode']} | "
+                   f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['estimate_peak_host_bytes'] / 2**30:.2f} | "
+                   f"{r['estimate_peak_host_bytes'] / r['peak_rss_bytes']:.2f} | {r['wall_s']:.0f} | {ppl} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
@@ -69,7 +82,11 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--run", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="print the table of the results and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render())
+        return
     if args.run:
         print(json.dumps(run(args.model, args.run, args.ratio, args.nsamples, Path(args.out))))
         return

@@ -202,6 +202,7 @@ def test_prune_offload(tmp_path, model_dir, text_file, capsys):
     off = json.loads((tmp_path / "off" / "flap_manifest.json").read_text())
     assert off["plan"] == mem["plan"] and off["parameters"] == mem["parameters"]
     assert (tmp_path / "off" / "plan.png").is_file() and (tmp_path / "off" / "tokenizer.json").is_file()
+    assert "removed" in (tmp_path / "off" / "README.md").read_text()  # the model card, streamed or not
     import flap_llm
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():

@@ -357,6 +357,8 @@ def _prune(args) -> int:
         def before_commit(folder: Path, result) -> None:
             reports["report"] = _report(context, result, None, None)
             _write_reports(folder, reports["report"], result)
+            from .modelcard import model_card
+            (folder / "README.md").write_text(model_card(reports["report"].to_dict(), out.name, "flap"))
 
         prune_offloaded(path, calib, config, out, tokenizer=tokenizer, device=device, dtype=parse_dtype(args.dtype),
                         batch_size=args.batch_size, progress=progress, overwrite=args.overwrite, extra=extra,
