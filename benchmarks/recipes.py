@@ -201,7 +201,7 @@ def render(path: Path = RESULTS) -> str:
 def render_summary(path: Path = RESULTS) -> str:
     """The README's short table: held-out wiki perplexity per recipe, and the deploy file's size and speed."""
     newest = {(r["model"], r["recipe"], r["ratio"]): r for r in read_jsonl(path)}
-    out = ["| model | ratio | 1. paper FLAP | 2. best quality | 3. deploy: Q4_K_M file, speed vs dense Q4_K_M |",
+    out = ["| model | ratio | 1. paper FLAP | 2. best quality | 3. deploy: Q4_K_M file against the dense Q4_K_M |",
            "|---|---:|---:|---:|---|"]
     for model in dict.fromkeys(m for m, _, _ in newest):
         dense = newest.get((model, "dense", 0.0))
@@ -218,8 +218,8 @@ def render_summary(path: Path = RESULTS) -> str:
             else:
                 cells.append("–")
             if deploy and dense:
-                cells.append(f"{deploy['gguf_bytes'] / 2**20:.0f} MiB, {deploy['pp512'] / dense['pp512']:.2f}x / "
-                             f"{deploy['tg128'] / dense['tg128']:.2f}x (wiki {deploy['ppl_wiki']:.2f})")
+                cells.append(f"{deploy['gguf_bytes'] / 2**20:.0f} MiB; prompts {deploy['pp512'] / dense['pp512']:.2f}x, "
+                             f"generation {deploy['tg128'] / dense['tg128']:.2f}x as fast (wiki {deploy['ppl_wiki']:.2f})")
             else:
                 cells.append("not offered for this family" if refused else "–")
             out.append(f"| {NAMES.get(model, model)} | {ratio:.0%} | " + " | ".join(cells) + " |")
