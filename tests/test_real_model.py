@@ -23,7 +23,7 @@ def test_default_cli_job_small(tmp_path, monkeypatch):
     converting the GGUF into a fresh cache named by FLAP_LLM_CACHE."""
     monkeypatch.setenv("FLAP_LLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    rc = main(["prune", "--quiet", "--nsamples", "64", "--eval-limit", "48", "--batch-size", "16", "--out", str(out)])
+    rc = main(["prune", "--quiet", "--nsamples", "64", "--eval-limit", "24", "--batch-size", "16", "--out", str(out)])
     assert rc == 0
     converted = list((tmp_path / "cache").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
     assert len(converted) == 1 and converted[0].stat().st_size > 500e6  # fp32 safetensors, ~538 MB
@@ -35,7 +35,7 @@ def test_default_cli_job_small(tmp_path, monkeypatch):
     assert 0.2 <= report["params"]["decoder_removed_fraction"] < 0.2 + 171 / 61440
     assert report["layers"]["kv_groups_total"] == 90 and report["layers"]["channels_total"] == 46080
     # the checkpoint reloads and gives the reported perplexity
-    assert main(["eval", "--quiet", "--model", str(out), "--eval-limit", "48", "--batch-size", "16",
+    assert main(["eval", "--quiet", "--model", str(out), "--eval-limit", "24", "--batch-size", "16",
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-4)
 
