@@ -44,27 +44,12 @@ HIDDEN_MEMORY_SHARE = 0.5
 def _grad_recorders(model: nn.Module, spec: ArchSpec, sums: list[dict[str, torch.Tensor]]):
     """While the block runs, each projection's output gradient g adds g^T g (over its tokens) to its sum, and
     the embeddings' output requires grad so the graph reaches every layer without parameter gradients."""
-    handles = []
-
-    def record(sink: torch.Tensor):
-        def on_grad(g) -> None:
-            sink.add_(_gram(g).to(sink.device))
-
-        def hook(module, args, out):
-            if out.requires_grad:  # not in the forward-only passes
-                out.register_hook(on_grad)
-        return hook
-
-    for layer, sink in zip(decoder_layers(model, spec), sums):
-        for name, proj in output_projections(layer, spec).items():
-            handles.append(proj.register_forward_hook(record(sink[name])))
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out.requires_grad_(True) if torch.is_grad_enabled() else None))
-    try:
+    with ExitStack() as stack:
+        for layer, sink in zip(decoder_layers(model, spec), sums):
+            stack.enter_context(_record_output_grads(output_projections(layer, spec), sink))
+        stack.callback(model.get_input_embeddings().register_forward_hook(
+            lambda m, a, out: out.requires_grad_(True) if torch.is_grad_enabled() else None).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _window_draws(ids: torch.Tensor, key: tuple[int, ...], n: int) -> torch.Tensor:
@@ -105,6 +90,14 @@ def _logit_gradient(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def _drawn(batches: list[torch.Tensor], seed: int, fraction: float, like: torch.Tensor) -> list[torch.Tensor]:
+    """Per batch, which windows estimate the Fisher (`window_selected`); every one when no rank drew any."""
+    picks = [window_selected(ids, seed, fraction) for ids in batches]
+    if distributed.reduce_count(sum(int(p.sum()) for p in picks), like) == 0:
+        picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+    return picks
+
+
 def _hold_rows(inputs: list[dict[str, Covariance]] | None, rows: torch.Tensor | None) -> None:
     """Tell the split sinks which of this process's windows the next forward holds (None: the next ones)."""
     for sinks in inputs or []:
@@ -125,16 +118,11 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
     sums = [{name: torch.zeros(p.out_features, p.out_features, dtype=torch.float64, device=device)
              for name, p in output_projections(layer, spec).items()} for layer in layers]
     tokens = torch.zeros(1, dtype=torch.float64)
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in params:  # gradients reach the activations only: no weight gradients computed or left behind
-            p.requires_grad_(False)
-        with torch.enable_grad(), _grad_recorders(model, spec, sums), ExitStack() as recording:
+    try:  # gradients reach the activations only: no weight gradients computed or left behind
+        with _frozen(model), torch.enable_grad(), _grad_recorders(model, spec, sums), ExitStack() as recording:
             for layer, sinks in zip(layers, inputs or []):
                 recording.enter_context(record_inputs(output_projections(layer, spec), sinks))
-            picks = [window_selected(ids, seed, fraction) for ids in batches]
-            if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
-                picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+            picks = _drawn(batches, seed, fraction, tokens)
             offset = 0  # windows before this batch
             for ids, picked in tqdm(list(zip(batches, picks)), desc="obs: output sensitivity", disable=not progress,
                                     unit="batch"):
@@ -153,8 +141,6 @@ def output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
                         model.base_model(input_ids=ids[~picked].to(device), use_cache=False)
     finally:
         _hold_rows(inputs, None)
-        for p in params:
-            p.requires_grad_(True)
     distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
     return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
 
@@ -221,7 +207,6 @@ class _SavedInputs:
     def __init__(self, memory: int | None, scratch: Path | None):
         self.memory, self.scratch = memory, scratch
         self.items: dict[int, list[torch.Tensor] | Path] = {}
-        self.spilled = 0
 
     def put(self, idx: int, hidden: list[torch.Tensor]) -> None:
         cpu = [h.detach().to("cpu", copy=True) for h in hidden]
@@ -241,7 +226,7 @@ class _SavedInputs:
                                 f"{self.scratch}: a layer needs about {size / 2**20:.0f} MiB and "
                                 f"{free / 2**20:.0f} MiB is free there; use fewer calibration windows, more memory, "
                                 "or free some space") from e
-        self.items[idx], self.spilled = path, self.spilled + 1
+        self.items[idx] = path
 
     def pop(self, idx: int, device) -> list[torch.Tensor]:
         item = self.items.pop(idx)
@@ -265,10 +250,8 @@ def streamed_output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch
     `scratch`: a folder for the saved inputs that do not fit in `memory` bytes (default: HIDDEN_MEMORY_SHARE of
     the memory available; without a scratch folder everything stays in memory); it is removed at the end."""
     device = model.get_input_embeddings().weight.device
-    picks = [window_selected(ids, seed, fraction) for ids in batches]
     tokens = torch.zeros(1, dtype=torch.float64)
-    if distributed.reduce_count(sum(int(p.sum()) for p in picks), tokens) == 0:
-        picks = [torch.ones_like(p) for p in picks]  # too few windows to draw from: every one counts
+    picks = _drawn(batches, seed, fraction, tokens)
     chosen = [ids[p] for ids, p in zip(batches, picks) if p.any()]
     if memory is None and scratch is not None:
         from .devices import available_bytes
