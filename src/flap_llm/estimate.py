@@ -14,20 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import config_head_dim
+from .arch import Dims, config_head_dim
 from .config import PruneConfig
 from .errors import FlapError
+from .fisher import HIDDEN_MEMORY_SHARE
+from .methods.obs import (FISHER_FRACTION, FUSED_COVARIANCE_BYTES, FUSED_COVARIANCE_SHARE, MAX_MLP_REMOVED, STEPS,
+                          covariance_bytes)
 
 GiB = 2**30
 # python, torch, transformers, the tokenizer and the texts: the resident set before any model (measured: 0.45-0.6
 # GiB on the CPU runs)
 RUNTIME_BYTES = int(0.5 * GiB)
-# obs: the Fisher's share of the windows, the dense covariances recorded in its pass (when they fit), the paths'
-# MLP share (methods/obs.py)
-FISHER_FRACTION = 0.5
-FUSED_BYTES = 8 * GiB
-MAX_MLP_REMOVED = 0.9
-OBS_STEPS = 128
 
 
 @dataclass
@@ -59,6 +56,10 @@ class Shapes:
             layers.append(2 * q * hd * h + 2 * kv * hd * h + 3 * ff * h + 4 * h)
         return cls(c.num_hidden_layers, h, f, n_heads, n_kv, hd, c.vocab_size,
                    bool(getattr(c, "tie_word_embeddings", False)), layers)
+
+    @property
+    def dims(self) -> Dims:
+        return Dims(self.n_layers, self.n_heads, self.n_kv, self.head_dim, self.hidden, self.d_ff)
 
     @property
     def embed_params(self) -> int:
@@ -142,18 +143,20 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
     if method == "obs":
         passes["backward"] = 1
         split = opts.allocation == "held-out"
-        cov = 8 * s.n_layers * (attn * attn + f * f) * (2 if split else 1)
+        cov = covariance_bytes(s.dims) * (2 if split else 1)
         fisher_tokens = int(tokens * FISHER_FRACTION)
         fisher_batch = max(1, round(batch_size * FISHER_FRACTION))  # the drawn windows of a batch
         parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8
         if offload:
             saved = s.n_layers * fisher_tokens * h * 4
             free = _available("cpu")
-            kept = saved if free is None else min(saved, free // 2)
+            kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
             parts["streamed Fisher: saved layer inputs (host)"] = kept
             parts["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
         else:
-            budget = FUSED_BYTES if _available(device) is None else min(FUSED_BYTES, int(0.6 * _available(device)))
+            free = _available(device)  # obs's fused_budget, for a device this machine may not have
+            budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
+                                                                     int(FUSED_COVARIANCE_SHARE * free))
             fused = cov if cov <= budget else 0
             # per token and layer the graph keeps about 8 hidden-wide and 4 MLP-wide activations and a row of
             # attention weights per head; then the logits, their softmax and its gradient
@@ -163,10 +166,10 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             parts["Fisher pass: one batch through the whole model"] = fisher_pass
             parts["dense covariances recorded in the Fisher pass"] = fused
             parts["greedy paths of one layer"] = paths
-        steps = int(MAX_MLP_REMOVED * OBS_STEPS)
+        steps = int(MAX_MLP_REMOVED * STEPS)
         greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,
                   "kv_groups_per_layer": s.n_kv}
-        passes["forward"] = 3 if (offload or cov > FUSED_BYTES) else 2
+        passes["forward"] = 3 if (offload or cov > FUSED_COVARIANCE_BYTES) else 2
     on_device = set(parts) - {"runtime (python, torch, tokenizer)", "streamed Fisher: saved layer inputs (host)"}
     host, dev = _split(parts, on_device, device)
     work = {"passes": passes, "calibration tokens": tokens}
