@@ -286,7 +286,7 @@ def _prune(args) -> int:
         args.gguf = usable_type(args.gguf)  # before any work
     if args.dry_run:
         from .estimate import config_of, prune_estimate
-        device = "cuda" if args.device == "auto" and torch_cuda() else ("cpu" if args.device == "auto" else args.device)
+        device = _planned_device(args)
         from .devices import parse_dtype
         est = prune_estimate(config_of(args.model), config, nsamples=args.nsamples, seqlen=args.seqlen,
                              batch_size=args.batch_size, dtype=parse_dtype(args.dtype), device=device,
@@ -400,9 +400,10 @@ def _prune(args) -> int:
     return 0
 
 
-def torch_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def _planned_device(args) -> str:
+    """The device a dry run plans for: --device as given (a GPU this machine lacks too), or auto's pick here."""
+    from .devices import pick_device
+    return pick_device("auto") if args.device == "auto" else args.device
 
 
 def _print_estimate(args, est, what: str) -> int:
@@ -481,7 +482,7 @@ def _heal(args) -> int:
     if args.dry_run:
         from .estimate import config_of, heal_estimate
         from .devices import parse_dtype
-        device = "cuda" if args.device == "auto" and torch_cuda() else ("cpu" if args.device == "auto" else args.device)
+        device = _planned_device(args)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         est = heal_estimate(config_of(str(source)), config_of(teacher_name), batch_size=args.batch_size,
                             seqlen=args.seqlen, method=args.method, world=world, shard=args.shard,
