@@ -93,6 +93,16 @@ def commands_of(rows: list[dict]) -> str:
     return "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
 
 
+def fill_between(path: Path, marker: str, text: str) -> None:
+    """Replace what lies between `<!-- marker -->` and `<!-- /marker -->` in a document with text."""
+    doc = path.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    i, j = doc.find(start), doc.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{path} has no '{start.strip()}' ... '{end}' markers")
+    path.write_text(doc[:i + len(start)] + text.rstrip("\n") + "\n" + doc[j:])
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:

@@ -12,6 +12,7 @@ every command; here it is evaluated once per model). Rows append to a JSONL file
 
   .venv/bin/python benchmarks/recipes.py --model smollm2 --nsamples 128 --zs-limit 50 --heal-tokens 250000
   .venv/bin/python benchmarks/recipes.py --render            (BENCHMARKS.md's table; --render-summary: the README's)
+  .venv/bin/python benchmarks/recipes.py --write             (both, written between their markers)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, llama_bench, load, read_jsonl  # noqa: E402
+from common import MODELS, append_jsonl, command_line, fill_between, llama_bench, load, read_jsonl  # noqa: E402
 from flap_llm import llamacpp  # noqa: E402
 from flap_llm.data import calibration_windows, load_texts, training_windows  # noqa: E402
 from flap_llm.distill import HealConfig, heal  # noqa: E402
@@ -114,7 +115,13 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--render", action="store_true", help="print BENCHMARKS.md's table and exit")
     ap.add_argument("--render-summary", action="store_true", help="print the README's table and exit")
+    ap.add_argument("--write", action="store_true", help="write both tables into BENCHMARKS.md and README.md")
     args = ap.parse_args()
+    if args.write:
+        root = Path(__file__).resolve().parent.parent
+        fill_between(root / "BENCHMARKS.md", "recipes table", render(args.results))
+        fill_between(root / "README.md", "recipes summary", render_summary(args.results))
+        return
     if args.render or args.render_summary:
         print(render(args.results) if args.render else render_summary(args.results))
         return

@@ -5,7 +5,7 @@ layers each, with one plain forward pass over the same tokens as the yardstick. 
 costs, not quality.
 
   .venv/bin/python benchmarks/scaling.py --shapes smollm2-135m,qwen2.5-0.5b,llama-2-7b,llama-3-8b --layers 2
-  .venv/bin/python benchmarks/scaling.py --render
+  .venv/bin/python benchmarks/scaling.py --render     (--write: into BENCHMARKS.md, between its markers)
 
 Per-layer costs extrapolate to the whole depth: the passes walk one layer at a time, so their time grows with
 the layer count and their memory does not (except what every layer keeps: obs's Fisher sums, and with --offload
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, append_jsonl, command_line, random_checkpoint, read_jsonl  # noqa: E402
+from common import SHAPES, append_jsonl, command_line, fill_between, random_checkpoint, read_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling.jsonl"
 METHODS = {"flap": dict(), "flap+lsq": dict(compensation="lsq"), "obs": dict(method="obs"),
@@ -71,17 +71,36 @@ def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device
     return {"wall_s": time.perf_counter() - t, "timings_s": result.report["timings_s"], **_peak(device)}
 
 
+def dry_run(row: dict):
+    """`--dry-run`'s estimate for the row's shape, layers and settings (flap_llm.estimate.prune_estimate)."""
+    import flap_llm
+    from flap_llm.estimate import prune_estimate
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**SHAPES[row["shape"]], "num_hidden_layers": row["layers"]})
+    prune = flap_llm.PruneConfig(ratio=row["ratio"], **METHODS[row["method"]])
+    return prune_estimate(config, prune, nsamples=row["nsamples"], seqlen=row["seqlen"],
+                          batch_size=row["batch_size"], dtype=getattr(torch, row["dtype"]), device=row["device"],
+                          offload=row["method"].endswith("--offload"))
+
+
 def render(path: Path = RESULTS) -> str:
+    """Measured rows beside the dry run's estimate of the same quantity (host on CPU rows; device on GPU rows)."""
     rows = read_jsonl(path)
-    out = ["| shape | layers | method | device | dtype | windows | wall (s) | / forward | peak RSS GiB | peak device GiB |",
-           "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| shape | layers | method | device | dtype | windows | wall (s) | / forward | peak RSS GiB | "
+           "peak device GiB | --dry-run estimate GiB |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     forward = {(r["shape"], r["layers"], r["device"], r["nsamples"]): r["wall_s"] for r in rows if r["method"] == "forward"}
     for r in rows:
         base = forward.get((r["shape"], r["layers"], r["device"], r["nsamples"]))
         ratio = f"{r['wall_s'] / base:.2f}" if base and r["method"] != "forward" else ""
         dev = f"{r['peak_device_bytes'] / 2**30:.2f}" if "peak_device_bytes" in r else "–"
+        est = ""
+        if r["method"] != "forward":
+            e = dry_run(r)
+            est = f"{(e.peak_device_bytes if r['device'].startswith('cuda') else e.peak_host_bytes) / 2**30:.2f}"
         out.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['device_name']} | {r['dtype']} | "
-                   f"{r['nsamples']} | {r['wall_s']:.1f} | {ratio} | {r['peak_rss_bytes'] / 2**30:.2f} | {dev} |")
+                   f"{r['nsamples']} | {r['wall_s']:.1f} | {ratio} | {r['peak_rss_bytes'] / 2**30:.2f} | {dev} | "
+                   f"{est} |")
     return "\n".join(out)
 
 
@@ -98,11 +117,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="the model's dtype in the runs (the files are bf16)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flap-scaling"))
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--render", action="store_true", help="print BENCHMARKS.md's table and exit")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md and exit")
     ap.add_argument("--run", nargs=2, metavar=("SRC", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.render:
-        print(render(args.results))
+    if args.render or args.write:
+        if args.write:
+            fill_between(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", "scaling table", render(args.results))
+        else:
+            print(render(args.results))
         return
     if args.run:
         src, method = Path(args.run[0]), args.run[1]
