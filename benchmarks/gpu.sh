@@ -2,9 +2,12 @@
 # The GPU rows of BENCHMARKS.md in one run, sized for at most 9 minutes on one H200 (run from the repository root):
 #   1. FLAP, FLAP + lsq and obs on a Llama-3-8B-shaped random model in bf16 (all 32 layers), each against one
 #      plain forward pass over the same tokens, with torch's peak GPU memory (benchmarks/scaling.py);
-#   2. heal of a Qwen2.5-1.5B-shaped pruned model: tokens/s and peak GPU memory (benchmarks/heal.py --synthetic).
+#   2. heal of a Qwen2.5-1.5B-shaped pruned model: tokens/s and peak GPU memory (benchmarks/heal.py --synthetic);
+#      with 2 or more GPUs also replicated (DDP) against sharded (--shard, FSDP2), one process per GPU
+#      (benchmarks/heal_shard.py --synthetic). Sharding needs 2 or more processes, and NCCL one GPU each: one GPU
+#      cannot measure it.
 # Rows go to $OUT (default /tmp/flap-gpu) as JSONL; append them to benchmarks/results/ and render with
-# `python benchmarks/scaling.py --render` and `python benchmarks/heal.py --render`.
+# `python benchmarks/scaling.py --write` and `python benchmarks/heal.py --render`.
 # Needs torch with CUDA, and transformers, safetensors, tqdm, peft (on a bare machine: wheels installed first,
 # with PYTHONPATH set). $PYTHON picks the interpreter (default python3).
 set -euo pipefail
@@ -18,6 +21,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 timeout 330 "$PY" benchmarks/scaling.py --shapes llama-3-8b --layers 32 --device cuda --dtype bfloat16 \
     --nsamples 128 --batch-size 16 --methods forward,flap,flap+lsq,obs --workdir /tmp/flap-scaling \
     --results "$OUT/scaling.jsonl" || echo "scaling: stopped at its limit; the rows written so far stand"
-# 2. about 2 minutes
+# 2. about 2 minutes (one GPU); about 3 more with two or more
 timeout 180 "$PY" benchmarks/heal.py --synthetic qwen2.5-1.5b --device cuda --tokens 131072 --seqlen 1024 \
     --batch-size 8 --nsamples 32 --results "$OUT/heal.jsonl" || echo "heal: stopped at its limit"
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -ge 2 ]; then
+    timeout 200 "$PY" benchmarks/heal_shard.py --synthetic qwen2.5-1.5b --device cuda --nproc "$GPUS" \
+        --seqlen 1024 --tokens 65536 --batch-size $((4 * GPUS)) --results "$OUT/heal_shard.jsonl" \
+        || echo "heal --shard: stopped at its limit"
+else
+    echo "heal --shard against DDP: skipped, $GPUS GPU (it needs 2 or more)"
+fi
