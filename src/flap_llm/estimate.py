@@ -146,7 +146,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
         cov = covariance_bytes(s.dims) * (2 if split else 1)
         fisher_tokens = int(tokens * FISHER_FRACTION)
         fisher_batch = max(1, round(batch_size * FISHER_FRACTION))  # the drawn windows of a batch
-        parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8
+        parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8  # streamed: on the host, a layer at a time
         if offload:
             saved = s.n_layers * fisher_tokens * h * 4
             free = _available("cpu")
@@ -171,6 +171,8 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
                   "kv_groups_per_layer": s.n_kv}
         passes["forward"] = 3 if (offload or cov > FUSED_COVARIANCE_BYTES) else 2
     on_device = set(parts) - {"runtime (python, torch, tokenizer)", "streamed Fisher: saved layer inputs (host)"}
+    if offload:
+        on_device.discard("Fisher sums (every layer)")
     host, dev = _split(parts, on_device, device)
     work = {"passes": passes, "calibration tokens": tokens}
     if greedy:

@@ -292,12 +292,15 @@ def streamed_output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch
                         h.requires_grad_(True)
                         layer_output(layer(h, **kw)).backward(grads[b])
                         grads[b] = h.grad.detach()
+            # a finished layer's sums leave the device, which then holds about one layer and its activations
+            distributed.all_reduce_sum_(*sums[idx].values())
+            sums[idx] = {name: s.cpu() for name, s in sums[idx].items()}
             bar.update()
     finally:
         bar.close()
         saved.close()
-    distributed.all_reduce_sum_(tokens, *[s for layer in sums for s in layer.values()])
-    return [{name: (s / tokens.item()).cpu() for name, s in layer.items()} for layer in sums]
+    distributed.all_reduce_sum_(tokens)
+    return [{name: s / tokens.item() for name, s in layer.items()} for layer in sums]
 
 
 def weighting(fisher: torch.Tensor, ridge: float) -> torch.Tensor:
