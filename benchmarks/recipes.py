@@ -136,10 +136,13 @@ def main() -> None:
             from flap_llm.export.gguf_file import check_exportable
             try:
                 check_exportable(dense, DEPLOY_TYPE)
-            except FlapError as e:  # a family GGUF cannot express: the table says so
-                if todo:
+            except FlapError as e:  # a family GGUF cannot express: the table says so, beside the dense model
+                if ("deploy", 0.0) not in done:
                     append_jsonl(args.results, _row(args, "deploy", 0.0, f"--gguf {DEPLOY_TYPE}", refused=str(e)))
                 print(f"{args.model} deploy: refused ({e})", flush=True)
+                if ("dense", 0.0) not in done:
+                    append_jsonl(args.results, _row(args, "dense", 0.0, f"--model {NAMES[args.model]}",
+                                                    **_quality(dense, tok, args)))
                 continue
             if todo:
                 with tempfile.TemporaryDirectory(prefix="flap-recipes-") as work:
@@ -214,8 +217,8 @@ def render_summary(path: Path = RESULTS) -> str:
         dense = newest.get((model, "dense", 0.0))
         refused = newest.get((model, "deploy", 0.0), {}).get("refused")
         if dense:
-            out.append(f"| {NAMES.get(model, model)} | dense | {dense['ppl_wiki']:.2f} | | "
-                       f"{dense['gguf_bytes'] / 2**20:.0f} MiB |")
+            size = f"{dense['gguf_bytes'] / 2**20:.0f} MiB" if "gguf_bytes" in dense else ""
+            out.append(f"| {NAMES.get(model, model)} | dense | {dense['ppl_wiki']:.2f} | | {size} |")
         for ratio in sorted({r for m, _, r in newest if m == model and r}):
             paper, best, deploy = (newest.get((model, k, ratio)) for k in ("paper", "best", "deploy"))
             cells = [f"{paper['ppl_wiki']:.2f}" if paper else "–"]
@@ -224,7 +227,7 @@ def render_summary(path: Path = RESULTS) -> str:
                 cells.append(f"{best['ppl_wiki']:.2f} ({how} + heal {best['heal']['tokens'] // 1000}k)")
             else:
                 cells.append("–")
-            if deploy and dense:
+            if deploy and dense and "gguf_bytes" in dense:
                 cells.append(f"{deploy['gguf_bytes'] / 2**20:.0f} MiB; prompts {deploy['pp512'] / dense['pp512']:.2f}x, "
                              f"generation {deploy['tg128'] / dense['tg128']:.2f}x as fast (wiki {deploy['ppl_wiki']:.2f})")
             else:
