@@ -184,7 +184,8 @@ def render(path: Path = RESULTS) -> str:
         dense = next((r for r in mine if r["recipe"] == "dense"), None)
         for r in mine:
             if r.get("refused"):
-                out.append(f"| {NAMES.get(model, model)} | – | deploy | refused up front: {r['refused']} |" + " |" * 6)
+                why = r["refused"].split("GGUF: ", 1)[-1].split(";")[0]  # the reason, without the advice
+                out.append(f"| {NAMES.get(model, model)} | – | deploy | refused up front: {why} |" + " |" * 6)
                 continue
             zs = r.get("zeroshot")
             avg = f"{100 * zs['average']:.1f}" if zs else "–"
@@ -204,7 +205,7 @@ def render(path: Path = RESULTS) -> str:
                 wiki += f" ({r['before_heal']['ppl_wiki']:.2f})"
                 books += f" ({r['before_heal']['ppl_books']:.2f})"
             out.append(f"| {NAMES.get(model, model)} | {r['ratio']:.0%} | {what} | {wiki} | {books} | {avg} | "
-                       f"{seconds:.0f} | {gguf} | {ppl_q} | {speed} |")
+                       f"{f'{seconds:.0f}' if r['recipe'] != 'dense' else '–'} | {gguf} | {ppl_q} | {speed} |")
     return "\n".join(out)
 
 
