@@ -174,6 +174,33 @@ def test_cli_heal_and_prune_heal_tokens(tmp_path, model_dir, text_file):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_heal_that_raises_perplexity_is_reported(tmp_path, model_dir, text_file, monkeypatch, capsys):
+    """Healing that leaves the model worse on the held-out text than before warns, with both numbers (prune
+    --heal-tokens records the pruned model's perplexity before healing too)."""
+    import json
+
+    import torch
+    from flap_llm import distill
+    from flap_llm.cli import main
+
+    def harmful(student, teacher, data, config, **kw):  # stands in for a heal that went wrong
+        with torch.no_grad():  # logits sharpened and reversed: the likeliest tokens become the least likely
+            student.model.norm.weight.mul_(-50.0)
+        return distill.HealResult(config, steps=1, tokens=data.numel(), seconds=1.0)
+
+    monkeypatch.setattr(distill, "heal", harmful)
+    out = tmp_path / "both"
+    assert main(["prune", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "16",
+                 "--ratio", "0.5", "--heal-tokens", "64", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--batch-size", "4", "--eval-limit", "4", "--eval", str(text_file)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["heal"]["ppl_before_heal"], report["perplexity"]["ppl_after"]
+    assert after > before > 1
+    assert f"healing raised the held-out perplexity on {text_file} from {before:.2f} to {after:.2f}" in \
+        capsys.readouterr().err
+    assert f"| perplexity pruned, before healing | | {before:.2f} | |" in (out / "report.md").read_text()
+
+
 def test_an_interrupted_lora_run_leaves_no_adapters_behind(tmp_path, monkeypatch):
     from flap_llm import distill as heal_mod
     student, teacher = _pair()

@@ -152,6 +152,11 @@ def zeroshot_markdown(columns: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _before_heal(report: PruneReport | dict) -> float | None:
+    """prune --heal-tokens: the pruned model's perplexity before it was healed."""
+    return (report.get("heal") or {}).get("ppl_before_heal")
+
+
 def render_markdown(report: PruneReport | dict) -> str:
     """report.md: the parameters, widths, evaluation and per-layer plan of a pruning run."""
     p, layers = report["params"], report["layers"]
@@ -170,6 +175,8 @@ def render_markdown(report: PruneReport | dict) -> str:
     ]
     if ppl:
         lines.append(f"| perplexity ({ppl['spec']}, {ppl['seqlen']} tokens) | {ppl['ppl_before']:.2f} | {ppl['ppl_after']:.2f} | |")
+        if _before_heal(report) is not None:
+            lines.append(f"| perplexity pruned, before healing | | {_before_heal(report):.2f} | |")
     gguf = report.get("gguf")
     if gguf:
         lines.append(f"| GGUF `{gguf['file']}` ({gguf['type']}) | | {gguf['bytes'] / 2**20:.1f} MiB | |")
@@ -195,6 +202,8 @@ def summary_table(report: PruneReport | dict) -> str:
             ("MLP channels", f"{layers['channels_total']:,}", f"{layers['channels_kept']:,}")]
     if ppl:
         rows.append((f"perplexity ({ppl['spec']})", f"{ppl['ppl_before']:.2f}", f"{ppl['ppl_after']:.2f}"))
+        if _before_heal(report) is not None:
+            rows.append(("  pruned, before healing", "", f"{_before_heal(report):.2f}"))
     if report.get("zeroshot"):
         rows.append(("zero-shot avg acc", f"{100 * report['zeroshot']['before']['average']:.2f}",
                      f"{100 * report['zeroshot']['after']['average']:.2f}"))
