@@ -153,6 +153,8 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
             parts["streamed Fisher: saved layer inputs (host)"] = kept
             parts["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
+            parts["the walk: one layer's covariances"] = cov // s.n_layers
+            parts["greedy paths of one layer"] = f * f * (8 + 4 * 3)
         else:
             free = _available(device)  # obs's fused_budget, for a device this machine may not have
             budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
