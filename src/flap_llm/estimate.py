@@ -154,7 +154,6 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             parts["streamed Fisher: saved layer inputs (host)"] = kept
             parts["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
             parts["the walk: one layer's covariances"] = cov // s.n_layers
-            parts["greedy paths of one layer"] = f * f * (8 + 4 * 3)
         else:
             free = _available(device)  # obs's fused_budget, for a device this machine may not have
             budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
@@ -164,10 +163,9 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             # attention weights per head; then the logits, their softmax and its gradient
             fisher_pass = fisher_batch * seqlen * (s.n_layers * (8 * h + 4 * f + s.n_heads * seqlen) * b
                                                    + s.vocab * 4 * 3)
-            paths = f * f * (8 + 4 * 3)
             parts["Fisher pass: one batch through the whole model"] = fisher_pass
             parts["dense covariances recorded in the Fisher pass"] = fused
-            parts["greedy paths of one layer"] = paths
+        parts["greedy paths of one layer"] = f * f * (8 + 4 * 3)  # in memory and streamed alike
         steps = int(MAX_MLP_REMOVED * STEPS)
         greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,
                   "kv_groups_per_layer": s.n_kv}
