@@ -3,7 +3,9 @@ obs with the model in memory, and obs streamed from disk (`--offload`), whose pl
 one unit by unit; beside each, what `--dry-run` estimates for it.
 
   .venv/bin/python benchmarks/peak_memory.py --model smollm2 --ratio 0.5 --nsamples 128
-  .venv/bin/python benchmarks/peak_memory.py --render
+  .venv/bin/python benchmarks/peak_memory.py --render     (--write: into BENCHMARKS.md, between its markers)
+
+The estimate column is computed by the current formula from each row's model config and settings.
 
 The model is the cached safetensors folder of a benchmark model (converted once from its GGUF).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, append_jsonl, command_line  # noqa: E402
+from common import MODELS, append_jsonl, command_line, fill_between, read_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "peak_memory.jsonl"
 MODES = {"flap": ("flap", False), "obs": ("obs", False), "obs --offload": ("obs", True)}
@@ -62,15 +64,28 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
             "plan": result.plan.to_dict(), "ppl_wiki_48": ppl}
 
 
+def estimate_of(r: dict):
+    """`--dry-run`'s estimate (flap_llm.estimate.prune_estimate) for a row's model config and settings."""
+    from transformers import AutoConfig
+
+    import flap_llm
+    from flap_llm.estimate import prune_estimate
+    fields = {k: v for k, v in r["config"].items() if k not in ("transformers_version", "model_type")}
+    config = AutoConfig.for_model(r["config"]["model_type"], **fields)
+    method, offload = MODES[r["mode"]]
+    return prune_estimate(config, flap_llm.PruneConfig(ratio=r["ratio"], method=method), nsamples=r["nsamples"],
+                          seqlen=r["seqlen"], batch_size=r["batch_size"], offload=offload)
+
+
 def render(path: Path = RESULTS) -> str:
-    from common import read_jsonl
     out = ["| model | ratio | windows | run | peak RSS GiB | --dry-run estimate GiB | estimate / measured | wall (s) | "
            "held-out ppl (48 windows) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in read_jsonl(path):
         ppl = f"{r['ppl_wiki_48']:.2f}" if r.get("ppl_wiki_48") else "–"
+        est = estimate_of(r).peak_host_bytes
         out.append(f"| {r['model']} | {r['ratio']:.0%} | {r['nsamples']} | {r['mode']} | "
-                   f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['estimate_peak_host_bytes'] / 2**30:.2f} | "
-                   f"{r['estimate_peak_host_bytes'] / r['peak_rss_bytes']:.2f} | {r['wall_s']:.0f} | {ppl} |")
+                   f"{r['peak_rss_bytes'] / 2**30:.2f} | {est / 2**30:.2f} | "
+                   f"{est / r['peak_rss_bytes']:.2f} | {r['wall_s']:.0f} | {ppl} |")
     return "\n".join(out)
 
 
@@ -83,7 +98,11 @@ def main() -> None:
     ap.add_argument("--run", choices=list(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="print the table of the results and exit")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md and exit")
     args = ap.parse_args()
+    if args.write:
+        fill_between(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", "peak memory table", render())
+        return
     if args.render:
         print(render())
         return

@@ -10,7 +10,7 @@ import torch
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.distill import HealConfig, distill_loss, heal
+from flap_llm.distill import HealConfig, distill_loss, heal, teacher_copy, teacher_dtype
 from conftest import VOCAB, calibration, tiny_model
 
 pytest.importorskip("peft")
@@ -60,6 +60,24 @@ def test_heal_lowers_loss_and_kl_to_the_teacher(arch, method):
     assert {n: p.shape for n, p in student.named_parameters()} == shapes  # same pruned model, no adapters left
     if method == "lora":
         assert result.merge_error is not None and result.merge_error < 1e-4
+
+
+def test_a_bf16_teacher_on_a_gpu_teaches_like_the_full_precision_one():
+    """On a GPU the command line holds the teacher in bf16 (its forward runs under bf16 autocast there); the
+    copy takes no second full-width model, keeps tied weights tied, and is accepted as the student's teacher."""
+    assert teacher_dtype("cuda:1", torch.float32) == torch.bfloat16 and teacher_dtype("cuda", "auto") == torch.bfloat16
+    assert teacher_dtype("cpu", "auto") == "auto" and teacher_dtype(torch.device("cpu"), torch.float32) == torch.float32
+    student, teacher = _pair("gemma3")  # tied embeddings
+    half = teacher_copy(teacher, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.lm_head.weight is half.model.embed_tokens.weight
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(teacher.parameters(), half.parameters()))
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # the dense model is left as it was
+    ids = calibration(n=4, length=16, seed=9)
+    gap = _kl(student, teacher, ids)
+    assert abs(_kl(student, half, ids) - gap) < 0.01 * gap  # the rounding moves the KL to the student by < 1%
+    result = heal(student, half, calibration(n=16, length=16, seed=5), HealConfig(tokens=16 * 16 * 4, lr=3e-3))
+    assert result.steps == 8 and _kl(student, teacher, ids) < gap
 
 
 def test_healed_checkpoint_reloads_exactly(tmp_path):

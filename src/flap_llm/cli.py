@@ -4,7 +4,6 @@ library; bad input exits with code 2 and one line (the traceback only with --deb
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -365,7 +364,10 @@ def _prune(args) -> int:
                         before_commit=before_commit)
         report = reports["report"]
     else:
-        teacher = copy.deepcopy(model) if args.heal_tokens else None  # the dense model teaches the pruned one
+        teacher = None
+        if args.heal_tokens:  # the dense model teaches the pruned one (in bf16 on a GPU: distill.teacher_dtype)
+            from .distill import teacher_copy, teacher_dtype
+            teacher = teacher_copy(model, teacher_dtype(device, next(model.parameters()).dtype))
         result = prune(model, calib, config, batch_size=args.batch_size, progress=progress)
         if teacher is not None:
             extra["heal"] = _heal_after_prune(args, model, teacher, tokenizer, progress)
@@ -467,7 +469,7 @@ def _warn_if_healing_hurt(before: float | None, after: float | None, spec: str) 
 def _heal(args) -> int:
     from . import distributed, load_pruned, save_pruned
     from .checkpoint import check_destination, read_manifest, write_json
-    from .distill import SHARDED_STATE, STATE_FILE, HealConfig, heal
+    from .distill import SHARDED_STATE, STATE_FILE, HealConfig, heal, teacher_dtype
     from .devices import pick_device
     from .models import load_model, load_tokenizer
 
@@ -520,7 +522,7 @@ def _heal(args) -> int:
     progress = not args.quiet
     student = load_pruned(source, device=device)
     tokenizer = load_tokenizer(str(source))
-    teacher, _, teacher_path = load_model(teacher_name, args.dtype, device, progress)
+    teacher, _, teacher_path = load_model(teacher_name, teacher_dtype(device, args.dtype), device, progress)
     from .distill import check_pair
     check_pair(student, teacher)
     data = _heal_windows(args, tokenizer, args.data, args.tokens, args.seqlen)

@@ -9,7 +9,8 @@ torch.distributed when a process group is active, each rank taking its share of 
 replicated on every rank (DistributedDataParallel), or with `shard=True` sharded over the ranks (FSDP2's
 `fully_shard`, one unit per decoder layer and one for the final norm), so that each rank holds its share of the
 trained weights, their gradients and the optimizer state (resume checkpoints then go through
-torch.distributed.checkpoint). The teacher stays whole on every rank, inference only.
+torch.distributed.checkpoint). The teacher stays whole on every rank, inference only; on a GPU the command
+line loads it in bf16 (`teacher_dtype`), since its forward runs under bf16 autocast there anyway.
 """
 
 from __future__ import annotations
@@ -118,6 +119,20 @@ class HealResult:
                 "merge_error": self.merge_error, "state_bytes": self.state_bytes}
 
 
+def teacher_dtype(device: str | torch.device, dtype):
+    """The dtype to hold the teacher in: bf16 on a GPU, where `heal` runs its forward under bf16 autocast (the
+    products are bf16 either way, and its weights take half the memory of fp32); elsewhere `dtype`, the
+    student's (as given: a torch.dtype or a name)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else dtype
+
+
+def teacher_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the dense `model` to teach its pruned self, in `dtype` (`teacher_dtype`): each weight is
+    converted as it is copied, so the model is never held twice at its own width."""
+    memo = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).to(dtype)
+
+
 def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     """The student must be a model pruned (mode "prune") from this very teacher."""
     arch_s, arch_t = architecture_of(student), architecture_of(teacher)
@@ -136,7 +151,8 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
                         "model the student was pruned from")
     spec = spec_of(student)
     e_s, e_t = get_module(student, spec.embed).weight, get_module(teacher, spec.embed).weight
-    if e_s.shape != e_t.shape or not torch.equal(e_s.detach().cpu().float(), e_t.detach().cpu().float()):
+    # compared in the teacher's dtype: a bf16 teacher holds the student's embeddings rounded
+    if e_s.shape != e_t.shape or not torch.equal(e_s.detach().cpu().to(e_t.dtype), e_t.detach().cpu()):
         raise FlapError("the student's embeddings differ from the teacher's: it was not pruned from this model; "
                         "give the dense model the student was pruned from")
 

@@ -16,6 +16,7 @@ import torch
 
 from .arch import Dims, config_head_dim
 from .config import PruneConfig
+from .distill import teacher_dtype
 from .errors import FlapError
 from .fisher import HIDDEN_MEMORY_SHARE
 from .methods.obs import (FISHER_FRACTION, FUSED_COVARIANCE_BYTES, FUSED_COVARIANCE_SHARE, MAX_MLP_REMOVED, STEPS,
@@ -147,13 +148,16 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
         fisher_tokens = int(tokens * FISHER_FRACTION)
         fisher_batch = max(1, round(batch_size * FISHER_FRACTION))  # the drawn windows of a batch
         parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8  # streamed: on the host, a layer at a time
+        # two moments of obs follow one another, and the peak is the larger: the Fisher pass, then the walk that
+        # surveys each layer's greedy paths (the refit pass after them needs less than the walk)
+        fisher_phase, walk_phase = {}, {}
         if offload:
             saved = s.n_layers * fisher_tokens * h * 4
             free = _available("cpu")
             kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
-            parts["streamed Fisher: saved layer inputs (host)"] = kept
-            parts["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
-            parts["the walk: one layer's covariances"] = cov // s.n_layers
+            fisher_phase["streamed Fisher: saved layer inputs (host)"] = kept
+            fisher_phase["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
+            walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
         else:
             free = _available(device)  # obs's fused_budget, for a device this machine may not have
             budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
@@ -161,11 +165,16 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             fused = cov if cov <= budget else 0
             # per token and layer the graph keeps about 8 hidden-wide and 4 MLP-wide activations and a row of
             # attention weights per head; then the logits, their softmax and its gradient
-            fisher_pass = fisher_batch * seqlen * (s.n_layers * (8 * h + 4 * f + s.n_heads * seqlen) * b
-                                                   + s.vocab * 4 * 3)
-            parts["Fisher pass: one batch through the whole model"] = fisher_pass
-            parts["dense covariances recorded in the Fisher pass"] = fused
-        parts["greedy paths of one layer"] = f * f * (8 + 4 * 3)  # in memory and streamed alike
+            fisher_phase["Fisher pass: one batch through the whole model"] = fisher_batch * seqlen * (
+                s.n_layers * (8 * h + 4 * f + s.n_heads * seqlen) * b + s.vocab * 4 * 3)
+            name = ("dense covariances recorded in the Fisher pass" if fused else "the walk: one layer's covariances")
+            fisher_phase[name] = fused
+            walk_phase[name] = fused or cov // s.n_layers
+        # the widest projection's greedy path (measured: 60 and 40 bytes per f^2 with its covariances, at two
+        # widths; BENCHMARKS.md): the merged halves, the damped H and held-out V in float64, and the path's
+        # float32 inverse, V and pending steps; without the held-out split, H and a float64 path
+        walk_phase["greedy paths of one layer"] = max(f, attn) ** 2 * (44 if split else 32)
+        parts.update(max(fisher_phase, walk_phase, key=lambda phase: sum(phase.values())))
         steps = int(MAX_MLP_REMOVED * STEPS)
         greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,
                   "kv_groups_per_layer": s.n_kv}
@@ -219,7 +228,7 @@ def heal_estimate(student_config, teacher_config, *, batch_size: int, seqlen: in
         trained = decoder
         decoder_weights = 0
     parts = {"runtime (python, torch, tokenizer)": RUNTIME_BYTES,
-             "teacher weights": te.params * b,
+             "teacher weights (bf16 on a GPU)": te.params * _dtype_bytes(teacher_dtype(device, dtype)),
              "student embeddings and head": (st.embed_params + st.head_params) * b,
              "student decoder (frozen under LoRA)": decoder_weights,
              "trained weights": int(trained * 4 * share),
