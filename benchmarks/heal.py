@@ -31,7 +31,7 @@ import flap_llm  # noqa: E402
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl, synchronize  # noqa: E402
 from flap_llm.data import calibration_windows, training_windows  # noqa: E402
 from flap_llm.evaluate import perplexity  # noqa: E402
-from flap_llm.distill import HealConfig, distill_loss, heal  # noqa: E402
+from flap_llm.distill import HealConfig, distill_loss, heal, teacher_dtype  # noqa: E402
 from flap_llm.report import versions  # noqa: E402
 from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 
@@ -156,6 +156,7 @@ def _synthetic(args, run: tuple[int, float | None, float]) -> None:
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(config.vocab_size, (args.nsamples, args.seqlen), generator=g)
     student = copy.deepcopy(teacher)
+    teacher.to(teacher_dtype(args.device, torch.float32))  # as the command line holds it: bf16 on a GPU
     dense = sum(p.numel() for p in teacher.parameters())
     synchronize(args.device)
     t = time.perf_counter()
@@ -217,6 +218,7 @@ def main() -> None:
     teacher = teacher.to(args.device)
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
     pruned = copy.deepcopy(teacher)
+    teacher.to(teacher_dtype(args.device, torch.float32))  # as the command line holds it: bf16 on a GPU
     prune_cfg = flap_llm.PruneConfig(ratio=args.ratio, compensation=args.compensation)
     flap_llm.prune(pruned, calib, prune_cfg, batch_size=args.batch_size)
     before = _quality(pruned, tok, args)

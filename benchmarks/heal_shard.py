@@ -46,11 +46,12 @@ import torch
 from transformers import AutoModelForCausalLM
 import flap_llm
 from flap_llm import distributed
+from flap_llm.distill import teacher_dtype
 work, device, tokens, seqlen, batch, shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \\
     int(sys.argv[5]), sys.argv[6] == "shard"
 distributed.init_from_env(device)
 student = flap_llm.load_pruned(work + "/student", device=device)
-teacher = AutoModelForCausalLM.from_pretrained(work + "/teacher", dtype=torch.float32).to(device).eval()
+teacher = AutoModelForCausalLM.from_pretrained(work + "/teacher", dtype=teacher_dtype(device, torch.float32)).to(device).eval()
 data = torch.randint(student.config.vocab_size, (-(-tokens // seqlen), seqlen),
                      generator=torch.Generator().manual_seed(0))
 if device.startswith("cuda"):

@@ -3,7 +3,7 @@ rounding moves the teacher's next-token distribution, beside the distance healin
 student's KL to the teacher), on held-out windows; and the perplexity of both teachers.
 
   .venv/bin/python benchmarks/teacher_dtype.py --model smollm2 --ratio 0.5
-  .venv/bin/python benchmarks/teacher_dtype.py --render
+  .venv/bin/python benchmarks/teacher_dtype.py --render     (--write: into BENCHMARKS.md, between its markers)
 
 On the CPU the bf16 teacher computes everything in bf16; on a GPU under autocast its products are bf16 with
 either weights, so this bounds the GPU difference from above.
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
+from common import append_jsonl, command_line, commands_of, fill_between, load, read_jsonl  # noqa: E402
 from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
 from flap_llm.distill import distill_loss, teacher_copy  # noqa: E402
 from flap_llm.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
@@ -58,7 +58,11 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=48, help="held-out wiki windows of 128 tokens")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md and exit")
     args = ap.parse_args()
+    if args.write:
+        fill_between(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", "teacher dtype table", render())
+        return
     if args.render:
         print(render())
         return
