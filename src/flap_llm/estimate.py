@@ -170,10 +170,10 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             name = ("dense covariances recorded in the Fisher pass" if fused else "the walk: one layer's covariances")
             fisher_phase[name] = fused
             walk_phase[name] = fused or cov // s.n_layers
-        # the widest projection's greedy path (measured: 60 and 40 bytes per f^2 with its covariances, at two
-        # widths; BENCHMARKS.md): the merged halves, the damped H and held-out V in float64, and the path's
-        # float32 inverse, V and pending steps; without the held-out split, H and a float64 path
-        walk_phase["greedy paths of one layer"] = max(f, attn) ** 2 * (44 if split else 32)
+        # the widest projection's greedy path and the refit after it (measured: 44 and 40 bytes per f^2 with
+        # the layer's covariances, at two widths; BENCHMARKS.md): H and V made one after the other, the path's
+        # inverse, V and pending steps (float32 under the held-out split, float64 without), the refit's solve
+        walk_phase["greedy paths of one layer"] = max(f, attn) ** 2 * (28 if split else 32)
         parts.update(max(fisher_phase, walk_phase, key=lambda phase: sum(phase.values())))
         steps = int(MAX_MLP_REMOVED * STEPS)
         greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,

@@ -44,9 +44,9 @@ class RemovalPath:
 
 def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
     """H = C + lambda I with lambda = damp * mean(diag C), in float64."""
-    c = cov.to(torch.float64)
-    lam = damp * c.diagonal().mean().clamp_min(1e-12)
-    return c + lam * torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
+    h = cov.to(torch.float64, copy=True)
+    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))  # in place: no [d, d] identity
+    return h
 
 
 def refit_error(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def refit_error(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) ->
 def held_out_moment(cov: torch.Tensor, mean: torch.Tensor, fit_mean: torch.Tensor) -> torch.Tensor:
     """V = C + (mu - mu_fit)(mu - mu_fit)^T: held-out inputs' second moment about the calibration mean."""
     delta = (mean - fit_mean).to(torch.float64)
-    return cov.to(torch.float64) + torch.outer(delta, delta)
+    return cov.to(torch.float64).addr(delta, delta)
 
 
 def refit_change(weight: torch.Tensor, h: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,12 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     if order is not None and order.numel() < n_remove:
         raise FlapError(f"the given order has {order.numel()} units, fewer than the {n_remove} to remove")
     w = weight.detach().to(dtype).clone()
-    q = torch.cholesky_inverse(torch.linalg.cholesky(h.to(dtype)))
+    # one [d, d] matrix at a time beside the next: a caller that passed its only reference to H (obs's paths
+    # do) frees it here, and the factor goes once the inverse is made
+    chol = torch.linalg.cholesky(h.to(dtype))
+    del h
+    q = torch.cholesky_inverse(chol)
+    del chol
     dev = q.device
     unit = torch.arange(n_units, device=dev)  # the unit at each position of the (compacted) w and q
     alive = torch.ones(n_units, dtype=torch.bool, device=dev)  # per position
@@ -200,6 +205,8 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
     blocks = q[every[:, :, None], every[:, None, :]]  # [positions, s, s]: each unit's current Q_UU
     widest = min(block, n_remove) * unit_size  # columns one step removes at most
     pending = _Pending(q, w.shape[0], _pending_capacity(d, widest), held_out)
+    # the pending steps hold Q (compacted as units go) and V in float32: these references may go
+    scored, held_out, q = held_out is not None, None, None
     taken: list[int] = []
     errors = [torch.zeros((), dtype=torch.float64, device=dev)]
     while len(taken) < n_remove:
@@ -238,7 +245,7 @@ def removal_path(weight: torch.Tensor, h: torch.Tensor, unit_size: int, n_remove
             every = torch.arange(keep.numel(), device=dev)[:, None] * unit_size + offsets
     pending.flush()
     return RemovalPath(torch.tensor(taken, dtype=torch.long), torch.stack(errors).cpu(),
-                       torch.stack(pending.held).cpu() if held_out is not None else None)
+                       torch.stack(pending.held).cpu() if scored else None)
 
 
 def _lower_hull(y: torch.Tensor) -> list[int]:

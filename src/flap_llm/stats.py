@@ -122,7 +122,7 @@ class Covariance:
     def cov(self) -> torch.Tensor:
         """Population covariance C = E[x x^T] - mu mu^T."""
         mu = self.mean
-        return self.outer / max(self.n, 1) - torch.outer(mu, mu)
+        return (self.outer / max(self.n, 1)).addr_(mu, mu, alpha=-1)  # in place: no [d, d] temporary
 
 
 class SplitCovariance:

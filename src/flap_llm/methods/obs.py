@@ -105,14 +105,15 @@ def _paths(layer: nn.Module, job: Job, covs: dict[str, Covariance], counts: tupl
         weight = proj[name].weight.detach().to(torch.float64)
         return weight if weights is None else weights[name].to(weight.device) @ weight
 
-    def v(name):
-        return None if held_out is None else held_out_moment(held_out[name].cov, held_out[name].mean, covs[name].mean)
+    def path(name, unit_size, n_remove, block):
+        # V first, in float32 (the paths score in float32), then H: the two float64 [d, d] moments are never
+        # held together, and H goes once the path has its own copy (removal_path)
+        v = None if held_out is None else held_out_moment(held_out[name].cov, held_out[name].mean,
+                                                           covs[name].mean).to(torch.float32)
+        return removal_path(w(name), damped(covs[name].cov, damp), unit_size, n_remove, block, None, v, dtype)
 
-    attn = removal_path(w("attn"), damped(covs["attn"].cov, damp), dims.group_size * dims.head_dim,
-                        counts[0], 1, None, v("attn"), dtype)
-    mlp = removal_path(w("mlp"), damped(covs["mlp"].cov, damp), 1, counts[1], max(1, dims.d_ff // STEPS), None,
-                       v("mlp"), dtype)
-    return attn, mlp
+    return (path("attn", dims.group_size * dims.head_dim, counts[0], 1),
+            path("mlp", 1, counts[1], max(1, dims.d_ff // STEPS)))
 
 
 def _held_out_curves(layer: nn.Module, job: Job, halves: dict[str, tuple[Covariance, Covariance]],
@@ -169,14 +170,14 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
         """FLAP's statistics of one layer, and its dense error curves, from its covariances."""
         for c in covs.values():
             c.all_reduce_()
-        halves = {k: c.halves for k, c in covs.items()} if split else None
-        if split:
-            covs = {k: c.merged() for k, c in covs.items()}
-        stats.append(LayerStats(_stats_of(covs["attn"]), _stats_of(covs["mlp"])))
         counts = (dims.n_kv_heads, mlp_cap)
-        if split:
-            curves.append(_held_out_curves(layer, job, halves, counts, weights[idx]))
+        if split:  # the merged moments give FLAP's statistics only, and go before the paths; the curves use the halves
+            merged = {k: c.merged() for k, c in covs.items()}
+            stats.append(LayerStats(_stats_of(merged["attn"]), _stats_of(merged["mlp"])))
+            del merged
+            curves.append(_held_out_curves(layer, job, {k: c.halves for k, c in covs.items()}, counts, weights[idx]))
         else:
+            stats.append(LayerStats(_stats_of(covs["attn"]), _stats_of(covs["mlp"])))
             attn, mlp = _paths(layer, job, covs, counts, weights[idx])
             curves.append((attn.error, mlp.error))
 
