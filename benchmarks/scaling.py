@@ -86,7 +86,7 @@ def dry_run(row: dict):
 
 def render(path: Path = RESULTS) -> str:
     """Measured rows beside the dry run's estimate of the same quantity (host on CPU rows; device on GPU rows)."""
-    rows = read_jsonl(path)
+    rows = [r for r in read_jsonl(path) if not r.get("superseded")]  # older code's rows: history, in BENCHMARKS.md
     out = ["| shape | layers | method | device | dtype | windows | wall (s) | / forward | peak RSS GiB | "
            "peak device GiB | --dry-run estimate GiB |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     forward = {(r["shape"], r["layers"], r["device"], r["nsamples"]): r["wall_s"] for r in rows if r["method"] == "forward"}

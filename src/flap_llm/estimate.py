@@ -132,7 +132,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
              "calibration windows (the walk's hidden states)": tokens * h * b,
              "one layer's work on a batch": batch_size * seqlen * (3 * f + 6 * h) * b}
     if offload:
-        parts["embeddings and head"] = (s.embed_params + s.head_params) * b
+        parts["embeddings"] = s.embed_params * b  # an untied head is read only for obs's Fisher pass
         parts["one decoder layer read, one written"] = 2 * largest
     else:
         parts["model weights"] = s.params * b
@@ -156,6 +156,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             free = _available("cpu")
             kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
             fisher_phase["streamed Fisher: saved layer inputs (host)"] = kept
+            fisher_phase["streamed Fisher: the head, read for it"] = s.head_params * b
             fisher_phase["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
             walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
         else:
