@@ -40,6 +40,36 @@ def _peak(device: str) -> dict:
     return out
 
 
+def _loading_peak(src: Path, dtype: torch.dtype) -> dict:
+    """Peak RSS while loading the checkpoint in `dtype`, and its anonymous and file-backed parts at their peaks
+    (/proc/self/status, sampled every 10 ms): the mapped checkpoint's pages count in RSS, but the kernel can
+    drop them."""
+    import threading
+    from transformers import AutoModelForCausalLM
+
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    t = time.perf_counter()
+    AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    wall = time.perf_counter() - t
+    time.sleep(0.05)
+    done.set()
+    thread.join()
+    return {"wall_s": wall, "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"], **_peak("cpu")}
+
+
 def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device: str, dtype: str,
         batch_size: int, out: Path) -> dict:
     """One measured run, in its own process."""
@@ -51,6 +81,8 @@ def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     torch_dtype = getattr(torch, dtype)
+    if method == "load":  # loading alone: the resident set split into anonymous memory and mapped file pages
+        return _loading_peak(src, torch_dtype)
     if method == "obs --offload":
         t = time.perf_counter()
         result = prune_offloaded(src, ids, flap_llm.PruneConfig(ratio=ratio, **METHODS[method]), out, device=device,
@@ -84,9 +116,14 @@ def dry_run(row: dict):
                           offload=row["method"].endswith("--offload"))
 
 
+def current_rows(path: Path = RESULTS) -> list[dict]:
+    """The rows of the current code (rows marked superseded were measured before a change: history)."""
+    return [r for r in read_jsonl(path) if not r.get("superseded")]
+
+
 def render(path: Path = RESULTS) -> str:
     """Measured rows beside the dry run's estimate of the same quantity (host on CPU rows; device on GPU rows)."""
-    rows = [r for r in read_jsonl(path) if not r.get("superseded")]  # older code's rows: history, in BENCHMARKS.md
+    rows = [r for r in current_rows(path) if r["method"] != "load"]  # loading alone: quoted in the text
     out = ["| shape | layers | method | device | dtype | windows | wall (s) | / forward | peak RSS GiB | "
            "peak device GiB | --dry-run estimate GiB |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     forward = {(r["shape"], r["layers"], r["device"], r["nsamples"]): r["wall_s"] for r in rows if r["method"] == "forward"}
@@ -108,7 +145,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of each random model")
-    ap.add_argument("--methods", default="forward," + ",".join(METHODS))
+    ap.add_argument("--methods", default="forward," + ",".join(METHODS),
+                    help="forward, the methods, or load (loading alone, its anonymous and file-backed peaks)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=128)

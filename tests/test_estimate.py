@@ -15,7 +15,6 @@ from flap_llm.cli import main
 from flap_llm.estimate import heal_estimate, prune_estimate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "peak_memory.jsonl"
-SCALING = RESULTS.with_name("scaling.jsonl")
 SEVEN_B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000)
 
@@ -42,8 +41,8 @@ def test_dry_run_reads_only_the_config_and_writes_nothing(tmp_path, capsys):
 
 
 def test_streamed_obs_keeps_the_device_to_about_one_layer():
-    # on a GPU the streamed Fisher moves each finished layer's sums to the host: the device holds the embeddings
-    # and head, a layer read and one written, a batch's work and one layer's walk, not the 8 GiB of Fisher matrices
+    # on a GPU the streamed Fisher moves each finished layer's sums to the host: the device holds the embeddings,
+    # a layer read and one written, a batch's work and one layer's walk, not the 8 GiB of Fisher matrices
     est = prune_estimate(SEVEN_B, flap_llm.PruneConfig(ratio=0.2, method="obs"), nsamples=128, seqlen=128,
                          dtype=torch.bfloat16, device="cuda", offload=True)
     host_only = {"runtime (python, torch, tokenizer)", "streamed Fisher: saved layer inputs (host)",
@@ -116,8 +115,7 @@ def test_obs_estimates_agree_with_the_measured_scaling_rows():
     """Within 25% of the peak RSS of benchmarks/scaling.py's obs rows, random weights of real shapes up to
     Llama-2-7B's and Llama-3-8B's (11,008- and 14,336-wide MLPs, where the greedy paths dominate)."""
     scaling = _benchmark("scaling")
-    rows = [r for r in map(json.loads, SCALING.read_text().splitlines())
-            if r["method"].startswith("obs") and not r.get("superseded")]
+    rows = [r for r in scaling.current_rows() if r["method"].startswith("obs")]
     assert {r["shape"] for r in rows} >= {"smollm2-135m", "qwen2.5-0.5b", "llama-2-7b", "llama-3-8b"}
     for r in rows:
         est = scaling.dry_run(r)

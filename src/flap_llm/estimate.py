@@ -149,7 +149,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
         fisher_batch = max(1, round(batch_size * FISHER_FRACTION))  # the drawn windows of a batch
         parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8  # streamed: on the host, a layer at a time
         # two moments of obs follow one another, and the peak is the larger: the Fisher pass, then the walk that
-        # surveys each layer's greedy paths (the refit pass after them needs less than the walk)
+        # surveys each layer's greedy paths (the refit pass after them needs about as much, counted with it)
         fisher_phase, walk_phase = {}, {}
         if offload:
             saved = s.n_layers * fisher_tokens * h * 4
@@ -158,7 +158,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             fisher_phase["streamed Fisher: saved layer inputs (host)"] = kept
             fisher_phase["streamed Fisher: the head, read for it"] = s.head_params * b
             fisher_phase["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
-            walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
+            fused = 0
         else:
             free = _available(device)  # obs's fused_budget, for a device this machine may not have
             budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
@@ -168,9 +168,11 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
             # attention weights per head; then the logits, their softmax and its gradient
             fisher_phase["Fisher pass: one batch through the whole model"] = fisher_batch * seqlen * (
                 s.n_layers * (8 * h + 4 * f + s.n_heads * seqlen) * b + s.vocab * 4 * 3)
-            name = ("dense covariances recorded in the Fisher pass" if fused else "the walk: one layer's covariances")
-            fisher_phase[name] = fused
-            walk_phase[name] = fused or cov // s.n_layers
+        if fused:  # recorded in the Fisher pass and held until the walk reads them
+            recorded = "dense covariances recorded in the Fisher pass"
+            fisher_phase[recorded] = walk_phase[recorded] = fused
+        else:
+            walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
         # the widest projection's greedy path and the refit after it (measured: 44 and 40 bytes per f^2 with
         # the layer's covariances, at two widths; BENCHMARKS.md): H and V made one after the other, the path's
         # inverse, V and pending steps (float32 under the held-out split, float64 without), the refit's solve
