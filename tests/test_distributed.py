@@ -114,9 +114,9 @@ HEAL_WORKER = textwrap.dedent("""
     from flap_llm.distill import HealConfig, heal
     from conftest import calibration, tiny_model
     dist.init_process_group("gloo")
-    teacher = tiny_model("llama-gqa")
+    teacher = tiny_model("llama-gqa", layers={layers})
     student = copy.deepcopy(teacher)
-    flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
+    {prune}
     result = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**{cfg!r}))
     if dist.get_rank() == 0:
         torch.save({{"loss": result.loss, "tokens": result.tokens, "state": student.state_dict(),
@@ -134,11 +134,7 @@ def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method, s
     from flap_llm.distill import HealConfig, heal
     pytest.importorskip("peft")
     cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method, shard=shard)
-    out = tmp_path / "rank0.pt"
-    script = tmp_path / "heal_worker.py"
-    script.write_text(HEAL_WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out)))
-    _spawn_two(script)
-    two = torch.load(out, weights_only=False)
+    two = _heal_two(tmp_path, cfg, FLAP_HALF)
     teacher = tiny_model("llama-gqa")
     student = copy.deepcopy(teacher)
     flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))
@@ -146,6 +142,42 @@ def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method, s
     assert two["tokens"] == one.tokens and len(two["loss"]) == len(one.loss) == 4
     share = two["state_bytes"] / one.state_bytes  # this rank's against the whole (DDP holds the whole)
     assert (0.45 < share < 0.6) if shard else share == 1, share
+    assert two["loss"] == pytest.approx(one.loss, rel=1e-4)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)
+
+
+FLAP_HALF = "flap_llm.prune(student, calibration(), flap_llm.PruneConfig(ratio=0.5))"
+# A plan with a layer that keeps no head and one that keeps no MLP channel: their weights are empty tensors
+EMPTY_LAYERS = {"layers": [{"heads": [0, 1], "kv_heads": [0], "channels": list(range(40))},
+                           {"heads": [], "kv_heads": [], "channels": list(range(0, 96, 2))},
+                           {"heads": [2, 3], "kv_heads": [1], "channels": []}]}
+
+
+def _heal_two(tmp_path: Path, cfg: dict, prune: str, layers: int = 2) -> dict:
+    """Rank 0's loss curve, healed weights and state bytes from a 2-process heal of a tiny Llama."""
+    out = tmp_path / "rank0.pt"
+    script = tmp_path / "heal_worker.py"
+    script.write_text(HEAL_WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out), prune=prune, layers=layers))
+    _spawn_two(script)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_heal_of_a_plan_with_empty_layers_on_two_processes(tmp_path, shard):
+    """A layer with no head left and one with no MLP channel (empty weight matrices, which FSDP2 cannot split)
+    heal on two processes, sharded or replicated, along one process's loss curve to its weights."""
+    import copy
+    from flap_llm.distill import HealConfig, heal
+    cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, shard=shard)
+    two = _heal_two(tmp_path, cfg, f"flap_llm.apply_plan(student, {EMPTY_LAYERS!r})", layers=3)
+    teacher = tiny_model("llama-gqa", layers=3)
+    student = copy.deepcopy(teacher)
+    flap_llm.apply_plan(student, EMPTY_LAYERS)
+    assert student.model.layers[1].self_attn.o_proj.weight.shape == (64, 0)
+    assert student.model.layers[2].mlp.down_proj.weight.shape == (64, 0)
+    one = heal(student, teacher, calibration(n=16, length=16, seed=5), HealConfig(**{**cfg, "shard": False}))
+    assert len(two["loss"]) == len(one.loss) == 4 and one.loss[-1] < one.loss[0]
     assert two["loss"] == pytest.approx(one.loss, rel=1e-4)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)

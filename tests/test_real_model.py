@@ -19,7 +19,7 @@ def smollm2():
     return load_model(None, progress=False)
 
 
-def test_default_cli_job_small(tmp_path, monkeypatch):
+def test_default_cli_job_small(tmp_path, monkeypatch, capsys):
     """`flap-llm prune` on the embedded defaults, with fewer calibration windows and eval windows,
     converting the GGUF into a fresh cache named by FLAP_LLM_CACHE."""
     monkeypatch.setenv("FLAP_LLM_CACHE", str(tmp_path / "cache"))
@@ -39,6 +39,15 @@ def test_default_cli_job_small(tmp_path, monkeypatch):
     assert main(["eval", "--quiet", "--model", str(out), "--eval-limit", "24", "--batch-size", "16",
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["ppl"] == pytest.approx(ppl["ppl_after"], rel=1e-4)
+    assert "warning" not in capsys.readouterr().err
+    # the default job's own calibration, 1,024 windows of 128 on builtin:wiki, draws no warning either
+    import warnings
+    from flap_llm.data import calibration_windows
+    from flap_llm.models import load_tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        windows = calibration_windows("builtin:wiki", load_tokenizer(str(out)), 1024, 128, 0)
+    assert windows.shape == (1024, 128)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +133,39 @@ def test_smollm2_obs_streamed_agrees_with_in_memory(tmp_path):
     ppl_memory = perplexity(model, tok, "builtin:wiki", 128, 8, 16)["ppl"]
     ppl_streamed = perplexity(flap_llm.load_pruned(tmp_path / "out"), tok, "builtin:wiki", 128, 8, 16)["ppl"]
     assert ppl_streamed == pytest.approx(ppl_memory, rel=0.03)
+
+
+@pytest.mark.long
+def test_smollm2_obs_half_heals_sharded_on_two_processes_like_one(tmp_path):
+    """obs at 50% removes whole attention blocks from SmolLM2 (layers with no head left); `heal --shard` under
+    torchrun with 2 gloo processes follows the one-process loss curve on it and writes the same weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    pruned = tmp_path / "obs50"
+    assert main(["prune", "--quiet", "--method", "obs", "--ratio", "0.5", "--nsamples", "32", "--no-eval",
+                 "--out", str(pruned)]) == 0
+    counts = json.loads((pruned / "flap_manifest.json").read_text())["plan"]["layers"]
+    assert any(not layer["heads"] for layer in counts), "the plan has no zero-head layer to test"
+    heal = ["heal", "--model", str(pruned), "--tokens", "4096", "--batch-size", "8", "--no-eval", "--quiet",
+            "--device", "cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "flap_llm", *heal, "--shard", "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*heal, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "flap_manifest.json").read_text())["heal"]
+    one = json.loads((tmp_path / "one" / "flap_manifest.json").read_text())["heal"]
+    assert two["world_size"] == 2 and two["config"]["shard"] and len(one["loss"]) == 4
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
+    assert one["loss"][-1] < one["loss"][0]
+    a, b = flap_llm.load_pruned(tmp_path / "two"), flap_llm.load_pruned(tmp_path / "one")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=name)

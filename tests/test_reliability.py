@@ -246,44 +246,6 @@ def test_export_refuses_before_loading(tmp_path, model_dir, capsys, monkeypatch)
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == '["m.gguf"]'
 
 
-def _enospc(*args, **kwargs):
-    raise OSError(28, "No space left on device")
-
-
-@pytest.mark.parametrize("target", ["checkpoint", "gguf"])
-def test_a_full_disk_ends_in_one_line_and_leaves_nothing(tmp_path, model_dir, text_file, capsys, monkeypatch, target):
-    """A disk that fills while the checkpoint or the GGUF is written: exit 1 and one line saying what was being
-    written, how much it needs and how much is free; no output and no temporary left."""
-    import gguf
-
-    from flap_llm.checkpoint import CheckpointWriter
-    real_save = CheckpointWriter.save_model
-
-    def save_then_fill(self, model):  # the weights land, then the next write finds the disk full
-        real_save(self, model)
-        _enospc()
-    if target == "checkpoint":
-        monkeypatch.setattr(CheckpointWriter, "save_model", save_then_fill)
-        args = ["prune", "--quiet", "--model", str(model_dir), "--calib", str(text_file), "--no-eval",
-                "--nsamples", "4", "--seqlen", "16", "--out", str(tmp_path / "out")]
-        what, written = "the pruned checkpoint", tmp_path / "out"
-    else:
-        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", _enospc)
-        args = ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")]
-        what, written = "the GGUF file", tmp_path / "m.gguf"
-    rc = main(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 1, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"flap-llm: error: the disk filled while writing {what} to {written}: it needs " in err
-    import re
-    needed = re.search(r"it needs (about|more than the) ([\d.]+) (bytes|KiB|MiB)", err)
-    assert needed and float(needed.group(2)) > 0, err
-    assert re.search(r"and [\d.]+ (bytes|KiB|MiB|GiB|TiB) is free there", err), err
-    assert not written.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-
 def test_calibration_text_shorter_than_the_windows_asked_warns(tmp_path, model_dir, capsys):
     """1024 windows of 16 tokens from a short file overlap heavily: a warning gives the text's tokens against
     the tokens asked for; the run still completes."""
@@ -305,3 +267,15 @@ def test_calibration_text_shorter_than_the_windows_asked_warns(tmp_path, model_d
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample_windows(torch.arange(2000), 8, 16, 0)
+
+
+def test_a_dry_run_on_a_config_without_its_shape_fields_names_them(tmp_path, capsys):
+    """A config.json with only hidden_size: transformers would fill the rest with Llama-7B's defaults; the dry
+    run refuses (exit 2) and names each missing field."""
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                    "hidden_size": 576}))
+    err = _refused(capsys, ["prune", "--dry-run", "--model", str(folder)], "lacks num_hidden_layers, "
+                   "intermediate_size, num_attention_heads, vocab_size", "complete config.json")
+    assert "hidden_size" not in err

@@ -136,15 +136,41 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+# How the writers we use say "disk full" when they do not raise OSError(ENOSPC) themselves: safetensors (Rust's
+# io::Error text), numpy's tofile under the gguf package (it checks the free space before a large tensor).
+_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+               "Not enough free space to write")
+_NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this free found the disk full
+
+
+def _is_disk_full(e: BaseException, where: Path | None = None) -> bool:
+    """Whether `e` (or an error it was raised from) says the disk is full; with `where`, also an error whose
+    writer gave no reason (torch.save's "file write failed", llama-quantize's exit status) while `where`'s
+    filesystem has under 1 MiB free. Interruptions (Ctrl-C, SIGTERM) are never a full disk."""
+    if not isinstance(e, Exception):
+        return False
+    seen, err = set(), e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(w in str(err) for w in _FULL_WORDS):
+            return True
+        err = err.__cause__ or err.__context__
+    if where is None:
+        return False
+    try:
+        return shutil.disk_usage(where).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _disk_full(path: Path, what: str, written: int, needed: int | None) -> DiskFullError:
     """The one-line error for a write that filled the disk (after its temporary output was removed)."""
     free = shutil.disk_usage(path.parent).free
     need = (f"it needs about {_human(needed)}" if needed and needed > written
-            else f"it needs more than the {_human(written)} written before the disk filled")
+            else f"it needs more than the {_human(written)} written before the disk filled" if written
+            else "it needs more than is free")
     return DiskFullError(f"the disk filled while writing {what} to {path}: {need}, and {_human(free)} is free there; "
                          "nothing partial was left. Free some space or write elsewhere")
 
@@ -161,9 +187,10 @@ def atomic_folder(path: Path, what: str = "the output folder", needed: int | Non
         yield tmp
         pause_before_commit()
     except BaseException as e:  # errors, Ctrl-C and (through the CLI's handler) SIGTERM: no temporary output left
-        written = _size(tmp) if _is_disk_full(e) else 0
+        full = _is_disk_full(e, path.parent)
+        written = _size(tmp) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if full:
             raise _disk_full(path, what, written, needed) from e
         raise
     old = None
@@ -180,10 +207,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def atomic_file(path: Path, what: str = "the output file", needed: int | None = None):
+def atomic_file(path: Path, what: str = "the output file", needed: int | None = None, shown: Path | None = None):
     """Yield a temporary name beside `path`; once the block has written it, it is renamed to `path`.
     On any error or interruption the temporary file is removed and `path` is left as it was; a full disk ends
-    in a DiskFullError naming `what` and the `needed` bytes (an estimate, if known)."""
+    in a DiskFullError naming `what`, the file it is for (`shown`, when `path` is itself a temporary) and the
+    `needed` bytes (an estimate, if known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -192,16 +220,17 @@ def atomic_file(path: Path, what: str = "the output file", needed: int | None = 
         pause_before_commit()
         os.replace(tmp, path)
     except BaseException as e:
-        written = _size(tmp) if _is_disk_full(e) else 0
+        full = _is_disk_full(e, path.parent)
+        written = _size(tmp) if full else 0
         tmp.unlink(missing_ok=True)
-        if _is_disk_full(e):
-            raise _disk_full(path, what, written, needed) from e
+        if full:
+            raise _disk_full(shown or path, what, written, needed) from e
         raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file under a temporary name and rename it: a reader never sees half of it."""
-    with atomic_file(path) as tmp:
+    with atomic_file(path, needed=len(text.encode())) as tmp:
         tmp.write_text(text)
 
 

@@ -195,12 +195,19 @@ def _trainable_linears(student: nn.Module) -> list[str]:
 
 
 def _decoder_params(student: nn.Module) -> dict[str, nn.Parameter]:
-    """Full fine-tuning trains the decoder layers and the final norm; embeddings and head stay (often tied)."""
+    """Full fine-tuning trains the decoder layers and the final norm; embeddings and head stay (often tied).
+    Left out: empty weights, and the attention's input norm in a layer that kept no head (its output feeds
+    nothing, so it gets no gradient, which DistributedDataParallel refuses)."""
+    from .modeling_flap import ConstantAttention
     spec = spec_of(student)
+    unused = set()
+    for layer in decoder_layers(student, spec):
+        if isinstance(get_module(layer, spec.attn), ConstantAttention):
+            unused.update(id(p) for p in get_module(layer, spec.attn_norm).parameters())
     out = {}
     for prefix in (spec.layers, spec.final_norm):
         for name, p in get_module(student, prefix).named_parameters():
-            if p.numel() > 0:
+            if p.numel() > 0 and id(p) not in unused:
                 out[f"{prefix}.{name}"] = p
     return out
 
@@ -221,8 +228,19 @@ def _window_order(n: int, steps_windows: int, seed: int) -> torch.Tensor:
 
 def _save_state(path: Path, state: dict) -> None:
     from .checkpoint import atomic_file
-    with atomic_file(path, "the heal resume checkpoint") as tmp:
+    with atomic_file(path, "the heal resume checkpoint", _tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (what torch.save writes, less a small header)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _save_sharded_state(path: Path, sharded: "_Sharded", optimizer, progress_state: dict) -> None:
@@ -292,7 +310,9 @@ class _Sharded:
             for k, v in theirs[unit].state_dict(keep_vars=True).items():
                 full[f"{unit}.{k}"] = v.detach()
             buffers.update({f"{unit}.{k}": b for k, b in theirs[unit].named_buffers()})
-            fully_shard(ours[unit])
+            # a layer with no head (or no MLP channel) left has empty weights, which FSDP2 cannot split: they
+            # stay whole on every rank (they hold nothing to train)
+            fully_shard(ours[unit], ignored_params={p for p in ours[unit].parameters() if p.numel() == 0})
             ours[unit].to_empty(device=device)
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         self.buffers = buffers

@@ -277,8 +277,26 @@ def config_of(name: str | None):
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         if path.is_dir() and not (path / "config.json").is_file():
             raise FlapError(f"{path} has no config.json; it is not a Hugging Face model folder")
-        return AutoConfig.from_pretrained(str(path) if path.exists() else name)
+        source = str(path) if path.exists() else name
+        _check_shape_fields(source)
+        return AutoConfig.from_pretrained(source)
     except FlapError:
         raise
     except Exception as e:
         raise FlapError(f"could not read the config of {name}: {str(e).splitlines()[0][:200]}") from e
+
+
+# The fields an estimate reads; transformers fills any that a config.json lacks with one family's defaults (a
+# Llama-7B shape), so an estimate made without them would describe a model that does not exist.
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def _check_shape_fields(source: str) -> None:
+    """Raise FlapError naming the shape fields that `source`'s own config.json lacks."""
+    from transformers import PretrainedConfig
+    raw, _ = PretrainedConfig.get_config_dict(source)
+    text = raw.get("text_config") or raw  # a multimodal config keeps the language model's shape there
+    missing = [k for k in SHAPE_FIELDS if k not in text]
+    if missing:
+        raise FlapError(f"the config of {source} lacks {', '.join(missing)}, which the estimate needs; give the "
+                        "model's complete config.json")

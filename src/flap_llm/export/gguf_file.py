@@ -275,14 +275,21 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
     tokenizer: the model's Hugging Face tokenizer; when the model came from a .gguf file, that file's
         tokenizer is carried over instead. The file appears under its name only once complete.
     """
-    import gguf
-
     dtype = gguf_type(dtype)
     check_exportable(model, dtype)
     path = Path(path)
     check_gguf_destination(path, overwrite)
     if needs_quantize(dtype):
         return _quantized(model, path, tokenizer, dtype, progress)
+    return _write(model, path, tokenizer, dtype, progress)
+
+
+def _write(model: nn.Module, path: Path, tokenizer, dtype: str, progress: bool, what: str = "the GGUF file",
+           shown: Path | None = None) -> Path:
+    """The GGUF file itself (save_gguf has checked the model and the destination); a full disk is reported as
+    writing `what` to `shown` (default: `path`)."""
+    import gguf
+
     source = _source_gguf(model)
     if source is not None and source.resolve() == path.resolve():
         raise FlapError(f"refusing to overwrite the source model {path}; choose another output name")
@@ -309,7 +316,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: 
         tensors.add("rope_freqs.weight", llama3_rope_factors(rope, hd))
 
     needed = sum(data.nbytes for _, data, _ in tensors.items)  # the tensors; the header and vocabulary are small
-    with atomic_file(path, "the GGUF file", needed) as tmp:
+    with atomic_file(path, what, needed, shown=shown) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _write_header(writer, model, layout, hd, dtype, n_vocab, rope)
         if source is not None:
@@ -334,7 +341,7 @@ def _quantized(model: nn.Module, path: Path, tokenizer, qtype: str, progress: bo
     # named as a temporary of `path` (removed by the next run that writes it, if this one is killed)
     f16 = Path(f"{temp_sibling(path)}.f16.gguf")
     try:
-        save_gguf(model, f16, tokenizer, "f16", progress=progress)
+        _write(model, f16, tokenizer, "f16", progress, what="the f16 GGUF that llama-quantize reads", shown=path)
         with atomic_file(path, f"the {qtype} GGUF file", f16.stat().st_size) as tmp:
             quantize(f16, tmp, qtype)
     finally:
