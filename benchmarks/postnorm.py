@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 import flap_llm.arch  # noqa: E402
+import flap_llm.methods  # noqa: E402
 from common import MODELS, append_jsonl, command_line, load  # noqa: E402
 from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
 from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
@@ -85,8 +85,8 @@ def attention_kl(args) -> None:
 
 def bisect(args) -> None:
     model, tok, _ = load(args.model)
-    arch = flap_llm.arch.architecture_of(model)  # obs's refusal lifted for this study of why it is refused
-    flap_llm.arch.ARCHITECTURES[arch] = dataclasses.replace(flap_llm.arch.ARCHITECTURES[arch], obs_unsupported=None)
+    obs = flap_llm.methods.get("obs")  # its refusal lifted for this study of why it is refused
+    obs.refused = {k: v for k, v in obs.refused.items() if k != flap_llm.arch.architecture_of(model)}
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
     for name, cfg in BISECT:
         m = copy.deepcopy(model)

@@ -66,44 +66,51 @@ RUN_LOADED = textwrap.dedent("""
         except ImportError:
             pass
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-        assert "flap_llm" not in sys.modules
     else:
         import flap_llm
-        model = flap_llm.load_pruned(path)
     ids = torch.load(ids_file)
-    with torch.no_grad():
-        logits = model(ids).logits
-    gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
-                         do_sample=False, pad_token_id=0)
-    torch.save({"logits": logits, "gen": gen}, out_file)
+    for folder in path.split(","):  # every checkpoint in this one fresh process
+        if mode == "stock":
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+            assert "flap_llm" not in sys.modules
+        else:
+            model = flap_llm.load_pruned(folder)
+        with torch.no_grad():
+            logits = model(ids).logits
+        gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+        torch.save({"logits": logits, "gen": gen}, folder + "." + out_file)
 """)
 
 
-def _run_loaded(tmp_path: Path, ckpt: Path, ids: torch.Tensor, mode: str) -> dict:
+def _run_loaded(tmp_path: Path, ckpts: list[Path], ids: torch.Tensor, mode: str) -> list[dict]:
+    """Logits and greedy tokens of each checkpoint, loaded in one fresh process."""
     torch.save(ids, tmp_path / "ids.pt")
     script = tmp_path / "run.py"
     script.write_text(RUN_LOADED)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"),
+    proc = subprocess.run([sys.executable, str(script), ",".join(map(str, ckpts)), str(tmp_path / "ids.pt"), "out.pt",
                            mode], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt")
+    return [torch.load(f"{c}.out.pt") for c in ckpts]
 
 
-@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", ["flap_llm", "stock"])
-def test_fresh_process_reload_gives_same_logits(tmp_path, case, mode):
-    model, result = CASES[case]()
-    ckpt = save_pruned(model, tmp_path / "ckpt", result=result)
+def test_fresh_process_reload_gives_same_logits(tmp_path, mode):
+    """Every case's checkpoint, reloaded in a fresh process (by flap_llm, or by stock transformers with flap_llm
+    blocked), gives the pruned model's logits and greedy tokens."""
+    models, ckpts = {}, []
+    for case, make in CASES.items():
+        models[case], result = make()
+        ckpts.append(save_pruned(models[case], tmp_path / case, result=result))
     ids = calibration(n=3, length=10)
-    out = _run_loaded(tmp_path, ckpt, ids, mode)
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(out["logits"], want, rtol=1e-6, atol=1e-6)
-    gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
-                         do_sample=False, pad_token_id=0)
-    assert torch.equal(out["gen"], gen)
+    for (case, model), out in zip(models.items(), _run_loaded(tmp_path, ckpts, ids, mode)):
+        with torch.no_grad():
+            want = model(ids).logits
+        torch.testing.assert_close(out["logits"], want, rtol=1e-6, atol=1e-6, msg=case)
+        gen = model.generate(ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+        assert torch.equal(out["gen"], gen), case
 
 
 def test_manifest_contents(tmp_path):

@@ -183,6 +183,19 @@ def test_heal_of_a_plan_with_empty_layers_on_two_processes(tmp_path, shard):
         torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)
 
 
+STOP_AFTER_CHECKPOINT = textwrap.dedent("""
+    import sys
+    import flap_llm.distill as distill
+    from flap_llm.cli import main
+    save = distill._save_sharded_state
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise distill.FlapError("stopped after a resume checkpoint")
+    distill._save_sharded_state = save_then_stop
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
 def test_torchrun_heal_shard_resumes_and_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m flap_llm heal --shard`: stopped after its first resume checkpoint (a
     torch.distributed.checkpoint folder) and resumed, rank 0 writes the healed checkpoint one process makes
@@ -200,11 +213,15 @@ def test_torchrun_heal_shard_resumes_and_matches_one_process(tmp_path):
                  "--batch-size", "4", "--lr", "3e-3", "--no-eval", "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+    # the interruption: each rank stops right after writing its shards of the first resume checkpoint
+    stopper = tmp_path / "stop_after_checkpoint.py"
+    stopper.write_text(STOP_AFTER_CHECKPOINT)
+
     def torchrun(*extra: str, stop_after_checkpoint: bool = False) -> subprocess.CompletedProcess:
-        run_env = {**env, "FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT": "1"} if stop_after_checkpoint else env
+        entry = [str(stopper)] if stop_after_checkpoint else ["-m", "flap_llm"]
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                               str(_free_port()), "-m", "flap_llm", *heal_args, "--shard", *extra,
-                               "--out", str(tmp_path / "two")], env=run_env, capture_output=True, text=True,
+                               str(_free_port()), *entry, *heal_args, "--shard", *extra,
+                               "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                               timeout=300)
 
     stopped = torchrun("--checkpoint-every", "2", stop_after_checkpoint=True)

@@ -9,17 +9,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
+from flap_llm.cli import main
 from flap_llm.errors import DiskFullError
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -74,7 +71,7 @@ def _tiny():
 def test_every_writer_on_a_full_disk_raises_one_disk_full_error(small_disk, tmp_path, writer):
     """Each writer the library uses, through the library's own call, on a real full filesystem."""
     import flap_llm
-    from flap_llm.checkpoint import write_text_atomic
+    from flap_llm.atomic import write_text_atomic
     from flap_llm.distill import _save_state
     disk = small_disk("4m")
     model, tokenizer = _tiny()
@@ -103,14 +100,8 @@ def test_every_writer_on_a_full_disk_raises_one_disk_full_error(small_disk, tmp_
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "flap_llm", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
 @pytest.mark.slow
-def test_the_cli_on_a_60_mb_disk_exits_1_with_one_line(small_disk):
+def test_the_cli_on_a_60_mb_disk_exits_1_with_one_line(small_disk, capsys):
     """The real SmolLM2 pruned, exported at f32 and pruned to Q4_K_M onto a 60 MB tmpfs: each run exits 1 with
     one line naming what it was writing, what that needs and what is free, and leaves the disk empty."""
     disk = small_disk("60m")
@@ -119,10 +110,11 @@ def test_the_cli_on_a_60_mb_disk_exits_1_with_one_line(small_disk):
             (["export", "--quiet", "--dtype", "f32", "--out", str(disk / "m.gguf")], "the GGUF file", disk / "m.gguf"),
             (["prune", *few, "--gguf", "Q4_K_M", "--out", str(disk / "q")], "the pruned checkpoint", disk / "q")]
     for args, what, target in runs:
-        proc = _cli(*args)
-        assert proc.returncode == 1, proc.stderr[-2000:]
+        rc = main(list(args))
+        stderr = capsys.readouterr().err
+        assert rc == 1, stderr[-2000:]
         # (the first run on a machine converts the built-in GGUF once, with transformers' progress bar)
-        err = "\n".join(line for line in proc.stderr.splitlines() if "it/s]" not in line)
+        err = "\n".join(line for line in stderr.splitlines() if "it/s]" not in line)
         assert err.startswith("flap-llm: error: "), err
         _one_line(err.replace("flap-llm: error: ", "", 1), what, target)
         assert list(disk.iterdir()) == [], list(disk.iterdir())

@@ -24,9 +24,9 @@ NSAMPLES, EVAL_WINDOWS, TEXTS = 32, 16, ("builtin:wiki", "builtin:books")
 
 
 @pytest.mark.parametrize("name,methods", [
-    pytest.param("smollm2", ("flap + lsq", "obs"), id="smollm2"),
+    pytest.param("smollm2", ("flap + lsq", "obs"), marks=pytest.mark.long, id="smollm2"),
     pytest.param("qwen0.5b", ("flap + lsq", "obs"), marks=pytest.mark.long, id="qwen0.5b"),
-    pytest.param("gemma3-270m", ("flap + lsq", "obs"), id="gemma3-270m"),
+    pytest.param("gemma3-270m", ("flap + lsq", "obs"), marks=pytest.mark.long, id="gemma3-270m"),
 ])
 def test_no_method_beyond_the_paper_loses_to_flap(name, methods):
     from flap_llm.data import calibration_windows

@@ -11,7 +11,7 @@ import torch
 import flap_llm
 from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
-from flap_llm.config import FlapOptions, ObsOptions
+from flap_llm import FlapOptions, ObsOptions
 from flap_llm.fisher import window_selected
 from flap_llm.methods import flap as flap_method
 from flap_llm.methods import obs as obs_method

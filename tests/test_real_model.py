@@ -87,6 +87,7 @@ def test_gemma3_270m_mask_equals_prune_and_reload_is_exact(gemma3, tmp_path):
         torch.testing.assert_close(flap_llm.load_pruned(tmp_path / "g")(ids).logits, want, rtol=0, atol=0)
 
 
+@pytest.mark.long
 def test_smollm2_30_percent_healed_on_a_small_budget_beats_unhealed(smollm2):
     """Distilling the dense SmolLM2 into its FLAP 30% pruning on 8k tokens of the calibration articles lowers
     perplexity on the held-out ones."""

@@ -70,13 +70,30 @@ def test_align_changes_each_layer_by_at_most_half_a_multiple():
 
 
 # 2, 8 ---------------------------------------------------------------------------------------------
+# The CLI, paused where a complete temporary output is about to be renamed into place: it touches the marker
+# file and waits (at most a minute) to be signalled.
+PAUSED_CLI = """
+import sys, time
+from pathlib import Path
+import flap_llm.atomic as atomic
+from flap_llm.cli import main
+commit = atomic.commit
+def paused(tmp, path):
+    Path(sys.argv[1]).touch()
+    time.sleep(60)
+    commit(tmp, path)
+atomic.commit = paused
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def _run_until_paused(tmp_path, argv: list[str]) -> subprocess.Popen:
     marker = tmp_path / "paused"
-    env = {**os.environ, "FLAP_LLM_TEST_PAUSE": str(marker), "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: give the child
     # the default disposition, as in a terminal
-    proc = subprocess.Popen([sys.executable, "-m", "flap_llm", *argv], env=env, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, str(marker), *argv], env=env, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

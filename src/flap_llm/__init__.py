@@ -1,6 +1,8 @@
 """flap-llm: retraining-free structured pruning of LLMs with FLAP (AAAI 2024)."""
 
-from .config import FlapOptions, ObsOptions, PruneConfig
+from .config import PruneConfig
+from .methods.flap import FlapOptions
+from .methods.obs import ObsOptions
 from .errors import FlapError
 from .plan import LayerPlan, PrunePlan
 from .engine import PruneResult, prune

@@ -50,9 +50,6 @@ class ArchSpec:
     uniform_bias_keys: tuple[str | None, str | None] = ("attention_bias", "mlp_bias")
     # Why llama.cpp's `deci` architecture cannot compute this family exactly (None: it can).
     gguf_unsupported: str | None = None
-    # Why method obs is refused for this family (None: it is offered). obs splits its budget by a second-order
-    # model of each module's output error; a norm right after o_proj/down_proj breaks it (docs/obs.md).
-    obs_unsupported: str | None = None
 
     def modules(self) -> dict:
         """The names a pruned checkpoint's modeling file needs to rebuild the layers (config.flap_modules)."""
@@ -70,10 +67,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Gemma 3 (text): q/k norms, post-attention / post-feedforward norms, per-layer-type rotary tables and masks
     "Gemma3ForCausalLM": ArchSpec(mlp_norm="pre_feedforward_layernorm", uniform_bias_keys=("attention_bias", None),
                                   gguf_unsupported="llama.cpp's deci architecture has no q/k norms or post-norms "
-                                  "(Gemma 3)",
-                                  obs_unsupported="a norm follows o_proj and down_proj (Gemma 3's post-norms), so "
-                                  "obs's error model under-predicts what removing a module costs and its plan breaks "
-                                  "the model (docs/obs.md)"),
+                                  "(Gemma 3)"),
     # Granite: LLaMA's layout with embedding, attention, residual and logit multipliers
     "GraniteForCausalLM": ArchSpec(gguf_unsupported="llama.cpp's deci architecture has no Granite multipliers"),
     # Phi-3: fused q/k/v and gate/up projections

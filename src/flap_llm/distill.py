@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,7 +226,7 @@ def _window_order(n: int, steps_windows: int, seed: int) -> torch.Tensor:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    from .checkpoint import atomic_file
+    from .atomic import atomic_file
     with atomic_file(path, "the heal resume checkpoint", _tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
 
@@ -482,8 +481,6 @@ def heal(student: nn.Module, teacher: nn.Module, data: torch.Tensor, config: Hea
                     _save_state(state_path, {**progress_state,
                                              "params": {n: p.detach().cpu() for n, p in params.items()},
                                              "optimizer": opt.state_dict()})
-                if os.environ.get("FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT"):  # the resume tests' interruption
-                    raise FlapError("stopped after a resume checkpoint ($FLAP_LLM_TEST_STOP_AFTER_CHECKPOINT)")
         result.state_bytes = _local_bytes([*trainable, *(p.grad for p in trainable if p.grad is not None),
                                            *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))])
         completed = True

@@ -16,8 +16,8 @@ from . import distributed
 from .arch import ArchSpec, Dims, architecture_of, check_dense, decoder_weight_params, dims_of, model_params, spec_of
 from .config import PruneConfig
 from .errors import FlapError
+from .methods import registry
 from .methods.job import Job
-from .methods import METHODS
 from .plan import PrunePlan
 from .report import PruneReport, Timer, layer_report, param_report, versions
 from .stats import LayerStats
@@ -59,7 +59,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
         raise FlapError("statistics must be the `stats` of an earlier PruneResult (a list of LayerStats)")
     if statistics is not None and (len(statistics) != dims.n_layers or statistics[0].mlp.dim != dims.d_ff):
         raise FlapError("statistics do not match this model; pass the `stats` of a result for the same dense model")
-    if statistics is not None and config.method != "flap":
+    if statistics is not None and not registry.get(config.method).uses_statistics:
         raise FlapError(f"statistics are FLAP's dense statistics; method {config.method} does not use them")
     decoder_before, model_before = decoder_weight_params(model, spec), model_params(model)
     layers = layers if layers is not None else InMemoryLayers(model, spec)
@@ -68,7 +68,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
     model.eval()
     try:
         with torch.no_grad():
-            plan, stats = METHODS[config.method](job, statistics)
+            plan, stats = registry.get(config.method).run(job, statistics)
     finally:
         model.train(was_training)
     report = PruneReport(
@@ -92,10 +92,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] |
 
 def check_method_offered(model: nn.Module, config: PruneConfig) -> None:
     """Refuse a method the model's family is not offered (from the architecture alone: before any weight)."""
-    spec = spec_of(model)
-    if config.method == "obs" and spec.obs_unsupported:
-        raise FlapError(f"method obs is not offered for {architecture_of(model)}: {spec.obs_unsupported}; use method "
-                        "flap with compensation lsq (--method flap --compensation lsq), the best measured there")
+    refusal = registry.get(config.method).refusal(architecture_of(model))
+    if refusal:
+        raise FlapError(refusal)
 
 
 def check_model(model: nn.Module, config: PruneConfig) -> tuple[ArchSpec, Dims]:

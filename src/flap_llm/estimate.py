@@ -18,9 +18,7 @@ from .arch import Dims, config_head_dim
 from .config import PruneConfig
 from .distill import teacher_dtype
 from .errors import FlapError
-from .fisher import HIDDEN_MEMORY_SHARE
-from .methods.obs import (FISHER_FRACTION, FUSED_COVARIANCE_BYTES, FUSED_COVARIANCE_SHARE, MAX_MLP_REMOVED, STEPS,
-                          covariance_bytes)
+from .methods import registry
 
 GiB = 2**30
 # python, torch, transformers, the tokenizer and the texts: the resident set before any model (measured: 0.45-0.6
@@ -76,6 +74,36 @@ class Shapes:
 
 
 @dataclass
+class CostInputs:
+    """What a method's dry-run cost (Method.cost) is a formula of."""
+
+    shapes: Shapes
+    tokens: int  # calibration tokens
+    seqlen: int
+    batch_size: int  # windows per forward pass
+    bytes_per_weight: int
+    device: str  # the device the run would use
+    offload: bool  # streamed layer by layer from disk
+
+    @staticmethod
+    def available(device: str) -> int | None:
+        """Memory free now on `device` (None: unknown here)."""
+        return _available(device)
+
+
+@dataclass
+class Cost:
+    """What a method adds to the shared calibration walk: memory parts at its peak (bytes), its passes over the
+    calibration windows, extra work to report, and which parts stay in host memory on a GPU."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    forward: int = 1
+    backward: int = 0
+    work: dict = field(default_factory=dict)
+    host: set[str] = field(default_factory=set)
+
+
+@dataclass
 class Estimate:
     peak_host_bytes: int
     peak_device_bytes: int
@@ -126,7 +154,7 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
     b = _dtype_bytes(dtype)
     tokens = nsamples * seqlen
     batch_size = min(batch_size, nsamples)
-    h, f, attn = s.hidden, s.d_ff, s.n_heads * s.head_dim
+    h, f = s.hidden, s.d_ff
     largest = max(s.layer_params) * b
     parts = {"runtime (python, torch, tokenizer)": RUNTIME_BYTES,
              "calibration windows (the walk's hidden states)": tokens * h * b,
@@ -136,59 +164,13 @@ def prune_estimate(config, prune: PruneConfig, *, nsamples: int, seqlen: int, ba
         parts["one decoder layer read, one written"] = 2 * largest
     else:
         parts["model weights"] = s.params * b
-    method, opts = prune.method, prune.options
-    passes = {"forward": 2 if method == "obs" or getattr(opts, "compensation", None) == "lsq" else 1, "backward": 0}
-    greedy = None
-    if getattr(opts, "compensation", None) == "lsq":
-        parts["refit: one layer's covariances and solves"] = 3 * 8 * (f * f + attn * attn)
-    if method == "obs":
-        passes["backward"] = 1
-        split = opts.allocation == "held-out"
-        cov = covariance_bytes(s.dims) * (2 if split else 1)
-        fisher_tokens = int(tokens * FISHER_FRACTION)
-        fisher_batch = max(1, round(batch_size * FISHER_FRACTION))  # the drawn windows of a batch
-        parts["Fisher sums (every layer)"] = s.n_layers * 2 * h * h * 8  # streamed: on the host, a layer at a time
-        # two moments of obs follow one another, and the peak is the larger: the Fisher pass, then the walk that
-        # surveys each layer's greedy paths (the refit pass after them needs about as much, counted with it)
-        fisher_phase, walk_phase = {}, {}
-        if offload:
-            saved = s.n_layers * fisher_tokens * h * 4
-            free = _available("cpu")
-            kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
-            fisher_phase["streamed Fisher: saved layer inputs (host)"] = kept
-            fisher_phase["streamed Fisher: the head, read for it"] = s.head_params * b
-            fisher_phase["streamed Fisher: head's logits and gradient"] = fisher_batch * seqlen * s.vocab * 4 * 3
-            fused = 0
-        else:
-            free = _available(device)  # obs's fused_budget, for a device this machine may not have
-            budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
-                                                                     int(FUSED_COVARIANCE_SHARE * free))
-            fused = cov if cov <= budget else 0
-            # per token and layer the graph keeps about 8 hidden-wide and 4 MLP-wide activations and a row of
-            # attention weights per head; then the logits, their softmax and its gradient
-            fisher_phase["Fisher pass: one batch through the whole model"] = fisher_batch * seqlen * (
-                s.n_layers * (8 * h + 4 * f + s.n_heads * seqlen) * b + s.vocab * 4 * 3)
-        if fused:  # recorded in the Fisher pass and held until the walk reads them
-            recorded = "dense covariances recorded in the Fisher pass"
-            fisher_phase[recorded] = walk_phase[recorded] = fused
-        else:
-            walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
-        # the widest projection's greedy path and the refit after it (measured: 44 and 40 bytes per f^2 with
-        # the layer's covariances, at two widths; BENCHMARKS.md): H and V made one after the other, the path's
-        # inverse, V and pending steps (float32 under the held-out split, float64 without), the refit's solve
-        walk_phase["greedy paths of one layer"] = max(f, attn) ** 2 * (28 if split else 32)
-        parts.update(max(fisher_phase, walk_phase, key=lambda phase: sum(phase.values())))
-        steps = int(MAX_MLP_REMOVED * STEPS)
-        greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,
-                  "kv_groups_per_layer": s.n_kv}
-        passes["forward"] = 3 if (offload or cov > FUSED_COVARIANCE_BYTES) else 2
-    on_device = set(parts) - {"runtime (python, torch, tokenizer)", "streamed Fisher: saved layer inputs (host)"}
-    if offload:
-        on_device.discard("Fisher sums (every layer)")
+    cost = registry.get(prune.method).cost(CostInputs(s, tokens, seqlen, batch_size, b, device, offload),
+                                           prune.options)
+    parts.update(cost.parts)
+    passes = {"forward": cost.forward, "backward": cost.backward}
+    on_device = set(parts) - {"runtime (python, torch, tokenizer)"} - cost.host
     host, dev = _split(parts, on_device, device)
-    work = {"passes": passes, "calibration tokens": tokens}
-    if greedy:
-        work["greedy paths"] = greedy
+    work = {"passes": passes, "calibration tokens": tokens, **cost.work}
     est = Estimate(host, dev, parts, work)
     est.advice = _prune_advice(est, s, prune, nsamples, device, offload, b)
     return est

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .arch import ARCHITECTURES
-from .checkpoint import MANIFEST, atomic_folder, load_pruned
+from .atomic import atomic_folder
+from .checkpoint import MANIFEST, load_pruned
 from .devices import parse_dtype
 from .errors import FlapError
 

@@ -143,6 +143,7 @@ def adaptive_manual(attn_scores, mlp_scores, dims: Dims, ratio: float, remove_he
 # FLAP's structures by name (PruneConfig.structure); the *-MM ones also take remove_heads
 STRUCTURES = {"UL-UM": uniform, "UL-MM": uniform_manual, "AL-MM": adaptive_manual, "AL-AM": adaptive}
 MANUAL_STRUCTURES = ("UL-MM", "AL-MM")
+UNIFORM_STRUCTURES = ("UL-UM", "UL-MM")  # every layer keeps the same widths
 
 
 def aligned_count(k: int, n: int, multiple: int) -> int:

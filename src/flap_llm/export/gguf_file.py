@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, applied_window, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
-from ..checkpoint import atomic_file, check_writable_parent, temp_sibling
+from ..atomic import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
 from .layout import DeciLayer, deci_layout
@@ -347,3 +347,18 @@ def _quantized(model: nn.Module, path: Path, tokenizer, qtype: str, progress: bo
     finally:
         f16.unlink(missing_ok=True)
     return path
+
+
+def export_gguf(model: str | None, out: str | os.PathLike, dtype: str = "f16", *, overwrite: bool = False,
+                progress: bool = True) -> tuple[str, Path]:
+    """Load `model` (a pruned checkpoint, a local folder, a .gguf file; None: the embedded SmolLM2) and write it
+    as the GGUF file `out`; everything that can be refused is refused before loading. Returns (the model's
+    path, the file written)."""
+    from ..models import load_model
+    out = Path(out).expanduser()
+    if model and Path(model).expanduser().resolve() == out.resolve():
+        raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")
+    check_gguf_destination(out, overwrite)  # before loading; save_gguf checks again, cheaply
+    dtype = usable_type(dtype)
+    net, tokenizer, path = load_model(model, "float32", "cpu", progress)
+    return path, save_gguf(net, out, tokenizer, dtype, overwrite=overwrite, progress=progress)

@@ -10,6 +10,7 @@ import torch
 from .. import metrics
 from ..apply import LayerUpdate, OutputUpdate, apply_layer
 from ..arch import Dims
+from .base import Method
 from .job import Job
 from ..plan import LayerPlan, PrunePlan
 from ..select import align_channels, drop_lowest, uniform
@@ -61,3 +62,26 @@ def prune_wanda_sp(job: Job, statistics=None) -> tuple[PrunePlan, None]:
     with job.timer("apply"):
         job.apply(plan, None)
     return plan, None
+
+
+class MagnitudeSP(Method):
+    name = "mag-sp"
+    summary = "the paper's magnitude baseline (no data)"
+    needs_data = False
+
+    def run(self, job: Job, statistics=None) -> tuple[PrunePlan, None]:
+        return prune_magnitude(job, statistics)
+
+    def uniform(self, options) -> bool:
+        return True
+
+
+class WandaSP(Method):
+    name = "wanda-sp"
+    summary = "the paper's Wanda-sp baseline"
+
+    def run(self, job: Job, statistics=None) -> tuple[PrunePlan, None]:
+        return prune_wanda_sp(job, statistics)
+
+    def uniform(self, options) -> bool:
+        return True

@@ -4,6 +4,7 @@ compensation of the removed inputs (FLAP's bias, or least squares)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,11 +13,63 @@ from .. import metrics
 from ..apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
 from ..arch import ArchSpec, Dims, decoder_layers
 from ..compensate import bias_compensation, lsq_compensation
+from ..errors import FlapError
+from .base import Method, Options, check_ridge, option
 from .job import Job
+from ..metrics import FLUCTUATION_METRICS
 from ..plan import LayerPlan, PrunePlan
-from ..select import select
+from ..select import MANUAL_STRUCTURES, STRUCTURES, UNIFORM_STRUCTURES, select
 from ..stats import Covariance, LayerStats
 from ..walk import collect_statistics, forward_all, output_projections, record_inputs
+
+
+LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
+
+
+@dataclass(frozen=True)
+class FlapOptions(Options):
+    """FLAP's options (the paper).
+
+    metric: the fluctuation metric, "WIFV" (default), "IFV" or "WIFN".
+    structure: how units are allotted to layers and modules: "AL-AM" (default, adaptive), "UL-UM", "UL-MM",
+        "AL-MM"; the *-MM structures need `remove_heads` (KV groups to remove over all layers).
+    compensation: "bias" (the paper's), "lsq" (least-squares refit of the kept columns) or "none".
+    lsq_damp: with "lsq": the refit's ridge as a fraction of the mean input variance (default 0.01).
+    sequential: with "lsq": take the refit's statistics from the already pruned earlier layers (default off).
+    """
+
+    metric: str = option("WIFV", choices=tuple(FLUCTUATION_METRICS), help="fluctuation metric (default WIFV)")
+    structure: str = option("AL-AM", choices=tuple(STRUCTURES),
+                            help="how units are allotted to layers and modules (default AL-AM, adaptive)")
+    remove_heads: int | None = option(help="KV groups to remove in total (UL-MM, AL-MM)")
+    compensation: str = option("bias", choices=("bias", "lsq", "none"),
+                               help="bias (the paper's, default), lsq (least-squares refit of the kept columns) or none")
+    lsq_damp: float | None = option(help=f"with --compensation lsq: the refit's ridge, as a fraction of the mean input "
+                                         f"variance (default {LSQ_DAMP}; larger: less fitted to the calibration)")
+    sequential: bool | None = option(help="with --compensation lsq: the refit's statistics from the already-pruned "
+                                          "layers")
+
+    def validate(self) -> None:
+        if self.structure in MANUAL_STRUCTURES and self.remove_heads is None:
+            raise FlapError(f"structure {self.structure} needs remove_heads (total KV groups to remove)")
+        if self.remove_heads is not None:
+            if self.structure not in MANUAL_STRUCTURES:
+                raise FlapError(f"remove_heads goes with structure UL-MM or AL-MM; {self.structure} sets its own")
+            if isinstance(self.remove_heads, bool) or not isinstance(self.remove_heads, int) or self.remove_heads < 0:
+                raise FlapError(f"remove_heads must be a non-negative integer, got {self.remove_heads!r}")
+        if self.compensation != "lsq":
+            if self.lsq_damp is not None or self.sequential:
+                raise FlapError(f"lsq_damp and sequential are options of compensation lsq (--compensation lsq), "
+                                f"not {self.compensation}")
+            object.__setattr__(self, "sequential", None)
+            return
+        if self.lsq_damp is None:
+            object.__setattr__(self, "lsq_damp", LSQ_DAMP)
+        check_ridge("lsq_damp", self.lsq_damp)
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", False)
+        if not isinstance(self.sequential, bool):
+            raise FlapError(f"sequential must be True or False, got {self.sequential!r}")
 
 
 def channel_scores(layer: nn.Module, spec: ArchSpec, s: LayerStats, metric: str):
@@ -123,3 +176,32 @@ def prune_flap(job: Job, stats: list[LayerStats] | None) -> tuple[PrunePlan, lis
     with job.timer(_SECTION[opts.compensation]):
         COMPENSATIONS[opts.compensation](job, plan, stats)
     return plan, stats
+
+
+class Flap(Method):
+    name = "flap"
+    summary = "the paper (default)"
+    options = FlapOptions
+    uses_statistics = True
+
+    def run(self, job: Job, statistics: list[LayerStats] | None) -> tuple[PrunePlan, list[LayerStats]]:
+        return prune_flap(job, statistics)
+
+    def compensation(self, options: FlapOptions) -> str:
+        return options.compensation
+
+    def label(self, options: FlapOptions) -> str:
+        lsq = ", lsq" if options.compensation == "lsq" else ""
+        return f"flap, {options.structure}, {options.metric}{lsq}"
+
+    def uniform(self, options: FlapOptions) -> bool:
+        return options.structure in UNIFORM_STRUCTURES
+
+    def cost(self, inputs, options: FlapOptions):
+        from ..estimate import Cost
+        if options.compensation != "lsq":
+            return Cost()
+        s = inputs.shapes  # the refit pass: one layer's float64 covariances and their solves at a time
+        attn = s.n_heads * s.head_dim
+        return Cost(parts={"refit: one layer's covariances and solves": 3 * 8 * (s.d_ff ** 2 + attn * attn)},
+                    forward=2)

@@ -23,13 +23,14 @@ Two passes, like FLAP + lsq:
 The greedy paths work in float32 (both the folds' and the refit pass's); the measured allocation's in float64.
 
 Options (ObsOptions): allocation "held-out" | "measured", lsq_damp. A family whose projections feed a norm before
-the residual (ArchSpec.obs_unsupported: Gemma 3) is refused: there the second-order error model under-predicts
-what removing a module costs (docs/obs.md).
+the residual (Obs.refused: Gemma 3) is refused: there the second-order error model under-predicts what removing
+a module costs (docs/obs.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,8 +46,32 @@ from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, remova
 from ..select import aligned_count, total_weight
 from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
 from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
+from .base import Method, Options, check_ridge, option
 from .flap import refit_walk
 from .job import Job
+
+OBS_DAMP = 0.1  # the refit's ridge: chosen by the refit's error on validation windows of the calibration text
+
+
+@dataclass(frozen=True)
+class ObsOptions(Options):
+    """obs's options.
+
+    allocation: how many units each layer and module gives up: "held-out" (default: each module's Fisher-weighted
+        refit error against its width, scored on the half of the windows each refit was not fitted on) or
+        "measured" (scored on the windows fitted: faster, a little worse).
+    lsq_damp: the refit's ridge as a fraction of the mean input variance (default 0.1; with many calibration
+        windows 0.01 can do better).
+    """
+
+    allocation: str = option("held-out", choices=("held-out", "measured"),
+                             help="per-module widths by refit errors on held-out halves of the windows (held-out, "
+                                  "default) or on the windows fitted (measured: faster, a little worse)")
+    lsq_damp: float = option(OBS_DAMP, help=f"the refit's ridge, as a fraction of the mean input variance (default "
+                                            f"{OBS_DAMP}; larger: less fitted to the calibration)")
+
+    def validate(self) -> None:
+        check_ridge("lsq_damp", self.lsq_damp)
 
 # the largest share of one layer's MLP channels the measured allocation may remove (its paths stop there)
 MAX_MLP_REMOVED = 0.9
@@ -216,3 +241,71 @@ def prune_obs(job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
     with job.timer("compensation"):
         plan = refit_walk(job, choose, "obs: selection and refit", opts.lsq_damp, True)
     return plan, stats
+
+
+class Obs(Method):
+    name = "obs"
+    summary = "structured OBS: best measured on SmolLM2 and Qwen, not offered for Gemma 3"
+    options = ObsOptions
+    refused = {"Gemma3ForCausalLM": "a norm follows o_proj and down_proj (Gemma 3's post-norms), so obs's error model "
+                                    "under-predicts what removing a module costs and its plan breaks the model "
+                                    "(docs/obs.md)"}
+    instead = ("use method flap with compensation lsq (--method flap --compensation lsq), the best measured there")
+
+    def run(self, job: Job, statistics=None) -> tuple[PrunePlan, list[LayerStats]]:
+        return prune_obs(job, statistics)
+
+    def compensation(self, options: ObsOptions) -> str:
+        return "lsq"  # obs always refits by least squares
+
+    def label(self, options: ObsOptions) -> str:
+        return f"obs, {options.allocation} allocation"
+
+    def cost(self, inputs, options: ObsOptions):
+        """Two moments of obs follow one another and the peak is the larger: the Fisher pass, then the walk that
+        surveys each layer's greedy paths (the refit pass after them needs about as much, counted with it)."""
+        from ..estimate import Cost
+        from ..fisher import HIDDEN_MEMORY_SHARE
+        s, b, offload = inputs.shapes, inputs.bytes_per_weight, inputs.offload
+        h, f, attn = s.hidden, s.d_ff, s.n_heads * s.head_dim
+        split = options.allocation == "held-out"
+        cov = covariance_bytes(s.dims) * (2 if split else 1)
+        fisher_tokens = int(inputs.tokens * FISHER_FRACTION)
+        fisher_batch = max(1, round(inputs.batch_size * FISHER_FRACTION))  # the drawn windows of a batch
+        sums = "Fisher sums (every layer)"  # streamed: on the host, a layer at a time
+        parts = {sums: s.n_layers * 2 * h * h * 8}
+        fisher_phase, walk_phase = {}, {}
+        host = {"streamed Fisher: saved layer inputs (host)"}
+        if offload:
+            saved = s.n_layers * fisher_tokens * h * 4
+            free = inputs.available("cpu")
+            kept = saved if free is None else min(saved, int(HIDDEN_MEMORY_SHARE * free))
+            fisher_phase["streamed Fisher: saved layer inputs (host)"] = kept
+            fisher_phase["streamed Fisher: the head, read for it"] = s.head_params * b
+            fisher_phase["streamed Fisher: head's logits and gradient"] = fisher_batch * inputs.seqlen * s.vocab * 4 * 3
+            fused = 0
+            host.add(sums)
+        else:
+            free = inputs.available(inputs.device)  # fused_budget, for a device this machine may not have
+            budget = FUSED_COVARIANCE_BYTES if free is None else min(FUSED_COVARIANCE_BYTES,
+                                                                     int(FUSED_COVARIANCE_SHARE * free))
+            fused = cov if cov <= budget else 0
+            # per token and layer the graph keeps about 8 hidden-wide and 4 MLP-wide activations and a row of
+            # attention weights per head; then the logits, their softmax and its gradient
+            fisher_phase["Fisher pass: one batch through the whole model"] = fisher_batch * inputs.seqlen * (
+                s.n_layers * (8 * h + 4 * f + s.n_heads * inputs.seqlen) * b + s.vocab * 4 * 3)
+        if fused:  # recorded in the Fisher pass and held until the walk reads them
+            recorded = "dense covariances recorded in the Fisher pass"
+            fisher_phase[recorded] = walk_phase[recorded] = fused
+        else:
+            walk_phase["the walk: one layer's covariances"] = cov // s.n_layers
+        # the widest projection's greedy path and the refit after it (measured: 44 and 40 bytes per f^2 with
+        # the layer's covariances, at two widths; BENCHMARKS.md): H and V made one after the other, the path's
+        # inverse, V and pending steps (float32 under the held-out split, float64 without), the refit's solve
+        walk_phase["greedy paths of one layer"] = max(f, attn) ** 2 * (28 if split else 32)
+        parts.update(max(fisher_phase, walk_phase, key=lambda phase: sum(phase.values())))
+        steps = int(MAX_MLP_REMOVED * STEPS)
+        greedy = {"paths": s.n_layers * 2 * ((2 if split else 1) + 1), "mlp_width": f, "mlp_steps_per_path": steps,
+                  "kv_groups_per_layer": s.n_kv}
+        return Cost(parts=parts, forward=3 if (offload or cov > FUSED_COVARIANCE_BYTES) else 2, backward=1,
+                    work={"greedy paths": greedy}, host=host)
