@@ -40,8 +40,30 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 def test_no_two_modules_import_each_other():
     modules = _module_names()
     graph = {m: _imports(m, p, modules) for m, p in modules.items()}
-    assert "flap_llm.config" in graph and "flap_llm.methods" in graph["flap_llm.engine"]
-    assert "flap_llm.config" in graph["flap_llm.methods"]  # the methods read their options from the config ...
-    assert not {m for m in graph["flap_llm.config"] if m.startswith("flap_llm.methods")}  # ... and not back
+    assert "flap_llm.config" in graph and "flap_llm.methods.registry" in graph["flap_llm.engine"]
+    # the config asks the registry, and imports no method's module (their options flow down to them)
+    assert {m for m in graph["flap_llm.config"] if m.startswith("flap_llm.methods")} <= {
+        "flap_llm.methods", "flap_llm.methods.registry", "flap_llm.methods.base"}
+    assert not {m for m in graph["flap_llm.methods.registry"] if not m.startswith("flap_llm.methods")} - {
+        "flap_llm.errors"}
     pairs = [(a, b) for a, b in itertools.combinations(sorted(graph), 2) if b in graph[a] and a in graph[b]]
     assert pairs == []
+
+
+# Where a method's name may appear outside methods/: the compatibility module (0.1's keywords), the package's
+# public re-exports, and nowhere else. Everything else asks the registry.
+NAMING_ALLOWED = {"flap_llm", "flap_llm.compat"}
+METHOD_NAMES = ('"obs"', "'obs'", '"wanda-sp"', "'wanda-sp'", '"mag-sp"', "'mag-sp'", '"depth"', "'depth'",
+                "ObsOptions", "FlapOptions")
+
+
+def test_no_module_outside_methods_names_a_method():
+    named = {}
+    for name, path in _module_names().items():
+        if name.startswith("flap_llm.methods") or name in NAMING_ALLOWED:
+            continue
+        text = path.read_text()
+        hits = [w for w in METHOD_NAMES if w in text]
+        if hits:
+            named[name] = hits
+    assert named == {}

@@ -1,9 +1,8 @@
 """The pruning configuration: what every method shares (ratio, method, mode, align) and the chosen method's
 options object (each method declares its own, in its module under methods/; validated on construction).
 
-    PruneConfig(ratio=0.5)                                            # FLAP, the paper (the default)
-    PruneConfig(ratio=0.5, options=FlapOptions(compensation="lsq"))  # FLAP + least-squares refit
-    PruneConfig(ratio=0.5, method=NAME, options=...)                 # any registered method, its own options
+    PruneConfig(ratio=0.5)                                   # FLAP, the paper (the default)
+    PruneConfig(ratio=0.5, method=NAME, options=OPTIONS)    # any registered method, with its own options object
 
 The flat keywords of 0.1 (`PruneConfig(ratio=0.5, compensation="lsq")`, `metric=`, `structure=`, `lsq_damp=`,
 `sequential=`, `allocation=`, ...) still work through compat.py: they fill the method's options.

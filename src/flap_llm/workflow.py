@@ -4,7 +4,7 @@ Python user gets the same checks up front (nothing runs before every input is va
 outputs and the same reports.
 
     from flap_llm.workflow import prune_model
-    prune_model("path/to/model", PruneConfig(ratio=0.2, method="obs"), "out", heal_tokens=250_000, gguf="Q4_K_M")
+    prune_model("path/to/model", PruneConfig(ratio=0.2), "out", heal_tokens=250_000, gguf="Q4_K_M")
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The methods that ship with flap-llm, one registry line each (in --method's order)."""
+"""The methods that ship with flap-llm, one line each, in --method's order (registry.py loads them first)."""
 
 from .baselines import MagnitudeSP, WandaSP
 from .flap import Flap
 from .obs import Obs
-from .registry import register
 
-register(Flap())
-register(Obs())
-register(WandaSP())
-register(MagnitudeSP())
+BUILTINS = (
+    Flap(),
+    Obs(),
+    WandaSP(),
+    MagnitudeSP(),
+)

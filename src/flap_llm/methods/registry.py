@@ -7,11 +7,13 @@ from .base import Method
 from ..errors import FlapError
 
 _METHODS: dict[str, Method] = {}
+_LOADED: list[bool] = []
 DEFAULT = "flap"  # the paper's method
 
 
 def register(method: Method) -> Method:
     """Make `method` a choice of PruneConfig(method=...) and of --method (a name already taken is refused)."""
+    _builtins()
     if not isinstance(method, Method):
         raise FlapError(f"register takes a Method instance, got {type(method).__name__}")
     if method.name in _METHODS and _METHODS[method.name] is not method:
@@ -25,7 +27,13 @@ def unregister(name: str) -> None:
 
 
 def _builtins() -> None:
-    from . import builtins  # noqa: F401  (registers flap, obs and the baselines on first use)
+    """The shipped methods, registered on first use (they import the library's math, which imports the config)."""
+    if _LOADED:
+        return
+    from .builtins import BUILTINS
+    _LOADED.append(True)
+    for method in BUILTINS:
+        _METHODS.setdefault(method.name, method)
 
 
 def names() -> tuple[str, ...]:
