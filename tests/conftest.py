@@ -132,7 +132,8 @@ def load_module(path: Path, name: str | None = None):
 
 
 def benchmark_module(stem: str):
-    """A script of benchmarks/ as a module (its `common` helpers importable)."""
+    """A script of benchmarks/ (or of benchmarks/studies/) as a module (its `common` helpers importable)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    return load_module(BENCHMARKS / f"{stem}.py", f"bench_{stem}")
+    path = BENCHMARKS / f"{stem}.py"
+    return load_module(path if path.is_file() else BENCHMARKS / "studies" / f"{stem}.py", f"bench_{stem}")

@@ -6,8 +6,8 @@ second-order error model.
           obs's prediction 1/2 tr(F Cov(y)); then all layers but one at once (do the costs add up?).
   bisect: obs's parts switched to FLAP's one at a time at one ratio: wiki and books perplexity.
 
-  .venv/bin/python benchmarks/postnorm.py kl
-  .venv/bin/python benchmarks/postnorm.py bisect --nsamples 64 --ratio 0.5
+  .venv/bin/python benchmarks/studies/postnorm.py kl
+  .venv/bin/python benchmarks/studies/postnorm.py bisect --nsamples 64 --ratio 0.5
 Rows are appended to benchmarks/results/postnorm.jsonl.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import flap_llm  # noqa: E402
 import flap_llm.arch  # noqa: E402
 import flap_llm.methods  # noqa: E402

@@ -8,12 +8,12 @@ variance (H = C + damp diag(C), a ridge on standardized inputs) instead of obs's
 mean(diag C) I); `--steps` sets the greedy's granularity (obs takes 1/128 of the channels per step);
 `--select-damps` chooses the channels with other ridges than the refit's (obs uses one ridge for both).
 
-  .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b
-  .venv/bin/python benchmarks/refit_generalization.py --render [--damps 0.01,0.1]
-  .venv/bin/python benchmarks/refit_generalization.py --render-relative
-  .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b --ridge diagonal --damps 0.1,0.3,1
-  .venv/bin/python benchmarks/refit_generalization.py --model qwen0.5b --damps 0.1 --select-damps 0.3,1,3
-  .venv/bin/python benchmarks/refit_generalization.py --render-variants
+  .venv/bin/python benchmarks/studies/refit_generalization.py --model qwen0.5b
+  .venv/bin/python benchmarks/studies/refit_generalization.py --render [--damps 0.01,0.1]
+  .venv/bin/python benchmarks/studies/refit_generalization.py --render-relative
+  .venv/bin/python benchmarks/studies/refit_generalization.py --model qwen0.5b --ridge diagonal --damps 0.1,0.3,1
+  .venv/bin/python benchmarks/studies/refit_generalization.py --model qwen0.5b --damps 0.1 --select-damps 0.3,1,3
+  .venv/bin/python benchmarks/studies/refit_generalization.py --render-variants
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
 from flap_llm.compensate import lsq_compensation  # noqa: E402

@@ -6,8 +6,8 @@ towards plain least squares, not rescue directions the calibration text left unw
 The Fisher is obs's own: the same calibration windows (seed 0), the same share of them (`FISHER_FRACTION`), the
 same label draws. One JSONL row per model; `--render` prints the tables.
 
-  .venv/bin/python benchmarks/fisher_spectrum.py --model smollm2
-  .venv/bin/python benchmarks/fisher_spectrum.py --render
+  .venv/bin/python benchmarks/studies/fisher_spectrum.py --model smollm2
+  .venv/bin/python benchmarks/studies/fisher_spectrum.py --render
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.arch import spec_of  # noqa: E402
 from flap_llm.methods.obs import FISHER_FRACTION  # noqa: E402

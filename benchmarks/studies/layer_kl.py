@@ -16,8 +16,8 @@ of a window add up in the later predictions they share (`position_sums`): which 
 prediction misses. Last, every listed layer pruned at once (non-sequential: each refit on dense inputs): the KL
 against the sum of the layers' own (do the costs add up?). One JSONL row per run; `--render` prints the tables.
 
-  .venv/bin/python benchmarks/layer_kl.py --model qwen0.5b --seed 1 --ratio 0.2
-  .venv/bin/python benchmarks/layer_kl.py --render
+  .venv/bin/python benchmarks/studies/layer_kl.py --model qwen0.5b --seed 1 --ratio 0.2
+  .venv/bin/python benchmarks/studies/layer_kl.py --render
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
 from flap_llm.apply import complement  # noqa: E402
 from flap_llm.arch import decoder_layers, dims_of, spec_of  # noqa: E402

@@ -2,8 +2,8 @@
 rounding moves the teacher's next-token distribution, beside the distance healing has to close (the pruned
 student's KL to the teacher), on held-out windows; and the perplexity of both teachers.
 
-  .venv/bin/python benchmarks/teacher_dtype.py --model smollm2 --ratio 0.5
-  .venv/bin/python benchmarks/teacher_dtype.py --render     (--write: into BENCHMARKS.md, between its markers)
+  .venv/bin/python benchmarks/studies/teacher_dtype.py --model smollm2 --ratio 0.5
+  .venv/bin/python benchmarks/studies/teacher_dtype.py --render     (--write: into BENCHMARKS.md, between its markers)
 
 On the CPU the bf16 teacher computes everything in bf16; on a GPU under autocast its products are bf16 with
 either weights, so this bounds the GPU difference from above.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import flap_llm  # noqa: E402
 from common import append_jsonl, command_line, commands_of, fill_between, load, read_jsonl  # noqa: E402
 from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
