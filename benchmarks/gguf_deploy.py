@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import append_jsonl, llama_bench, load  # noqa: E402
-from flap_llm import llamacpp  # noqa: E402
-from flap_llm.data import calibration_windows, load_texts  # noqa: E402
-from flap_llm.evaluate import chunked_perplexity  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.export import llamacpp  # noqa: E402
+from flap_llm.calibration.data import calibration_windows, load_texts  # noqa: E402
+from flap_llm.eval.evaluate import chunked_perplexity  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 from inference_speed import flops_per_token  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gguf_deploy.jsonl"

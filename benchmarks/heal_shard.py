@@ -45,8 +45,8 @@ import json, resource, sys
 import torch
 from transformers import AutoModelForCausalLM
 import flap_llm
-from flap_llm import distributed
-from flap_llm.distill import teacher_dtype
+from flap_llm.calibration import distributed
+from flap_llm.healing.distill import teacher_dtype
 work, device, tokens, seqlen, batch, shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \\
     int(sys.argv[5]), sys.argv[6] == "shard"
 distributed.init_from_env(device)
@@ -73,7 +73,7 @@ def _synthetic(args, work: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import flap_llm
-    from flap_llm.report import versions
+    from flap_llm.reporting.report import versions
     shape = dict(HEAL_SHAPES[args.synthetic])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
@@ -138,8 +138,8 @@ def main() -> None:
             _synthetic(args, Path(work))
         return
     from flap_llm.cli import main as cli
-    from flap_llm.models import resolve_model
-    from flap_llm.report import versions
+    from flap_llm.model.models import resolve_model
+    from flap_llm.reporting.report import versions
     source, _ = resolve_model(MODELS[args.model](), False)
     with tempfile.TemporaryDirectory(prefix="flap-heal-shard-") as work:
         pruned = Path(work) / "pruned"

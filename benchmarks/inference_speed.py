@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, command_line, load, synchronize  # noqa: E402
-from flap_llm.arch import decoder_weight_params, spec_of  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.model.arch import decoder_weight_params, spec_of  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 
 
 def flops_per_token(model, context: int) -> float:
@@ -30,8 +30,8 @@ def flops_per_token(model, context: int) -> float:
     spec = spec_of(model)
     attn = 0
     hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    for layer in flap_llm.arch.decoder_layers(model, spec):
-        q = flap_llm.arch.attention_parts(layer, spec)[0]
+    for layer in flap_llm.model.arch.decoder_layers(model, spec):
+        q = flap_llm.model.arch.attention_parts(layer, spec)[0]
         attn += 4 * (q.out_features // hd) * hd * context  # QK^T and AV
     return 2 * (decoder_weight_params(model, spec) + model.lm_head.weight.numel()) + attn
 

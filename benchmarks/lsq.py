@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, command_line, load  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
-from flap_llm.evaluate import perplexity  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
+from flap_llm.eval.evaluate import perplexity  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
-from flap_llm.evaluate import perplexity  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
-from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
+from flap_llm.eval.evaluate import perplexity  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
+from flap_llm.eval.zeroshot import SOURCES, TASKS, evaluate_zeroshot  # noqa: E402
 
 # name -> PruneConfig fields (besides ratio)
 ALL = {"fisher_fraction": 1.0}  # the rows measured before obs's Fisher came from half the windows

@@ -32,7 +32,7 @@ def make_model(folder: Path, layers: int) -> None:
 def run(src: Path, out: Path, nsamples: int, seqlen: int, ratio: float) -> None:
     """The measured part, in its own process."""
     import flap_llm
-    from flap_llm.offload import prune_offloaded
+    from flap_llm.calibration.offload import prune_offloaded
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 32000, (nsamples, seqlen), generator=g)
@@ -71,7 +71,7 @@ def main() -> None:
         sys.exit(proc.stderr[-4000:])
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    from flap_llm.report import versions
+    from flap_llm.reporting.report import versions
     print(json.dumps({**res, "source_bytes": size, "output_bytes": out_size, "make_s": make_s,
                       "nsamples": args.nsamples, "seqlen": args.seqlen, "ratio": args.ratio, "layers": args.layers,
                       "versions": versions(), "command": shlex.join(["python", *sys.argv])}, indent=2))

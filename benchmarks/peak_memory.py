@@ -32,7 +32,7 @@ MODES = {"flap": ("flap", False), "obs": ("obs", False), "obs --offload": ("obs"
 
 def _folder(name: str) -> Path:
     """The model's safetensors folder in the cache (--offload streams safetensors)."""
-    from flap_llm.models import resolve_model
+    from flap_llm.model.models import resolve_model
     path, _ = resolve_model(MODELS[name](), False)
     return Path(path)
 
@@ -40,9 +40,9 @@ def _folder(name: str) -> Path:
 def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
     """The measured part, in its own process: one pruning, in memory or streamed."""
     import flap_llm
-    from flap_llm.data import calibration_windows
-    from flap_llm.models import load_model, load_tokenizer
-    from flap_llm.offload import prune_offloaded
+    from flap_llm.calibration.data import calibration_windows
+    from flap_llm.model.models import load_model, load_tokenizer
+    from flap_llm.calibration.offload import prune_offloaded
 
     torch.set_num_threads(2)
     folder = _folder(name)
@@ -57,7 +57,7 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
         model, _, _ = load_model(str(folder), progress=False)
         result = flap_llm.prune(model, calib, config, batch_size=8)
     wall, peak = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from flap_llm.evaluate import perplexity  # after the peak is read: the evaluation is not part of the run
+    from flap_llm.eval.evaluate import perplexity  # after the peak is read: the evaluation is not part of the run
     pruned = flap_llm.load_pruned(out) if offload else model
     ppl = perplexity(pruned, tok, "builtin:wiki", 128, 8, 48)["ppl"]
     return {"wall_s": wall, "peak_rss_bytes": peak, "timings_s": result.report["timings_s"],
@@ -65,11 +65,11 @@ def run(name: str, mode: str, ratio: float, nsamples: int, out: Path) -> dict:
 
 
 def estimate_of(r: dict):
-    """`--dry-run`'s estimate (flap_llm.estimate.prune_estimate) for a row's model config and settings."""
+    """`--dry-run`'s estimate (flap_llm.reporting.estimate.prune_estimate) for a row's model config and settings."""
     from transformers import AutoConfig
 
     import flap_llm
-    from flap_llm.estimate import prune_estimate
+    from flap_llm.reporting.estimate import prune_estimate
     fields = {k: v for k, v in r["config"].items() if k not in ("transformers_version", "model_type")}
     config = AutoConfig.for_model(r["config"]["model_type"], **fields)
     method, offload = MODES[r["mode"]]
@@ -128,8 +128,8 @@ def main() -> None:
     from transformers import AutoConfig
 
     import flap_llm
-    from flap_llm.estimate import prune_estimate
-    from flap_llm.report import versions
+    from flap_llm.reporting.estimate import prune_estimate
+    from flap_llm.reporting.report import versions
     config = AutoConfig.from_pretrained(_folder(args.model))
     for mode, r in rows.items():
         method, offload = MODES[mode]

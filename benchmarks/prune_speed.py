@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, command_line, load, synchronize  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 
 
 def main() -> None:

@@ -29,14 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import MODELS, append_jsonl, command_line, fill_between, llama_bench, load, read_jsonl  # noqa: E402
-from flap_llm import llamacpp  # noqa: E402
-from flap_llm.data import calibration_windows, load_texts, training_windows  # noqa: E402
-from flap_llm.distill import HealConfig, heal  # noqa: E402
+from flap_llm.export import llamacpp  # noqa: E402
+from flap_llm.calibration.data import calibration_windows, load_texts, training_windows  # noqa: E402
+from flap_llm.healing.distill import HealConfig, heal  # noqa: E402
 from flap_llm.errors import FlapError  # noqa: E402
-from flap_llm.evaluate import perplexity  # noqa: E402
+from flap_llm.eval.evaluate import perplexity  # noqa: E402
 from flap_llm.export import gguf_alignment  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
-from flap_llm.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
+from flap_llm.eval.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recipes.jsonl"
 DEPLOY_TYPE = "Q4_K_M"

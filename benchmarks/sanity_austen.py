@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
 from common import command_line, load  # noqa: E402
-from flap_llm.data import sample_windows  # noqa: E402
-from flap_llm.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
+from flap_llm.calibration.data import sample_windows  # noqa: E402
+from flap_llm.eval.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
 
 
 def austen(jane: Path) -> dict[str, str]:

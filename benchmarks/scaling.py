@@ -74,7 +74,7 @@ def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device
         batch_size: int, out: Path) -> dict:
     """One measured run, in its own process."""
     import flap_llm
-    from flap_llm.offload import prune_offloaded
+    from flap_llm.calibration.offload import prune_offloaded
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -104,9 +104,9 @@ def run(src: Path, method: str, ratio: float, nsamples: int, seqlen: int, device
 
 
 def dry_run(row: dict):
-    """`--dry-run`'s estimate for the row's shape, layers and settings (flap_llm.estimate.prune_estimate)."""
+    """`--dry-run`'s estimate for the row's shape, layers and settings (flap_llm.reporting.estimate.prune_estimate)."""
     import flap_llm
-    from flap_llm.estimate import prune_estimate
+    from flap_llm.reporting.estimate import prune_estimate
     from transformers import LlamaConfig
 
     config = LlamaConfig(**{**SHAPES[row["shape"]], "num_hidden_layers": row["layers"]})
@@ -171,7 +171,7 @@ def main() -> None:
             print(json.dumps(run(src, method, args.ratio, args.nsamples, args.seqlen, args.device, args.dtype,
                                  args.batch_size, Path(out) / "pruned")))
         return
-    from flap_llm.report import versions
+    from flap_llm.reporting.report import versions
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     for shape in args.shapes.split(","):
         src = random_checkpoint(Path(args.workdir) / f"{shape}-{args.layers}", SHAPES[shape], args.layers)

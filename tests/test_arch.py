@@ -8,9 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.arch import ARCHITECTURES, architecture_of, input_widths, projection_weights, spec_of
+from flap_llm.model.arch import ARCHITECTURES, architecture_of, input_widths, projection_weights, spec_of
 from flap_llm.export import save_gguf
-from flap_llm.walk import as_batches, collect_statistics
+from flap_llm.calibration.walk import as_batches, collect_statistics
 from conftest import ARCHS, VOCAB, calibration, tiny_model
 
 

@@ -62,8 +62,8 @@ def test_position_sums_separate_and_joint(lk):
 
 def test_sampled_gradients_are_the_sampled_losss_and_zero_at_the_last_position(lk):
     from conftest import calibration, tiny_model
-    from flap_llm.arch import decoder_layers, spec_of
-    from flap_llm.walk import output_projections
+    from flap_llm.model.arch import decoder_layers, spec_of
+    from flap_llm.calibration.walk import output_projections
     model = tiny_model("llama-gqa")
     spec = spec_of(model)
     proj = output_projections(decoder_layers(model, spec)[1], spec)["mlp"]
@@ -72,7 +72,7 @@ def test_sampled_gradients_are_the_sampled_losss_and_zero_at_the_last_position(l
     assert grads.shape == (4, 8, proj.out_features)
     assert grads[:, -1].abs().max() == 0.0  # the last position predicts nothing scored
     # the same gradient by hand: the labels the draw gives, a plain backward of their summed -log p
-    from flap_llm.fisher import sample_labels, window_uniforms
+    from flap_llm.calibration.fisher import sample_labels, window_uniforms
     b = windows[:2]
     outs = {}
     h = proj.register_forward_hook(lambda m, a, out: outs.__setitem__("o", out))

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.checkpoint import MANIFEST, load_pruned, save_pruned
-from flap_llm.plan import LayerPlan, PrunePlan
+from flap_llm.model.checkpoint import MANIFEST, load_pruned, save_pruned
+from flap_llm.model.plan import LayerPlan, PrunePlan
 from conftest import ARCHS, calibration, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def _pruned(arch: str, **cfg):
 
 
 def _no_attention_model():
-    from flap_llm.apply import LayerUpdate, OutputUpdate
+    from flap_llm.model.apply import LayerUpdate, OutputUpdate
     model = tiny_model("llama-gqa")
     plan = PrunePlan((LayerPlan((), (), tuple(range(0, 96, 3))), LayerPlan((0, 1), (0,), tuple(range(50)))))
     # the emptied attention carries a compensation-like bias
@@ -203,7 +203,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr("flap_llm.checkpoint.write_json", boom)
+    monkeypatch.setattr("flap_llm.model.checkpoint.write_json", boom)
     with pytest.raises(OSError, match="simulated"):
         save_pruned(model, tmp_path / "out", result=result, overwrite=True)
     with pytest.raises(OSError, match="simulated"):
@@ -257,7 +257,7 @@ def test_load_pruned_dtype_and_device(tmp_path):
 def test_a_saved_plan_is_data_and_applies_again(tmp_path, arch):
     """The plan in a checkpoint's manifest, applied to the dense model with apply_plan, gives the same model
     (without compensation directly; with FLAP's bias from the dense statistics)."""
-    from flap_llm.arch import dims_of, spec_of
+    from flap_llm.model.arch import dims_of, spec_of
     from flap_llm.methods.flap import bias_updates
     ids = calibration(n=3, length=10)
     for compensation in ("none", "bias"):
@@ -290,7 +290,7 @@ def test_hf_uniform_refuses_a_window_the_stock_target_would_drop(tmp_path):
 def test_a_checkpoint_written_by_0_1_loads_and_its_plan_applies_again(tmp_path):
     """0.1 saved its config flat, obs's options on every run: such a checkpoint still loads with the same outputs,
     its config reads back as the method's options, and its plan applies again to the dense model."""
-    from flap_llm.checkpoint import MANIFEST
+    from flap_llm.model.checkpoint import MANIFEST
     model = tiny_model("llama-gqa")
     dense = copy.deepcopy(model)
     result = flap_llm.prune(model, calibration(), flap_llm.PruneConfig(ratio=0.4, compensation="lsq"))

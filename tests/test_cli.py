@@ -212,7 +212,7 @@ def test_prune_offload(tmp_path, model_dir, text_file, capsys):
 
 
 def test_eval_windows_bos_and_paper_convention():
-    from flap_llm.evaluate import eval_windows
+    from flap_llm.eval.evaluate import eval_windows
     ids = torch.arange(10, 30)
     plain = eval_windows(ids, 8, None)
     assert plain.tolist() == [list(range(10, 18)), list(range(18, 26))]  # non-overlapping, tail dropped
@@ -222,7 +222,7 @@ def test_eval_windows_bos_and_paper_convention():
 
 
 def test_perplexity_is_exp_mean_nll():
-    from flap_llm.evaluate import perplexity_of_windows
+    from flap_llm.eval.evaluate import perplexity_of_windows
     from conftest import tiny_model
     model = tiny_model("llama-mha")
     windows = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(0))
@@ -253,7 +253,7 @@ def test_prune_writes_a_model_card_the_hub_parses(tmp_path, model_dir, text_file
     id becomes base_model, a local folder does not."""
     from huggingface_hub import ModelCard
 
-    from flap_llm.modelcard import hub_base
+    from flap_llm.reporting.modelcard import hub_base
     out = tmp_path / "smol-30"
     assert run_cli("--model", model_dir, "--calib", text_file, "--eval", text_file, "--nsamples", 8, "--seqlen", 16,
                    "--eval-seqlen", 16, "--ratio", 0.3, "--out", out) == 0

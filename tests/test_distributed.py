@@ -111,7 +111,7 @@ HEAL_WORKER = textwrap.dedent("""
     import copy, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     import flap_llm
-    from flap_llm.distill import HealConfig, heal
+    from flap_llm.healing.distill import HealConfig, heal
     from conftest import calibration, tiny_model
     dist.init_process_group("gloo")
     teacher = tiny_model("llama-gqa", layers={layers})
@@ -131,7 +131,7 @@ def test_heal_on_two_processes_follows_the_loss_curve_of_one(tmp_path, method, s
     weights; sharded, each rank holds about half of the trained weights, their gradients and the optimizer
     state."""
     import copy
-    from flap_llm.distill import HealConfig, heal
+    from flap_llm.healing.distill import HealConfig, heal
     pytest.importorskip("peft")
     cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, method=method, shard=shard)
     two = _heal_two(tmp_path, cfg, FLAP_HALF)
@@ -168,7 +168,7 @@ def test_heal_of_a_plan_with_empty_layers_on_two_processes(tmp_path, shard):
     """A layer with no head left and one with no MLP channel (empty weight matrices, which FSDP2 cannot split)
     heal on two processes, sharded or replicated, along one process's loss curve to its weights."""
     import copy
-    from flap_llm.distill import HealConfig, heal
+    from flap_llm.healing.distill import HealConfig, heal
     cfg = dict(tokens=16 * 16 * 2, lr=3e-3, batch_size=4, grad_accum=2, shard=shard)
     two = _heal_two(tmp_path, cfg, f"flap_llm.apply_plan(student, {EMPTY_LAYERS!r})", layers=3)
     teacher = tiny_model("llama-gqa", layers=3)
@@ -185,7 +185,7 @@ def test_heal_of_a_plan_with_empty_layers_on_two_processes(tmp_path, shard):
 
 STOP_AFTER_CHECKPOINT = textwrap.dedent("""
     import sys
-    import flap_llm.distill as distill
+    import flap_llm.healing.distill as distill
     from flap_llm.cli import main
     save = distill._save_sharded_state
     def save_then_stop(*args, **kwargs):

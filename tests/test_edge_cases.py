@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import flap_llm
-from flap_llm.arch import dims_of, spec_of
+from flap_llm.model.arch import dims_of, spec_of
 from flap_llm.errors import FlapError
-from flap_llm.modeling_flap import ConstantAttention
-from flap_llm.plan import LayerPlan, PrunePlan
+from flap_llm.model.modeling_flap import ConstantAttention
+from flap_llm.model.plan import LayerPlan, PrunePlan
 from conftest import calibration, tiny_model
 
 
@@ -60,7 +60,7 @@ def test_empty_attention_output_is_compensated_bias():
     ids = calibration()
     spec, dims = spec_of(model), dims_of(model)
     from flap_llm.methods.flap import bias_updates
-    from flap_llm.walk import as_batches, collect_statistics
+    from flap_llm.calibration.walk import as_batches, collect_statistics
     stats = collect_statistics(model, spec, as_batches(ids, 4, 96))
     plan = _plan_without(model, empty_attn_layer=0, empty_mlp_layer=None)
     updates = bias_updates(model, spec, dims, plan, stats)
@@ -89,7 +89,7 @@ def test_everything_pruned_by_flap_still_generates():
 def test_training_windows_take_an_equal_share_of_each_text(tmp_path):
     """heal --data a,b: the windows come from every text named, in order, each as its own calibration draw;
     a file whose name holds a comma is one text; an empty name is refused."""
-    from flap_llm.data import calibration_windows, training_windows
+    from flap_llm.calibration.data import calibration_windows, training_windows
     from conftest import tiny_tokenizer
     tok = tiny_tokenizer()
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
@@ -109,7 +109,7 @@ def test_training_windows_take_an_equal_share_of_each_text(tmp_path):
 
 def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one(tmp_path):
     """As the evaluation windows do; a tokenizer without BOS gets plain random windows, as before."""
-    from flap_llm.data import calibration_windows, sample_windows, tokenize_corpus, load_texts
+    from flap_llm.calibration.data import calibration_windows, sample_windows, tokenize_corpus, load_texts
     from conftest import tiny_tokenizer
     from transformers import PreTrainedTokenizerFast
     plain = tiny_tokenizer()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import flap_llm
-from flap_llm.arch import decoder_layers, decoder_weight_params, dims_of, output_proj, spec_of
-from flap_llm.walk import as_batches, collect_statistics
+from flap_llm.model.arch import decoder_layers, decoder_weight_params, dims_of, output_proj, spec_of
+from flap_llm.calibration.walk import as_batches, collect_statistics
 from conftest import VOCAB, calibration, tiny_model
 
 
@@ -79,8 +79,8 @@ def test_wanda_sp_is_sequential():
     ids = calibration(n=16)
     model = tiny_model("llama-mha", layers=3)
     plan = flap_llm.prune(copy.deepcopy(model), ids, flap_llm.PruneConfig(ratio=0.5, method="wanda-sp")).plan
-    from flap_llm import metrics
-    from flap_llm.select import drop_lowest
+    from flap_llm.math import metrics
+    from flap_llm.math.select import drop_lowest
     spec = spec_of(model)
     stats = collect_statistics(model, spec, as_batches(ids, 4, VOCAB))
     dense_ch = [drop_lowest(metrics.wanda_sp(s.mlp, layer.mlp.down_proj.weight), 48).tolist()
@@ -138,7 +138,7 @@ def test_statistics_are_true_statistics(arch):
 
 def test_layer_zero_inputs_for_every_layer_would_be_wrong_for_gemma3(monkeypatch):
     """Negative control: handing every layer what layer 0 receives (the old walk) changes Gemma 3's statistics."""
-    from flap_llm import walk as walk_mod
+    from flap_llm.calibration import walk as walk_mod
     model = tiny_model("gemma3", layers=3)
     ids = calibration(n=5)
     ref = _model_inputs(model, ids)
@@ -301,7 +301,7 @@ def test_align_rounds_kept_channels_by_score(method):
 
 
 def test_align_channels_math():
-    from flap_llm.select import align_channels
+    from flap_llm.math.select import align_channels
     scores = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0, 0.0])
     kept = torch.tensor([0, 2, 3])  # top-3 by score
     assert align_channels(kept, scores, 2).tolist() == [0, 2, 3, 4]  # 3 -> 4 (halves round up)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 
 import flap_llm
 from flap_llm.cli import main
-from flap_llm.estimate import heal_estimate, prune_estimate
+from flap_llm.reporting.estimate import heal_estimate, prune_estimate
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "peak_memory.jsonl"
 SEVEN_B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

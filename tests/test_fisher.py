@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import VOCAB, calibration, tiny_model
-from flap_llm.arch import spec_of
-from flap_llm.fisher import (output_fisher, sample_labels, weighting, window_selected,
+from flap_llm.model.arch import spec_of
+from flap_llm.calibration.fisher import (output_fisher, sample_labels, weighting, window_selected,
                               window_uniforms)
 from flap_llm.methods.obs import _covariances
-from flap_llm.walk import output_projections
+from flap_llm.calibration.walk import output_projections
 
 
 def _kl_per_token(model, ids, dense_logp, hook_module=None, noise=None) -> float:
@@ -144,7 +144,7 @@ def test_the_windows_drawn_do_not_depend_on_the_process():
     """Python salts string hashes per process; the draw must not (a re-run must draw the same windows)."""
     import subprocess
     import sys
-    code = ("import torch; from flap_llm.fisher import window_selected; "
+    code = ("import torch; from flap_llm.calibration.fisher import window_selected; "
             "ids = torch.arange(600).reshape(50, 12) % 97; print(window_selected(ids, 0, 0.5).int().tolist())")
     runs = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
@@ -158,8 +158,8 @@ def test_streamed_fisher_equals_the_whole_model_pass(arch, tmp_path):
     """One layer at a time (forward keeping each layer's input, the head's gradient, then back layer by layer
     with each forward recomputed) gives the whole-model pass's Fisher, with half the windows drawn, saved inputs
     spilled to files once past a byte budget, and no parameter gradients left."""
-    from flap_llm.fisher import streamed_output_fisher
-    from flap_llm.walk import InMemoryLayers
+    from flap_llm.calibration.fisher import streamed_output_fisher
+    from flap_llm.calibration.walk import InMemoryLayers
     model = tiny_model(arch, layers=3)
     spec, ids = spec_of(model), calibration(n=8, length=12, seed=5)
     batches = list(ids.split(3))
@@ -178,8 +178,8 @@ def test_streamed_fisher_equals_the_whole_model_pass(arch, tmp_path):
 
 def test_streamed_fisher_spills_what_does_not_fit(tmp_path, monkeypatch):
     """Saved inputs past the budget go to files in the scratch folder, one per layer."""
-    from flap_llm import fisher
-    from flap_llm.walk import InMemoryLayers
+    from flap_llm.calibration import fisher
+    from flap_llm.calibration.walk import InMemoryLayers
     seen = []
     real_save = torch.save
     monkeypatch.setattr(fisher.torch, "save", lambda obj, path: (seen.append(path), real_save(obj, path))[1])

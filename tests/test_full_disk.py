@@ -72,11 +72,11 @@ def test_every_writer_on_a_full_disk_raises_one_disk_full_error(small_disk, tmp_
     """Each writer the library uses, through the library's own call, on a real full filesystem."""
     import flap_llm
     from flap_llm.atomic import write_text_atomic
-    from flap_llm.distill import _save_state
+    from flap_llm.healing.distill import _save_state
     disk = small_disk("4m")
     model, tokenizer = _tiny()
     if writer == "llama-quantize":  # the f16 file fits, llama-quantize's output does not
-        from flap_llm.llamacpp import bin_dir
+        from flap_llm.export.llamacpp import bin_dir
         if bin_dir() is None:
             pytest.skip("llama.cpp's tools are not installed")
         f16 = flap_llm.save_gguf(model, tmp_path / "probe.gguf", tokenizer)

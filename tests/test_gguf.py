@@ -13,11 +13,11 @@ import torch
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.apply import LayerUpdate, OutputUpdate
-from flap_llm.evaluate import chunked_perplexity
+from flap_llm.model.apply import LayerUpdate, OutputUpdate
+from flap_llm.eval.evaluate import chunked_perplexity
 from flap_llm.export import gguf_file, save_gguf
 from flap_llm.export.layout import DeciLayer, deci_layout
-from flap_llm.plan import LayerPlan, PrunePlan
+from flap_llm.model.plan import LayerPlan, PrunePlan
 from conftest import calibration, tiny_model, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -204,7 +204,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # llama.cpp itself
 
-from flap_llm import llamacpp  # noqa: E402
+from flap_llm.export import llamacpp  # noqa: E402
 
 needs_llama = pytest.mark.skipif(llamacpp.bin_dir() is None, reason="llama.cpp's tools are not installed "
                                  "(pip install 'flap-llm[llama]', see README)")
@@ -355,7 +355,7 @@ def _sentencepiece_tokenizer(folder: Path, form: str):
     import json
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from flap_llm.data import load_texts
+    from flap_llm.calibration.data import load_texts
 
     folder.mkdir()
     corpus = folder / "corpus.txt"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flap_llm import FlapError, llamacpp
+from flap_llm import FlapError
+from flap_llm.export import llamacpp
 from flap_llm.cli import main
 from flap_llm.export import gguf_alignment, gguf_type
 from conftest import tiny_tokenizer
@@ -93,7 +94,7 @@ def test_without_llama_cpp_a_quantized_type_is_refused_before_any_work(tmp_path,
 
     def forbidden(*a, **k):
         raise AssertionError("work started before the refusal")
-    monkeypatch.setattr("flap_llm.models.load_model", forbidden)
+    monkeypatch.setattr("flap_llm.model.models.load_model", forbidden)
     for argv in (["prune", "--quiet", "--model", str(model_dir), "--calib", str(text_file), "--gguf", "Q4_K_M",
                   "--out", str(tmp_path / "out")],
                  ["export", "--quiet", "--model", str(model_dir), "--dtype", "q4_k_m", "--out", str(tmp_path / "m.gguf")]):

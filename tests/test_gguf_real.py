@@ -10,9 +10,9 @@ import copy
 import pytest
 
 import flap_llm
-from flap_llm import llamacpp
-from flap_llm.data import calibration_windows, load_texts
-from flap_llm.evaluate import chunked_perplexity
+from flap_llm.export import llamacpp
+from flap_llm.calibration.data import calibration_windows, load_texts
+from flap_llm.eval.evaluate import chunked_perplexity
 from test_gguf import greedy_agrees
 
 pytestmark = [pytest.mark.slow,
@@ -23,7 +23,7 @@ N_CTX, CHUNKS = 256, 6
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from flap_llm.models import load_model
+    from flap_llm.model.models import load_model
     model, tok, _ = load_model(None, progress=False)
     work = tmp_path_factory.mktemp("smollm2")
     text = work / "wiki.txt"

@@ -10,7 +10,7 @@ import torch
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.distill import HealConfig, distill_loss, heal, teacher_copy, teacher_dtype
+from flap_llm.healing.distill import HealConfig, distill_loss, heal, teacher_copy, teacher_dtype
 from conftest import VOCAB, calibration, tiny_model
 
 pytest.importorskip("peft")
@@ -91,7 +91,7 @@ def test_healed_checkpoint_reloads_exactly(tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, monkeypatch):
-    from flap_llm import distill as heal_mod
+    from flap_llm.healing import distill as heal_mod
     data = calibration(n=16, length=16, seed=5)
     cfg = HealConfig(tokens=16 * 16 * 3, lr=1e-3, batch_size=4, grad_accum=2, checkpoint_every=3, warmup=0.2)
     student, teacher = _pair()
@@ -148,7 +148,7 @@ def test_bad_pairs_and_data_are_refused_before_training():
 def test_cli_heal_and_prune_heal_tokens(tmp_path, model_dir, text_file):
     import json
     from flap_llm.cli import main
-    from flap_llm.checkpoint import MANIFEST
+    from flap_llm.model.checkpoint import MANIFEST
     pruned = tmp_path / "pruned"
     common = ["--quiet", "--device", "cpu", "--batch-size", "4", "--eval-limit", "4", "--eval", str(text_file)]
     assert main(["prune", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "16",
@@ -198,7 +198,7 @@ def test_a_heal_that_raises_perplexity_is_reported(tmp_path, model_dir, text_fil
     import json
 
     import torch
-    from flap_llm import distill
+    from flap_llm.healing import distill
     from flap_llm.cli import main
 
     def harmful(student, teacher, data, config, **kw):  # stands in for a heal that went wrong
@@ -220,7 +220,7 @@ def test_a_heal_that_raises_perplexity_is_reported(tmp_path, model_dir, text_fil
 
 
 def test_an_interrupted_lora_run_leaves_no_adapters_behind(tmp_path, monkeypatch):
-    from flap_llm import distill as heal_mod
+    from flap_llm.healing import distill as heal_mod
     student, teacher = _pair()
     names = {n for n, _ in student.named_modules()}
 

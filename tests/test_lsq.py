@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import flap_llm
-from flap_llm.compensate import bias_compensation, lsq_compensation
-from flap_llm.stats import Covariance
+from flap_llm.math.compensate import bias_compensation, lsq_compensation
+from flap_llm.math.stats import Covariance
 from conftest import calibration, tiny_model
 
 

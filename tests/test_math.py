@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from flap_llm import FlapError, metrics
-from flap_llm.arch import Dims
-from flap_llm.compensate import bias_compensation
-from flap_llm.select import adaptive, adaptive_manual, standardize, uniform, uniform_manual
-from flap_llm.stats import ChannelStats
+from flap_llm import FlapError
+from flap_llm.math import metrics
+from flap_llm.model.arch import Dims
+from flap_llm.math.compensate import bias_compensation
+from flap_llm.math.select import adaptive, adaptive_manual, standardize, uniform, uniform_manual
+from flap_llm.math.stats import ChannelStats
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 

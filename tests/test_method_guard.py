@@ -29,8 +29,8 @@ NSAMPLES, EVAL_WINDOWS, TEXTS = 32, 16, ("builtin:wiki", "builtin:books")
     pytest.param("gemma3-270m", ("flap + lsq", "obs"), marks=pytest.mark.long, id="gemma3-270m"),
 ])
 def test_no_method_beyond_the_paper_loses_to_flap(name, methods):
-    from flap_llm.data import calibration_windows
-    from flap_llm.evaluate import perplexity
+    from flap_llm.calibration.data import calibration_windows
+    from flap_llm.eval.evaluate import perplexity
     model, tok, _ = benchmark_module("common").load(name)
     calib = calibration_windows("builtin:wiki", tok, NSAMPLES, 128, 0)
     refused = REFUSED.get(name, ())

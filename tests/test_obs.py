@@ -12,12 +12,12 @@ import flap_llm
 from conftest import ARCHS, calibration, tiny_model
 from flap_llm import FlapError, PruneConfig, load_pruned, prune, save_pruned
 from flap_llm import FlapOptions, ObsOptions
-from flap_llm.fisher import window_selected
+from flap_llm.calibration.fisher import window_selected
 from flap_llm.methods import flap as flap_method
 from flap_llm.methods import obs as obs_method
-from flap_llm import reconstruct
-from flap_llm.reconstruct import allocate, damped, held_out_moment, refit_change, refit_error, removal_path
-from flap_llm.stats import Covariance, SplitCovariance
+from flap_llm.math import reconstruct
+from flap_llm.math.reconstruct import allocate, damped, held_out_moment, refit_change, refit_error, removal_path
+from flap_llm.math.stats import Covariance, SplitCovariance
 
 
 def _problem(d: int, d_out: int, seed: int, n: int = 300):
@@ -142,10 +142,10 @@ def test_allocation_against_exhaustive_on_a_tiny_model():
     """The real error curves of a tiny model's modules, with groups dearer than channels: the allocation is
     within the budget and its summed error within one unit's step of the exhaustive optimum."""
     model = tiny_model("llama-mha", layers=2)
-    from flap_llm.arch import dims_of, spec_of
-    from flap_llm.walk import output_projections
-    from flap_llm.stats import Covariance
-    from flap_llm.walk import record_inputs, forward_all, capture_inputs
+    from flap_llm.model.arch import dims_of, spec_of
+    from flap_llm.calibration.walk import output_projections
+    from flap_llm.math.stats import Covariance
+    from flap_llm.calibration.walk import record_inputs, forward_all, capture_inputs
     spec, dims = spec_of(model), dims_of(model)
     batches = list(calibration().split(4))
     first, kwargs = capture_inputs(model, spec, batches)
@@ -203,7 +203,7 @@ def test_covariances_recorded_in_the_fisher_pass_equal_the_walks(arch, fraction,
     monkeypatch.setattr(obs_method, "FISHER_FRACTION", fraction)
     model, cal = tiny_model(arch), calibration()
     cfg = PruneConfig(ratio=0.4, method="obs", options=ObsOptions(allocation=allocation))
-    assert obs_method.covariance_bytes(flap_llm.arch.dims_of(model)) <= obs_method.fused_budget(torch.device("cpu"))
+    assert obs_method.covariance_bytes(flap_llm.model.arch.dims_of(model)) <= obs_method.fused_budget(torch.device("cpu"))
     windows = {True: 0, False: 0}  # windows through layer 0, fused or walked
     runs = {}
     for fused in (True, False):

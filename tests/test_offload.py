@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import flap_llm
 from flap_llm import FlapError
-from flap_llm.offload import prune_offloaded
+from flap_llm.calibration.offload import prune_offloaded
 from conftest import ARCHS, calibration, tiny_model
 
 

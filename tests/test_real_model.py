@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from flap_llm.models import load_model
+    from flap_llm.model.models import load_model
     return load_model(None, progress=False)
 
 
@@ -42,8 +42,8 @@ def test_default_cli_job_small(tmp_path, monkeypatch, capsys):
     assert "warning" not in capsys.readouterr().err
     # the default job's own calibration, 1,024 windows of 128 on builtin:wiki, draws no warning either
     import warnings
-    from flap_llm.data import calibration_windows
-    from flap_llm.models import load_tokenizer
+    from flap_llm.calibration.data import calibration_windows
+    from flap_llm.model.models import load_tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         windows = calibration_windows("builtin:wiki", load_tokenizer(str(out)), 1024, 128, 0)
@@ -70,7 +70,7 @@ def test_gemma3_270m_mask_equals_prune_and_reload_is_exact(gemma3, tmp_path):
 
     import torch
 
-    from flap_llm.data import calibration_windows
+    from flap_llm.calibration.data import calibration_windows
     model, tok, _ = gemma3
     calib = calibration_windows("builtin:wiki", tok, 16, 128, 0)
     pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
@@ -93,8 +93,8 @@ def test_smollm2_30_percent_healed_on_a_small_budget_beats_unhealed(smollm2):
     perplexity on the held-out ones."""
     import copy
 
-    from flap_llm.data import calibration_windows
-    from flap_llm.evaluate import perplexity
+    from flap_llm.calibration.data import calibration_windows
+    from flap_llm.eval.evaluate import perplexity
     model, tok, _ = smollm2
     student = copy.deepcopy(model)
     flap_llm.prune(student, calibration_windows("builtin:wiki", tok, 32, 128, 0), flap_llm.PruneConfig(ratio=0.3),
@@ -111,10 +111,10 @@ def test_smollm2_30_percent_healed_on_a_small_budget_beats_unhealed(smollm2):
 def test_smollm2_obs_streamed_agrees_with_in_memory(tmp_path):
     """obs --offload on the real SmolLM2-135M at 50%: the streamed Fisher's plan is the in-memory plan but for
     near-ties that float rounding flips (sums in another order), and the two pruned models are as good."""
-    from flap_llm.data import calibration_windows
-    from flap_llm.evaluate import perplexity
-    from flap_llm.models import load_model, load_tokenizer, resolve_model
-    from flap_llm.offload import prune_offloaded
+    from flap_llm.calibration.data import calibration_windows
+    from flap_llm.eval.evaluate import perplexity
+    from flap_llm.model.models import load_model, load_tokenizer, resolve_model
+    from flap_llm.calibration.offload import prune_offloaded
 
     folder, _ = resolve_model(None, False)  # the embedded model, as its cached safetensors folder
     tok = load_tokenizer(str(folder))

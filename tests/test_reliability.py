@@ -33,7 +33,7 @@ def no_expensive_work(monkeypatch):
     """Fail the test if a calibration pass or a perplexity evaluation starts."""
     def forbidden(*a, **k):
         raise AssertionError("expensive work started before the refusal")
-    monkeypatch.setattr("flap_llm.evaluate.perplexity", forbidden)
+    monkeypatch.setattr("flap_llm.eval.evaluate.perplexity", forbidden)
     monkeypatch.setattr("flap_llm.prune", forbidden)
 
 
@@ -215,7 +215,7 @@ def test_unsupported_architecture_is_refused_before_any_evaluation(tmp_path, cap
 
 
 def test_underlying_errors_are_one_short_line(tmp_path, capsys):
-    from flap_llm.models import _brief
+    from flap_llm.model.models import _brief
     assert _brief(OSError("first line\nsecond line\nthird")) == "OSError: first line"
     folder = tmp_path / "m"
     folder.mkdir()
@@ -225,7 +225,7 @@ def test_underlying_errors_are_one_short_line(tmp_path, capsys):
 
 def test_hf_uniform_with_an_adaptive_structure_is_refused_before_loading(tmp_path, model_dir, text_file, capsys,
                                                                         monkeypatch):
-    monkeypatch.setattr("flap_llm.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("flap_llm.model.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     _refused(capsys, _args(model_dir, text_file, "--export", "hf-uniform", "--out", tmp_path / "o"), "UL-UM")
 
 
@@ -243,7 +243,7 @@ def test_windows_longer_than_the_model_warns(tmp_path, model_dir, text_file, cap
 
 # 11 -----------------------------------------------------------------------------------------------
 def test_messages_that_used_to_mislead(tmp_path):
-    from flap_llm.data import sample_windows
+    from flap_llm.calibration.data import sample_windows
     with pytest.raises(FlapError) as e:
         sample_windows(torch.tensor([5]), 4, 16, 0, "tiny.txt")
     assert "--seqlen" not in str(e.value) and "more text" in str(e.value)
@@ -254,7 +254,7 @@ def test_messages_that_used_to_mislead(tmp_path):
 
 
 def test_export_refuses_before_loading(tmp_path, model_dir, capsys, monkeypatch):
-    monkeypatch.setattr("flap_llm.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("flap_llm.model.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.bin")], ".gguf")
     (tmp_path / "m.gguf").write_text("x")
     _refused(capsys, ["export", "--quiet", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf")], "exists")
@@ -279,7 +279,7 @@ def test_calibration_text_shorter_than_the_windows_asked_warns(tmp_path, model_d
     assert int(m.group(1)) < 1024 and float(m.group(2)) == pytest.approx(1024 / int(m.group(1)), abs=0.05)
     assert (tmp_path / "out" / "flap_manifest.json").is_file()
     # enough text: no warning
-    from flap_llm.data import sample_windows
+    from flap_llm.calibration.data import sample_windows
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

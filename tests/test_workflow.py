@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 import flap_llm
-from conftest import calibration, tiny_model
+from conftest import tiny_model
 from flap_llm.cli import main
 from flap_llm.methods import Method, Options, option, register, unregister
 from flap_llm.workflow import Calibration, Evaluation, prune_model
@@ -19,7 +19,7 @@ from flap_llm.workflow import Calibration, Evaluation, prune_model
 def test_prune_heal_and_q4_k_m_in_one_call(tmp_path, model_dir, text_file):
     """prune_model: prune, heal on 256 tokens, evaluate, save, export Q4_K_M (llama.cpp measures it) and write
     the card, in one call."""
-    from flap_llm.llamacpp import bin_dir
+    from flap_llm.export.llamacpp import bin_dir
     if bin_dir() is None:
         pytest.skip("llama.cpp's tools are not installed")
     out = tmp_path / "out"
@@ -42,7 +42,7 @@ def test_prune_heal_and_q4_k_m_in_one_call(tmp_path, model_dir, text_file):
 
 
 def test_prune_model_checks_everything_before_loading(tmp_path, model_dir, monkeypatch):
-    monkeypatch.setattr("flap_llm.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("flap_llm.model.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     for kwargs, words in ((dict(out=tmp_path / "full"), "not empty"), (dict(heal_tokens=0), "--heal-tokens"),
@@ -68,7 +68,7 @@ class KeepFirst(Method):
     instead = "use another method"
 
     def run(self, job, statistics):
-        from flap_llm.plan import PrunePlan
+        from flap_llm.model.plan import PrunePlan
         d, o = job.dims, job.config.options
         n_ch = d.d_ff - int(job.config.ratio * d.d_ff)
         n_kv = d.n_kv_heads - (int(job.config.ratio * d.n_kv_heads) if o.heads else 0)
@@ -85,7 +85,7 @@ class KeepFirst(Method):
         return True
 
     def cost(self, inputs, options):
-        from flap_llm.estimate import Cost
+        from flap_llm.reporting.estimate import Cost
         return Cost(parts={"keep-first's scratch": 12345 * inputs.shapes.n_layers}, forward=0)
 
 

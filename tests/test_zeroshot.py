@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flap_llm import FlapError
-from flap_llm.zeroshot import SOURCES, TASKS, evaluate_zeroshot, prepare_tasks
+from flap_llm.eval.zeroshot import SOURCES, TASKS, evaluate_zeroshot, prepare_tasks
 from conftest import load_module, tiny_model, tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -69,7 +69,7 @@ def test_accuracy_matches_an_independent_computation(tiny):
 
 def test_prompts_match_lm_eval_standard_tasks():
     """Our rows equal what lm-eval's own task code builds from the same documents."""
-    from flap_llm.zeroshot import _arrow
+    from flap_llm.eval.zeroshot import _arrow
 
     raw = _arrow("hellaswag", "none", "validation").select(range(50))
     theirs = load_module(LM_EVAL_TASKS / "hellaswag" / "utils.py").process_docs(raw)

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
-from flap_llm.arch import spec_of  # noqa: E402
+from flap_llm.model.arch import spec_of  # noqa: E402
 from flap_llm.methods.obs import FISHER_FRACTION  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
-from flap_llm.fisher import output_fisher, weighting, window_selected  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
+from flap_llm.calibration.fisher import output_fisher, weighting, window_selected  # noqa: E402
 from flap_llm.methods.obs import FISHER_RIDGE  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 
 RIDGES = (FISHER_RIDGE, 0.1)  # obs's ridge, and ten times it
 

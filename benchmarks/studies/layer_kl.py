@@ -33,19 +33,19 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
-from flap_llm.apply import complement  # noqa: E402
-from flap_llm.arch import decoder_layers, dims_of, spec_of  # noqa: E402
-from flap_llm.compensate import lsq_compensation  # noqa: E402
+from flap_llm.model.apply import complement  # noqa: E402
+from flap_llm.model.arch import decoder_layers, dims_of, spec_of  # noqa: E402
+from flap_llm.math.compensate import lsq_compensation  # noqa: E402
 from flap_llm.config import PruneConfig  # noqa: E402
 from flap_llm.methods.obs import FISHER_FRACTION, SELECT_DAMP  # noqa: E402
-from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
-from flap_llm.evaluate import eval_windows  # noqa: E402
-from flap_llm.fisher import _logit_gradient, output_fisher, weighting, window_uniforms  # noqa: E402
+from flap_llm.calibration.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
+from flap_llm.eval.evaluate import eval_windows  # noqa: E402
+from flap_llm.calibration.fisher import _logit_gradient, output_fisher, weighting, window_uniforms  # noqa: E402
 from flap_llm.methods.obs import FISHER_RIDGE, STEPS  # noqa: E402
-from flap_llm.reconstruct import damped, removal_path  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
-from flap_llm.stats import Covariance  # noqa: E402
-from flap_llm.walk import output_projections, record_inputs  # noqa: E402
+from flap_llm.math.reconstruct import damped, removal_path  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
+from flap_llm.math.stats import Covariance  # noqa: E402
+from flap_llm.calibration.walk import output_projections, record_inputs  # noqa: E402
 
 
 def predicted_kl(errors: torch.Tensor, fisher: torch.Tensor) -> float:

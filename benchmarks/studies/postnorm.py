@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import flap_llm  # noqa: E402
-import flap_llm.arch  # noqa: E402
+import flap_llm.model.arch  # noqa: E402
 import flap_llm.methods  # noqa: E402
 from common import MODELS, append_jsonl, command_line, load  # noqa: E402
-from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
-from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
-from flap_llm.evaluate import eval_windows, perplexity  # noqa: E402
-from flap_llm.fisher import output_fisher  # noqa: E402
-from flap_llm.walk import output_projections  # noqa: E402
+from flap_llm.model.arch import decoder_layers, spec_of  # noqa: E402
+from flap_llm.calibration.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
+from flap_llm.eval.evaluate import eval_windows, perplexity  # noqa: E402
+from flap_llm.calibration.fisher import output_fisher  # noqa: E402
+from flap_llm.calibration.walk import output_projections  # noqa: E402
 
 # what is runnable today; the ablation rows in docs/obs.md (FLAP's order or FLAP's allocation inside obs) were
 # measured with this script at commit e88b751, before those options were deleted (rows in
@@ -86,7 +86,7 @@ def attention_kl(args) -> None:
 def bisect(args) -> None:
     model, tok, _ = load(args.model)
     obs = flap_llm.methods.get("obs")  # its refusal lifted for this study of why it is refused
-    obs.refused = {k: v for k, v in obs.refused.items() if k != flap_llm.arch.architecture_of(model)}
+    obs.refused = {k: v for k, v in obs.refused.items() if k != flap_llm.model.arch.architecture_of(model)}
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
     for name, cfg in BISECT:
         m = copy.deepcopy(model)

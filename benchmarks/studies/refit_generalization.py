@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import MODELS, append_jsonl, command_line, commands_of, load, read_jsonl  # noqa: E402
-from flap_llm.arch import decoder_layers, spec_of  # noqa: E402
-from flap_llm.compensate import lsq_compensation  # noqa: E402
-from flap_llm.data import calibration_windows  # noqa: E402
+from flap_llm.model.arch import decoder_layers, spec_of  # noqa: E402
+from flap_llm.math.compensate import lsq_compensation  # noqa: E402
+from flap_llm.calibration.data import calibration_windows  # noqa: E402
 from flap_llm.methods.obs import STEPS  # noqa: E402
-from flap_llm.reconstruct import damped, removal_path  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
-from flap_llm.walk import output_projections  # noqa: E402
+from flap_llm.math.reconstruct import damped, removal_path  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
+from flap_llm.calibration.walk import output_projections  # noqa: E402
 
 def mlp_inputs(model, spec, ids: torch.Tensor, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
     """The inputs of the given layers' down_proj over all tokens of `ids`, float64 [tokens, d_ff]."""

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import flap_llm  # noqa: E402
 from common import append_jsonl, command_line, commands_of, fill_between, load, read_jsonl  # noqa: E402
-from flap_llm.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
-from flap_llm.distill import distill_loss, teacher_copy  # noqa: E402
-from flap_llm.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
-from flap_llm.report import versions  # noqa: E402
+from flap_llm.calibration.data import bos_id, calibration_windows, load_texts, tokenize_corpus  # noqa: E402
+from flap_llm.healing.distill import distill_loss, teacher_copy  # noqa: E402
+from flap_llm.eval.evaluate import eval_windows, perplexity_of_windows  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_dtype.jsonl"
 

@@ -4,13 +4,13 @@ from .config import PruneConfig
 from .methods.flap import FlapOptions
 from .methods.obs import ObsOptions
 from .errors import FlapError
-from .plan import LayerPlan, PrunePlan
+from .model.plan import LayerPlan, PrunePlan
 from .engine import PruneResult, prune
-from .apply import LayerUpdate, OutputUpdate, apply_plan
-from .report import PruneReport
-from .checkpoint import load_pruned, save_pruned
+from .model.apply import LayerUpdate, OutputUpdate, apply_plan
+from .reporting.report import PruneReport
+from .model.checkpoint import load_pruned, save_pruned
 from .export import save_gguf
-from .distill import HealConfig, HealResult, heal
+from .healing.distill import HealConfig, HealResult, heal
 
 __version__ = "0.1.0"
 

@@ -86,8 +86,8 @@ def _prune(args) -> int:
                batch_size=args.batch_size, overwrite=args.overwrite)
     check_prune(args.model, config, args.out, **run)
     if args.dry_run:
-        from .devices import parse_dtype
-        from .estimate import config_of, prune_estimate
+        from .model.devices import parse_dtype
+        from .reporting.estimate import config_of, prune_estimate
         device = _planned_device(args)
         est = prune_estimate(config_of(args.model), config, nsamples=args.nsamples, seqlen=args.seqlen,
                              batch_size=args.batch_size, dtype=parse_dtype(args.dtype), device=device,
@@ -103,7 +103,7 @@ def _prune(args) -> int:
 
 def _planned_device(args) -> str:
     """The device a dry run plans for: --device as given (a GPU this machine lacks too), or auto's pick here."""
-    from .devices import pick_device
+    from .model.devices import pick_device
     return pick_device("auto") if args.device == "auto" else args.device
 
 
@@ -116,7 +116,7 @@ def _print_estimate(args, est, what: str) -> int:
 
 
 def _heal(args) -> int:
-    from .distill import HealConfig
+    from .healing.distill import HealConfig
     from .workflow import check_heal, heal_model
     evaluation = _evaluation(args, not args.no_eval, args.eval_spec)
     cfg = HealConfig(tokens=args.tokens, lr=args.lr, method=args.method, temperature=args.temperature,
@@ -124,8 +124,8 @@ def _heal(args) -> int:
                      seed=args.seed, checkpoint_every=args.checkpoint_every, shard=args.shard)
     source, teacher, _ = check_heal(args.model, args.teacher, cfg, args.seqlen, planning=args.dry_run)
     if args.dry_run:
-        from .devices import parse_dtype
-        from .estimate import config_of, heal_estimate
+        from .model.devices import parse_dtype
+        from .reporting.estimate import config_of, heal_estimate
         device, world = _planned_device(args), int(os.environ.get("WORLD_SIZE", "1"))
         est = heal_estimate(config_of(str(source)), config_of(teacher), batch_size=args.batch_size,
                             seqlen=args.seqlen, method=args.method, world=world, shard=args.shard,

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed
-from .arch import ArchSpec, Dims, architecture_of, check_dense, decoder_weight_params, dims_of, model_params, spec_of
+from .calibration import distributed
+from .model.arch import (ArchSpec, Dims, architecture_of, check_dense, decoder_weight_params, dims_of, model_params,
+    spec_of)
 from .config import PruneConfig
 from .errors import FlapError
 from .methods import registry
 from .methods.job import Job
-from .plan import PrunePlan
-from .report import PruneReport, Timer, layer_report, param_report, versions
-from .stats import LayerStats
-from .walk import InMemoryLayers, LayerProvider, as_batches
+from .model.plan import PrunePlan
+from .reporting.report import PruneReport, Timer, layer_report, param_report, versions
+from .math.stats import LayerStats
+from .calibration.walk import InMemoryLayers, LayerProvider, as_batches
 
 
 @dataclass

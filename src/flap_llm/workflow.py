@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import PruneConfig
 from .errors import FlapError
-from .report import PruneReport
+from .reporting.report import PruneReport
 
 Log = Callable[[str], None] | None
 
@@ -39,7 +39,7 @@ class Calibration:
                 raise FlapError(f"--{name} must be at least 1")
 
     def to_dict(self, tokenizer=None) -> dict:
-        from .data import bos_id
+        from .calibration.data import bos_id
         return {"source": self.text, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
                 "bos_first": tokenizer is not None and bos_id(tokenizer) is not None}
 
@@ -67,20 +67,20 @@ class Evaluation:
             raise FlapError("--limit must be at least 1")
 
     def ppl(self, model, tokenizer, batch_size: int, progress: bool) -> float | None:
-        from .evaluate import perplexity
+        from .eval.evaluate import perplexity
         if not self.perplexity:
             return None
         return perplexity(model, tokenizer, self.text, self.seqlen, batch_size, self.limit, progress)["ppl"]
 
     def zeroshot(self, model, tokenizer, batch_size: int, progress: bool) -> dict | None:
-        from .zeroshot import evaluate_zeroshot
+        from .eval.zeroshot import evaluate_zeroshot
         if not self.tasks:
             return None
         return evaluate_zeroshot(model, tokenizer, list(self.tasks), self.task_limit, batch_size, progress)
 
 
 def _tasks(tasks) -> tuple[str, ...] | None:
-    from .zeroshot import TASKS
+    from .eval.zeroshot import TASKS
     if not tasks:
         return None
     if isinstance(tasks, str):
@@ -97,8 +97,8 @@ NO_EVALUATION = Evaluation(perplexity=False)
 def _device(device: str) -> tuple[str, bool]:
     """The device to run on (under torchrun: this rank's GPU) and whether this process leads (rank 0 evaluates
     and writes)."""
-    from . import distributed
-    from .devices import pick_device
+    from .calibration import distributed
+    from .model.devices import pick_device
     device = pick_device(device)
     if distributed.init_from_env(device) and device == "cuda":  # under torchrun: one GPU per rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -143,10 +143,10 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
 
     from . import prune
     from .atomic import check_destination
-    from .checkpoint import save_pruned
-    from .data import calibration_windows
+    from .model.checkpoint import save_pruned
+    from .calibration.data import calibration_windows
     from .engine import check_model
-    from .models import load_model
+    from .model.models import load_model
     t0 = time.perf_counter()
     net, tokenizer, path = load_model(model, dtype, device, progress, prunable=True)
     check_destination(out, overwrite, [path, getattr(net.config, "flap_source", None)])
@@ -175,7 +175,7 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
                "load_s": load_s, "title": f"{Path(path).name}: {config.label} {config.ratio:.0%}"}
     teacher = None
     if heal_tokens:  # the dense model teaches the pruned one (in bf16 on a GPU: distill.teacher_dtype)
-        from .distill import teacher_copy, teacher_dtype
+        from .healing.distill import teacher_copy, teacher_dtype
         teacher = teacher_copy(net, teacher_dtype(device, next(net.parameters()).dtype))
     result = prune(net, calib, config, batch_size=batch_size, progress=progress)
     if teacher is not None:
@@ -217,9 +217,9 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
                 overwrite: bool = False) -> tuple[Path, str | None]:
     """Everything about a prune_model call that can be refused before anything is loaded; the output folder and
     the GGUF type in llama.cpp's spelling (its tools checked for a type llama-quantize makes)."""
-    from . import distributed
+    from .calibration import distributed
     from .atomic import check_destination
-    from .checkpoint import FORMATS
+    from .model.checkpoint import FORMATS
     from .export.gguf_file import usable_type
     if not isinstance(config, PruneConfig):
         raise FlapError("config must be a flap_llm.PruneConfig")
@@ -251,10 +251,10 @@ def _prune_offloaded(model, config: PruneConfig, out: Path, calibration: Calibra
     import time
 
     from .atomic import check_destination
-    from .data import calibration_windows
-    from .devices import parse_dtype
-    from .models import load_tokenizer, resolve_model
-    from .offload import prune_offloaded
+    from .calibration.data import calibration_windows
+    from .model.devices import parse_dtype
+    from .model.models import load_tokenizer, resolve_model
+    from .calibration.offload import prune_offloaded
     t0 = time.perf_counter()
     path, pruned = resolve_model(model, progress)
     if pruned or not Path(path).is_dir():
@@ -292,7 +292,7 @@ def _warn_long_windows(model, longest: int) -> None:
 
 def _heal_after_prune(model, teacher, tokenizer, calibration: Calibration, tokens: int, evaluation: Evaluation,
                       batch_size: int, progress: bool, log: Log) -> dict:
-    from .distill import HealConfig, heal
+    from .healing.distill import HealConfig, heal
     cfg = HealConfig(tokens=tokens, batch_size=batch_size, seed=calibration.seed)
     data = heal_windows(tokenizer, calibration.text, tokens, calibration.seqlen, calibration.seed)
     ppl_pruned = evaluation.ppl(model, tokenizer, batch_size, progress)
@@ -304,7 +304,7 @@ def _heal_after_prune(model, teacher, tokenizer, calibration: Calibration, token
 
 def heal_windows(tokenizer, spec: str, tokens: int, seqlen: int, seed: int):
     """Training windows of the texts' calibration splits (the evaluation splits are never trained on)."""
-    from .data import training_windows
+    from .calibration.data import training_windows
     return training_windows(spec, tokenizer, -(-tokens // seqlen), seqlen, seed)
 
 
@@ -321,15 +321,15 @@ def _gguf_report(path: Path, qtype: str, evaluation: Evaluation, log: Log) -> di
     convention: windows of the evaluation's seqlen, the second half of each scored); None without llama.cpp's
     tools or without perplexity."""
     out = {"file": path.name, "type": qtype, "bytes": path.stat().st_size, "llama_perplexity": None}
-    from .llamacpp import bin_dir
+    from .export.llamacpp import bin_dir
     if not evaluation.perplexity or bin_dir() is None:
         out["llama_perplexity_skipped"] = "--no-eval" if not evaluation.perplexity else \
             "llama.cpp's tools are not installed"
         return out
     import tempfile
 
-    from .data import load_texts
-    from .llamacpp import perplexity
+    from .calibration.data import load_texts
+    from .export.llamacpp import perplexity
     _say(log, f"measuring {path.name} with llama.cpp's llama-perplexity on {evaluation.text}")
     with tempfile.TemporaryDirectory() as d:
         text = Path(d) / "eval.txt"
@@ -349,8 +349,8 @@ def _report(context: dict, result, evaluation: dict | None, zeroshot: dict | Non
 def _write_reports(folder: Path, report: PruneReport, result, name: str, export: str) -> None:
     """report.json, report.md, plan.png and the model card (README.md) into the checkpoint folder."""
     from .atomic import write_json
-    from .modelcard import model_card
-    from .plot import plot_plan
+    from .reporting.modelcard import model_card
+    from .reporting.plot import plot_plan
     write_json(folder / "report.json", report.to_dict())
     (folder / "report.md").write_text(report.to_markdown())
     cfg = report["dense_shape"]
@@ -370,11 +370,12 @@ def heal_model(model: str | os.PathLike, out: str | os.PathLike, *, teacher: str
     text(s), comma-separated; config: a distill.HealConfig (tokens, method, learning rate, ...); resume: continue
     from the resume checkpoint that config.checkpoint_every wrote beside `out`.
     """
-    from . import distributed, load_pruned
+    from .calibration import distributed
+    from . import load_pruned
     from .atomic import check_destination, write_json
-    from .checkpoint import save_pruned
-    from .distill import HealConfig, check_pair, heal, teacher_dtype
-    from .models import load_model, load_tokenizer
+    from .model.checkpoint import save_pruned
+    from .healing.distill import HealConfig, check_pair, heal, teacher_dtype
+    from .model.models import load_model, load_tokenizer
     config = HealConfig() if config is None else config
     source, teacher_name, manifest = check_heal(model, teacher, config, seqlen)
     out = Path(out).expanduser()
@@ -415,7 +416,7 @@ def heal_model(model: str | os.PathLike, out: str | os.PathLike, *, teacher: str
     def before_commit(folder: Path) -> None:
         write_json(folder / "heal_report.json", report)
         if "report" in manifest:  # pruned by prune_model: the card gives the prune's numbers and the healing's
-            from .modelcard import model_card
+            from .reporting.modelcard import model_card
             metrics = manifest.get("metrics") or {}
             card = {**manifest["report"], "model": manifest.get("base_model", {}).get("name_or_path"),
                     "calibration": {**(manifest["report"].get("calibration") or {}), **(manifest.get("calibration") or {})},
@@ -438,8 +439,8 @@ def heal_model(model: str | os.PathLike, out: str | os.PathLike, *, teacher: str
 def check_heal(model, teacher: str | None, config, seqlen: int, planning: bool = False) -> tuple[Path, str, dict]:
     """What heal_model refuses before loading anything: the checkpoint folder, the teacher's name (from the
     manifest unless given) and the manifest. `planning` (a dry run) allows --shard outside torchrun."""
-    from .checkpoint import read_manifest
-    from .distill import HealConfig
+    from .model.checkpoint import read_manifest
+    from .healing.distill import HealConfig
     if not isinstance(config, HealConfig):
         raise FlapError("config must be a flap_llm.HealConfig")
     if seqlen < 2:
@@ -464,7 +465,7 @@ def heal_state_dir(out: Path) -> Path:
 
 
 def _state_name(config) -> str:
-    from .distill import SHARDED_STATE, STATE_FILE
+    from .healing.distill import SHARDED_STATE, STATE_FILE
     return SHARDED_STATE if config.shard else STATE_FILE
 
 
@@ -476,9 +477,9 @@ def evaluate_model(model: str | None, evaluation: Evaluation = Evaluation(), *, 
     import json
 
     from .atomic import check_writable_parent, write_text_atomic
-    from .devices import pick_device
-    from .models import load_model
-    from .report import versions, zeroshot_markdown
+    from .model.devices import pick_device
+    from .model.models import load_model
+    from .reporting.report import versions, zeroshot_markdown
     for name, flag in ((json_path, "--json"), (md_path, "--md")):  # writable before the evaluation starts
         if name is not None:
             path = Path(name).expanduser()
@@ -492,7 +493,7 @@ def evaluate_model(model: str | None, evaluation: Evaluation = Evaluation(), *, 
     net, tokenizer, path = load_model(model, dtype, pick_device(device), progress)
     res: dict = {"model": path, "versions": versions()}
     if evaluation.perplexity:
-        from .evaluate import perplexity
+        from .eval.evaluate import perplexity
         ppl = perplexity(net, tokenizer, evaluation.text, evaluation.seqlen, batch_size, evaluation.limit, progress)
         res["perplexity"] = ppl
         print(f"perplexity {ppl['ppl']:.3f} on {ppl['spec']} ({ppl['windows']} windows of {ppl['seqlen']} tokens)")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import modeling_flap
-from ..arch import ARCHITECTURES, architecture_of, dims_of, spec_of
+from ..model import modeling_flap
+from ..model.arch import ARCHITECTURES, architecture_of, dims_of, spec_of
 from ..errors import FlapError
 from .base import CheckpointFormat
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, applied_window, architecture_of, attention_parts, decoder_layers, dims_of, get_module, mlp_parts, spec_of
+from ..model.arch import (ArchSpec, applied_window, architecture_of, attention_parts, decoder_layers, dims_of,
+    get_module, mlp_parts, spec_of)
 from ..atomic import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
@@ -100,7 +101,7 @@ def usable_type(name: str) -> str:
     installed."""
     dtype = gguf_type(name)
     if needs_quantize(dtype):
-        from ..llamacpp import binary
+        from .llamacpp import binary
         binary("llama-quantize")
     return dtype
 
@@ -337,7 +338,7 @@ def _write(model: nn.Module, path: Path, tokenizer, dtype: str, progress: bool, 
 
 def _quantized(model: nn.Module, path: Path, tokenizer, qtype: str, progress: bool) -> Path:
     """An f16 GGUF written beside `path` (removed afterwards), then llama-quantize into `path`, atomically."""
-    from ..llamacpp import quantize
+    from .llamacpp import quantize
     # named as a temporary of `path` (removed by the next run that writes it, if this one is killed)
     f16 = Path(f"{temp_sibling(path)}.f16.gguf")
     try:
@@ -354,7 +355,7 @@ def export_gguf(model: str | None, out: str | os.PathLike, dtype: str = "f16", *
     """Load `model` (a pruned checkpoint, a local folder, a .gguf file; None: the embedded SmolLM2) and write it
     as the GGUF file `out`; everything that can be refused is refused before loading. Returns (the model's
     path, the file written)."""
-    from ..models import load_model
+    from ..model.models import load_model
     out = Path(out).expanduser()
     if model and Path(model).expanduser().resolve() == out.resolve():
         raise FlapError(f"refusing to overwrite the source model {out}; choose another output name")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import FlapError
-from ..data import bos_id
+from ..calibration.data import bos_id
 
 # llama.cpp names its pre-tokenizers (`tokenizer.ggml.pre`); we recognise a Hugging Face pre-tokenizer by
 # its structure and regular expression. The expressions are the published ones of each family.

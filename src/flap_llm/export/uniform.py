@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arch import (ARCHITECTURES, applied_window, architecture_of, config_head_dim, decoder_layers, input_projs,
-                    spec_of)
+from ..model.arch import (ARCHITECTURES, applied_window, architecture_of, config_head_dim, decoder_layers,
+    input_projs, spec_of)
 from ..errors import FlapError
 from .base import CheckpointFormat
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import FlapError
 
 if TYPE_CHECKING:
-    from ..estimate import Cost, CostInputs
-    from ..plan import PrunePlan
-    from ..stats import LayerStats
+    from ..reporting.estimate import Cost, CostInputs
+    from ..model.plan import PrunePlan
+    from ..math.stats import LayerStats
     from .job import Job
 
 
@@ -107,7 +107,7 @@ class Method:
 
     def cost(self, inputs: "CostInputs", options: Options | None) -> "Cost":
         """Memory and passes beyond the shared calibration walk, for the dry run (estimate.py)."""
-        from ..estimate import Cost
+        from ..reporting.estimate import Cost
         return Cost()
 
     def refusal(self, architecture: str) -> str | None:

@@ -7,14 +7,14 @@ import math
 
 import torch
 
-from .. import metrics
-from ..apply import LayerUpdate, OutputUpdate, apply_layer
-from ..arch import Dims
+from ..math import metrics
+from ..model.apply import LayerUpdate, OutputUpdate, apply_layer
+from ..model.arch import Dims
 from .base import Method
 from .job import Job
-from ..plan import LayerPlan, PrunePlan
-from ..select import align_channels, drop_lowest, uniform
-from ..walk import layer_stats, output_projections
+from ..model.plan import LayerPlan, PrunePlan
+from ..math.select import align_channels, drop_lowest, uniform
+from ..calibration.walk import layer_stats, output_projections
 
 
 def _group_sum(scores: torch.Tensor, dims: Dims) -> torch.Tensor:

@@ -9,18 +9,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import metrics
-from ..apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
-from ..arch import ArchSpec, Dims, decoder_layers
-from ..compensate import bias_compensation, lsq_compensation
+from ..math import metrics
+from ..model.apply import LayerUpdate, OutputUpdate, apply_layer, complement, head_rows, layer_shape, record_shapes
+from ..model.arch import ArchSpec, Dims, decoder_layers
+from ..math.compensate import bias_compensation, lsq_compensation
 from ..errors import FlapError
 from .base import Method, Options, check_ridge, option
 from .job import Job
-from ..metrics import FLUCTUATION_METRICS
-from ..plan import LayerPlan, PrunePlan
-from ..select import MANUAL_STRUCTURES, STRUCTURES, UNIFORM_STRUCTURES, select
-from ..stats import Covariance, LayerStats
-from ..walk import collect_statistics, forward_all, output_projections, record_inputs
+from ..math.metrics import FLUCTUATION_METRICS
+from ..model.plan import LayerPlan, PrunePlan
+from ..math.select import MANUAL_STRUCTURES, STRUCTURES, UNIFORM_STRUCTURES, select
+from ..math.stats import Covariance, LayerStats
+from ..calibration.walk import collect_statistics, forward_all, output_projections, record_inputs
 
 
 LSQ_DAMP = 0.01  # the least-squares ridge of FLAP + lsq (as a fraction of the mean input variance)
@@ -198,7 +198,7 @@ class Flap(Method):
         return options.structure in UNIFORM_STRUCTURES
 
     def cost(self, inputs, options: FlapOptions):
-        from ..estimate import Cost
+        from ..reporting.estimate import Cost
         if options.compensation != "lsq":
             return Cost()
         s = inputs.shapes  # the refit pass: one layer's float64 covariances and their solves at a time

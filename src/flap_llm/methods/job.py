@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..apply import UpdateFn, apply_plan
-from ..arch import ArchSpec, Dims
-from ..plan import PrunePlan
-from ..report import Timer
-from ..select import Selection, align_channels
-from ..walk import LayerProvider, walk
+from ..model.apply import UpdateFn, apply_plan
+from ..model.arch import ArchSpec, Dims
+from ..model.plan import PrunePlan
+from ..reporting.report import Timer
+from ..math.select import Selection, align_channels
+from ..calibration.walk import LayerProvider, walk
 
 if TYPE_CHECKING:
     from ..config import PruneConfig

@@ -36,16 +36,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..arch import Dims
-from ..devices import available_bytes
+from ..calibration import distributed
+from ..model.arch import Dims
+from ..model.devices import available_bytes
 from ..errors import FlapError
-from ..fisher import output_fisher, streamed_output_fisher, weighting
-from ..plan import LayerPlan, PrunePlan
-from ..reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
-from ..select import aligned_count, total_weight
-from ..stats import ChannelStats, Covariance, LayerStats, SplitCovariance
-from ..walk import InMemoryLayers, forward_all, output_projections, record_inputs
+from ..calibration.fisher import output_fisher, streamed_output_fisher, weighting
+from ..model.plan import LayerPlan, PrunePlan
+from ..math.reconstruct import RemovalPath, allocate, damped, held_out_moment, removal_path
+from ..math.select import aligned_count, total_weight
+from ..math.stats import ChannelStats, Covariance, LayerStats, SplitCovariance
+from ..calibration.walk import InMemoryLayers, forward_all, output_projections, record_inputs
 from .base import Method, Options, check_ridge, option
 from .flap import refit_walk
 from .job import Job
@@ -264,8 +264,8 @@ class Obs(Method):
     def cost(self, inputs, options: ObsOptions):
         """Two moments of obs follow one another and the peak is the larger: the Fisher pass, then the walk that
         surveys each layer's greedy paths (the refit pass after them needs about as much, counted with it)."""
-        from ..estimate import Cost
-        from ..fisher import HIDDEN_MEMORY_SHARE
+        from ..reporting.estimate import Cost
+        from ..calibration.fisher import HIDDEN_MEMORY_SHARE
         s, b, offload = inputs.shapes, inputs.bytes_per_weight, inputs.offload
         h, f, attn = s.hidden, s.d_ff, s.n_heads * s.head_dim
         split = options.allocation == "held-out"

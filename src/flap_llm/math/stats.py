@@ -60,7 +60,7 @@ class ChannelStats:
 
     def all_reduce_(self) -> None:
         """Sum over all ranks of a torch.distributed group (no-op in one process)."""
-        from .distributed import all_reduce_sum_, reduce_count
+        from ..calibration.distributed import all_reduce_sum_, reduce_count
         self.n = reduce_count(self.n, self.sum)
         all_reduce_sum_(self.sum, self.sumsq)
 
@@ -110,7 +110,7 @@ class Covariance:
         self.outer += (xc.T @ xc).to(torch.float64)
 
     def all_reduce_(self) -> None:
-        from .distributed import all_reduce_sum_, reduce_count
+        from ..calibration.distributed import all_reduce_sum_, reduce_count
         self.n = reduce_count(self.n, self.sum)
         all_reduce_sum_(self.sum, self.outer)
 
@@ -142,7 +142,7 @@ class SplitCovariance:
         self.rows: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        from .distributed import rank, world_size
+        from ..calibration.distributed import rank, world_size
         x = x.detach()
         x = x.reshape(-1, 1, self.dim) if x.dim() < 3 else x.reshape(x.shape[0], -1, self.dim)  # [windows, L, d]
         if self.rows is None:

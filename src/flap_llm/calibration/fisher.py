@@ -30,9 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import ArchSpec, decoder_layers
-from .errors import DiskFullError
-from .stats import Covariance, SplitCovariance
+from ..model.arch import ArchSpec, decoder_layers
+from ..errors import DiskFullError
+from ..math.stats import Covariance, SplitCovariance
 from .walk import LayerProvider, capture_inputs, forward_all, layer_output, output_projections, record_inputs
 
 # the streamed Fisher keeps the layers' saved inputs in host memory up to this share of the memory available
@@ -254,7 +254,7 @@ def streamed_output_fisher(model: nn.Module, spec: ArchSpec, batches: list[torch
     picks = _drawn(batches, seed, fraction, tokens)
     chosen = [ids[p] for ids, p in zip(batches, picks) if p.any()]
     if memory is None and scratch is not None:
-        from .devices import available_bytes
+        from ..model.devices import available_bytes
         free = available_bytes(torch.device("cpu"))
         memory = None if free is None else int(HIDDEN_MEMORY_SHARE * free)
     saved = _SavedInputs(memory, scratch)

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .arch import architecture_of, decoder_layers, dims_of, get_module, spec_of
-from .errors import FlapError
-from .walk import check_token_ids
+from ..calibration import distributed
+from ..model.arch import architecture_of, decoder_layers, dims_of, get_module, spec_of
+from ..errors import FlapError
+from ..calibration.walk import check_token_ids
 
 HEAL_METHODS = ("full", "lora")
 STATE_FILE = "heal-state.pt"
@@ -197,7 +197,7 @@ def _decoder_params(student: nn.Module) -> dict[str, nn.Parameter]:
     """Full fine-tuning trains the decoder layers and the final norm; embeddings and head stay (often tied).
     Left out: empty weights, and the attention's input norm in a layer that kept no head (its output feeds
     nothing, so it gets no gradient, which DistributedDataParallel refuses)."""
-    from .modeling_flap import ConstantAttention
+    from ..model.modeling_flap import ConstantAttention
     spec = spec_of(student)
     unused = set()
     for layer in decoder_layers(student, spec):
@@ -226,7 +226,7 @@ def _window_order(n: int, steps_windows: int, seed: int) -> torch.Tensor:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    from .atomic import atomic_file
+    from ..atomic import atomic_file
     with atomic_file(path, "the heal resume checkpoint", _tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
 

@@ -17,12 +17,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .arch import ArchSpec, architecture_of, decoder_layers, get_module, spec_of
-from .atomic import check_destination
-from .checkpoint import CheckpointWriter, ShardWriter
-from .config import PruneConfig
-from .engine import PruneResult, check_method_offered, prune
-from .errors import FlapError
+from ..model.arch import ArchSpec, architecture_of, decoder_layers, get_module, spec_of
+from ..atomic import check_destination
+from ..model.checkpoint import CheckpointWriter, ShardWriter
+from ..config import PruneConfig
+from ..engine import PruneResult, check_method_offered, prune
+from ..errors import FlapError
 
 
 class WeightStore:

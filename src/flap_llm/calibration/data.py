@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FlapError
+from ..errors import FlapError
 
 BUILTINS = ("builtin:wiki", "builtin:books")
 HUB = ("hf:wikitext2", "hf:c4")

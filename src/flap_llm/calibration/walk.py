@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, decoder_layers, output_proj
-from .errors import FlapError
-from .stats import ChannelStats, Covariance, LayerStats
+from ..model.arch import ArchSpec, decoder_layers, output_proj
+from ..errors import FlapError
+from ..math.stats import ChannelStats, Covariance, LayerStats
 
 # One batch of layer inputs: hidden states [B, L, D] and the keyword arguments the model passes to the
 # current decoder layer (position embeddings, mask, ...).

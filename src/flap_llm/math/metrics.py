@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import FlapError
+from ..errors import FlapError
 from .stats import ChannelStats
 
 

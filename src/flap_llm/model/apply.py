@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import (ArchSpec, Dims, attention_block, check_dense, dims_of, input_projs, output_proj,
-                   spec_of)
-from .errors import FlapError
+from .arch import ArchSpec, Dims, attention_block, check_dense, dims_of, input_projs, output_proj, spec_of
+from ..errors import FlapError
 from .modeling_flap import ConstantAttention, own_head_counts
 from .plan import LayerPlan, PrunePlan
 
@@ -143,7 +142,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict, updates: list[LayerUpda
     layers: a walk.LayerProvider (default: the model's layers in memory).
     The plan and the model are checked before the first weight changes.
     """
-    from .walk import InMemoryLayers
+    from ..calibration.walk import InMemoryLayers
 
     if mode not in ("prune", "mask"):
         raise FlapError(f"unknown mode {mode!r}; choose prune or mask")

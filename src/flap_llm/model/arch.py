@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import FlapError
+from ..errors import FlapError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import Dims
-from .errors import FlapError
+from ..errors import FlapError
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .arch import architecture_of, model_params
-from .atomic import atomic_folder, check_destination, write_json
-from .errors import FlapError
-from .export.registry import FORMATS as _FORMATS, get_format
-from .report import versions
+from ..atomic import atomic_folder, check_destination, write_json
+from ..errors import FlapError
+from ..export.registry import FORMATS as _FORMATS, get_format
+from ..reporting.report import versions
 
 MANIFEST = "flap_manifest.json"
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ from importlib import metadata
 
 from torch import nn
 
-from .arch import ArchSpec, Dims, decoder_weight_params, model_params
-from .plan import PrunePlan
+from ..model.arch import ArchSpec, Dims, decoder_weight_params, model_params
+from ..model.plan import PrunePlan
 
 
 def versions() -> dict[str, str]:

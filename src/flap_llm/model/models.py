@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .arch import ARCHITECTURES
-from .atomic import atomic_folder
+from ..atomic import atomic_folder
 from .checkpoint import MANIFEST, load_pruned
 from .devices import parse_dtype
-from .errors import FlapError
+from ..errors import FlapError
 
 DEFAULT_MODEL = "builtin:smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import FlapError
+from ..errors import FlapError
 
 
 def active() -> bool:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .apply import complement
-from .errors import FlapError
+from ..model.apply import complement
+from ..errors import FlapError
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import Dims, config_head_dim
-from .config import PruneConfig
-from .distill import teacher_dtype
-from .errors import FlapError
-from .methods import registry
+from ..model.arch import Dims, config_head_dim
+from ..config import PruneConfig
+from ..healing.distill import teacher_dtype
+from ..errors import FlapError
+from ..methods import registry
 
 GiB = 2**30
 # python, torch, transformers, the tokenizer and the texts: the resident set before any model (measured: 0.45-0.6
@@ -139,7 +139,7 @@ def _split(parts: dict[str, int], on_device: set[str], device: str) -> tuple[int
 
 def _available(device: str) -> int | None:
     """Memory free now on the device the run would use (None: unknown here, e.g. no GPU on this machine)."""
-    from .devices import available_bytes
+    from ..model.devices import available_bytes
     if device.startswith("cuda") and not torch.cuda.is_available():
         return None
     return available_bytes(torch.device(device if device.startswith("cuda") else "cpu"))
@@ -249,7 +249,7 @@ def config_of(name: str | None):
 
     from transformers import AutoConfig
 
-    from .models import DEFAULT_MODEL, builtin_gguf
+    from ..model.models import DEFAULT_MODEL, builtin_gguf
     name = name or DEFAULT_MODEL
     path = builtin_gguf() if name == DEFAULT_MODEL else Path(name).expanduser()
     try:

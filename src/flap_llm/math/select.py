@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import Dims
-from .errors import FlapError
+from ..model.arch import Dims
+from ..errors import FlapError
 
 
 @dataclass
