@@ -23,10 +23,12 @@ WORKER = textwrap.dedent("""
     import flap_llm
     from conftest import calibration, tiny_model
     dist.init_process_group("gloo")
-    cfg = flap_llm.PruneConfig(**{cfg!r})
-    result = flap_llm.prune(tiny_model({arch!r}, layers=3), calibration(n=13), cfg, batch_size=2)
+    out = []
+    for cfg, arch in {cases!r}:
+        result = flap_llm.prune(tiny_model(arch, layers=3), calibration(n=13), flap_llm.PruneConfig(**cfg), batch_size=2)
+        out.append({{"plan": result.plan.to_dict(), "stats": result.stats, "report": result.report}})
     if dist.get_rank() == 0:
-        torch.save({{"plan": result.plan.to_dict(), "stats": result.stats, "report": result.report}}, {out!r})
+        torch.save(out, {out_file!r})
     dist.destroy_process_group()
 """)
 
@@ -37,10 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(tmp_path: Path, cfg: dict, arch: str = "llama-gqa") -> dict:
+def _run_two(tmp_path: Path, cases: list[tuple[dict, str]]) -> list[dict]:
+    """Rank 0's plan, statistics and report of each (config, family) case, pruned by 2 processes."""
     out = tmp_path / "rank0.pt"
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), cfg=cfg, out=str(out), arch=arch))
+    script.write_text(WORKER.format(tests=str(TESTS), cases=cases, out_file=str(out)))
     _spawn_two(script)
     return torch.load(out, weights_only=False)
 
@@ -57,23 +60,24 @@ def _spawn_two(script: Path) -> None:
     assert all(p.returncode == 0 for p in procs), errs
 
 
-@pytest.mark.parametrize("cfg", [dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
-                                 dict(ratio=0.4, compensation="lsq"), dict(ratio=0.4, method="obs", sequential=True),
-                                 dict(ratio=0.4, method="obs", allocation="measured")])
-def test_two_processes_same_plan_as_one(tmp_path, cfg):
-    _two_equals_one(tmp_path, cfg, "llama-gqa")
+CASES = ([(cfg, "llama-gqa") for cfg in (dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
+                                         dict(ratio=0.4, compensation="lsq"),
+                                         dict(ratio=0.4, method="obs", sequential=True),
+                                         dict(ratio=0.4, method="obs", allocation="measured"))]
+         + [(dict(ratio=0.4), arch) for arch in ARCHS if arch != "llama-gqa"])
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama-gqa"])
-def test_every_family_two_processes_same_plan_as_one(tmp_path, arch):
-    _two_equals_one(tmp_path, dict(ratio=0.4), arch)
+def test_two_processes_same_plan_as_one(tmp_path):
+    """Every method on a tiny Llama, and FLAP on every other family: one pair of gloo processes prunes them all
+    (one spawn instead of one each), and each plan and its statistics are one process's."""
+    for (cfg, arch), two in zip(CASES, _run_two(tmp_path, CASES)):
+        _two_equals_one(two, cfg, arch)
 
 
-def _two_equals_one(tmp_path, cfg, arch):
-    two = _run_two(tmp_path, cfg, arch)
+def _two_equals_one(two, cfg, arch):
     one = flap_llm.prune(tiny_model(arch, layers=3), calibration(n=13), flap_llm.PruneConfig(**cfg),
                          batch_size=2)
-    assert two["plan"] == one.plan.to_dict()
+    assert two["plan"] == one.plan.to_dict(), (cfg, arch)
     assert two["report"]["calibration"]["world_size"] == 2
     assert two["report"]["calibration"]["windows"] == 13
     # FLAP's sums are float64 throughout; obs reads its statistics off covariances of float32 products
