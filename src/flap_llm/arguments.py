@@ -8,6 +8,7 @@ import argparse
 from .config import MODES
 from .errors import FlapError
 from .export import GGUF_DTYPES, QUANT_TYPES
+from .export.registry import FORMATS
 from .methods import registry
 
 
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --dry-run: print the estimate as JSON")
     p.add_argument("--offload", action="store_true",
                    help="stream the model layer by layer from its safetensors files (models larger than memory)")
-    p.add_argument("--export", default="flap", choices=["flap", "hf-uniform"],
-                   help="checkpoint format: flap (any plan) or hf-uniform (stock transformers, uniform plans)")
+    p.add_argument("--export", default="flap", choices=list(FORMATS),
+                   help="checkpoint format: " + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()))
     p.add_argument("--gguf", nargs="?", const="f16", default=None, metavar="TYPE",
                    help="also write model-TYPE.gguf for llama.cpp into --out, and report its size and llama.cpp's "
                         f"perplexity (TYPE: {', '.join(GGUF_DTYPES)} (f16 by default), or through llama-quantize "

@@ -120,7 +120,8 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
 
     heal_tokens: after pruning, distill the dense model into the pruned one on this many tokens of the
         calibration text's calibration split.
-    export: the checkpoint format, "flap" (any plan) or "hf-uniform" (a stock class; uniform plans).
+    export: the checkpoint format, "flap" (any plan), "hf-uniform" (a stock class; uniform plans) or "vllm" (the
+        flap checkpoint, its family checked to serve in vLLM).
     gguf: also write model-TYPE.gguf into `out` (f16, q8_0, or a llama-quantize type such as Q4_K_M); without
         config.align, the MLP widths are aligned for the type.
     offload: stream the model layer by layer from disk (no evaluation, healing or GGUF then).
@@ -159,6 +160,8 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
             _say(log, f"aligning each layer's kept MLP channels to a multiple of {multiple} for {gguf} "
                       "(--align sets another)")
     check_model(net, config)
+    from .export.registry import get_format
+    get_format(export).check(net)  # a format that can't hold this family refuses before the pruning run
     if gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
         from .export.gguf_file import check_exportable
         check_exportable(net, gguf)
@@ -220,6 +223,7 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     from .calibration import distributed
     from .atomic import check_destination
     from .model.checkpoint import FORMATS
+    from .export.registry import get_format
     from .export.gguf_file import usable_type
     if not isinstance(config, PruneConfig):
         raise FlapError("config must be a flap_llm.PruneConfig")
@@ -237,8 +241,8 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     if gguf and (offload or config.mode == "mask"):
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
-    if offload and (export != "flap" or int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.active()):
-        raise FlapError("--offload writes format flap in a single process; drop --export/torchrun")
+    if offload and (not get_format(export).streams or int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.active()):
+        raise FlapError("--offload writes format flap (or vllm) in a single process; drop --export/torchrun")
     out = Path(out).expanduser()
     sources = [model] if model and Path(model).expanduser().exists() else []
     check_destination(out, overwrite, sources)

@@ -6,8 +6,9 @@ from ..errors import FlapError
 from .base import CheckpointFormat
 from .flap_format import FlapFormat
 from .uniform import UniformFormat
+from .vllm_format import VllmFormat
 
-FORMATS: dict[str, CheckpointFormat] = {f.name: f for f in (FlapFormat(), UniformFormat())}
+FORMATS: dict[str, CheckpointFormat] = {f.name: f for f in (FlapFormat(), UniformFormat(), VllmFormat())}
 
 
 def get_format(name: str) -> CheckpointFormat:
