@@ -175,6 +175,8 @@ def test_every_plan_of_every_served_family_generates_in_vllm_as_in_transformers(
 REAL_PLANS = {
     "flap-20": dict(ratio=0.2),
     "flap-50": dict(ratio=0.5),
+    # 60% of the KV groups go, adaptively: some layers keep one group, some none (Qwen keeps two per layer)
+    "flap-al-mm-50": dict(ratio=0.5, structure="AL-MM", remove_heads=0.6),
     "flap-lsq-50": dict(ratio=0.5, compensation="lsq"),
     "obs-50": dict(ratio=0.5, method="obs"),
 }
@@ -191,20 +193,24 @@ def real_prompts(tok) -> list[list[int]]:
 @pytest.mark.long
 @pytest.mark.parametrize("name", ["smollm2", "qwen0.5b"])
 def test_real_models_generate_in_vllm_as_in_transformers(tmp_path, name):
-    """Dense, FLAP 20% and 50% (AL-AM), FLAP + lsq and obs at 50%: 16 greedy tokens in vLLM equal transformers',
-    logprobs within REAL_TOL. At least one 50% plan has partly pruned attention layers, a layer with no KV group,
-    and compensation biases (obs's, on both models)."""
+    """Dense, FLAP 20% and 50% (AL-AM, and AL-MM with 60% of the KV groups removed), FLAP + lsq and obs at 50%:
+    16 greedy tokens in vLLM equal transformers', logprobs within REAL_TOL. At least one 50% plan has partly pruned
+    attention layers, a layer with no KV group, and compensation biases (FLAP AL-MM on both models, obs on
+    SmolLM2)."""
     from flap_llm.calibration.data import calibration_windows
     dense, tok, path = benchmark_module("common").load(name)
-    calib = calibration_windows("builtin:wiki", tok, 32, 128, 0)
+    calib = calibration_windows("builtin:wiki", tok, 16, 128, 0)
     prompts = real_prompts(tok)
+    groups = dense.config.num_hidden_layers * dense.config.num_key_value_heads
     jobs, expected, stats = [], {}, None
     complete = []  # plans with a partly pruned attention, a layer with no KV group, and compensation biases
     jobs.append({"path": str(path), "prompts": prompts, "max_tokens": 16})
     expected["dense"] = [transformers_greedy(dense, p, 16) for p in prompts]
     for case, kwargs in REAL_PLANS.items():
         model = copy.deepcopy(dense)
-        shared = len(kwargs) == 1  # FLAP with the paper's bias: one calibration pass serves both ratios
+        if "remove_heads" in kwargs:
+            kwargs = {**kwargs, "remove_heads": int(kwargs["remove_heads"] * groups)}
+        shared = not {"method", "compensation"} & set(kwargs)  # FLAP's bias: one calibration pass serves them all
         result = flap_llm.prune(model, calib, flap_llm.PruneConfig(**kwargs), batch_size=16,
                                 statistics=stats if shared else None)
         if shared:
@@ -218,7 +224,7 @@ def test_real_models_generate_in_vllm_as_in_transformers(tmp_path, name):
         jobs.append({"path": str(folder), "prompts": prompts, "max_tokens": 16})
         expected[case] = reference(folder, prompts, 16)
         del model
-    assert any(c.endswith("-50") for c in complete), complete
+    assert "flap-al-mm-50" in complete, complete
     got = run_vllm(jobs, tmp_path)
     worst = {}
     for (case, ours), theirs in zip(expected.items(), got):
