@@ -18,3 +18,6 @@ $PY benchmarks/quality.py --model smollm2 --nsamples 256 --zs-limit 50
 $PY benchmarks/quality.py --model qwen0.5b --nsamples 128 --eval-limit 48 --zs-limit 20 --only dense,flap,wanda-sp,mag-sp
 $PY benchmarks/lsq.py --model qwen0.5b --nsamples 128 --eval-limit 48 > $R/lsq_qwen.json
 $PY benchmarks/quality.py --model qwen0.5b --nsamples 128 --eval-limit 48 --zs-limit 20
+# vLLM (needs `bash scripts/install.sh --vllm`)
+$PY benchmarks/vllm_speed.py --models smollm2 --rounds 3 --new-tokens 64 --nsamples 64
+$PY benchmarks/vllm_speed.py --models qwen0.5b --rounds 3 --new-tokens 64 --nsamples 64
