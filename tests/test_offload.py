@@ -60,3 +60,22 @@ def test_offload_refuses_bad_sources(tmp_path):
     with pytest.raises(FlapError, match="not offered"):  # before any weight is read
         prune_offloaded(gemma, calibration(), flap_llm.PruneConfig(method="obs"), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_offload_writes_the_format_asked_for_and_checks_it_before_the_walk(tmp_path, text_file, capsys):
+    """`--offload --export vllm`: a family vLLM can't take (Qwen3) is refused before any layer is read, nothing
+    written; a Llama is written in format vllm (the flap folder), which load_pruned reads back."""
+    from conftest import tiny_checkpoint
+    from flap_llm.cli import main
+    args = ["--offload", "--export", "vllm", "--calib", str(text_file), "--nsamples", "8", "--seqlen", "16",
+            "--quiet", "--no-eval"]
+    qwen3 = tiny_checkpoint(tmp_path / "qwen3", "qwen3")
+    capsys.readouterr()
+    assert main(["prune", "--model", str(qwen3), "--out", str(tmp_path / "q"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q_norm/k_norm" in err[0], err
+    assert not (tmp_path / "q").exists()
+    llama = tiny_checkpoint(tmp_path / "llama", "llama-gqa")
+    assert main(["prune", "--model", str(llama), "--out", str(tmp_path / "l"), *args]) == 0
+    assert json.loads((tmp_path / "l" / "flap_manifest.json").read_text())["format"] == "vllm"
+    assert flap_llm.load_pruned(tmp_path / "l").config.flap_layers

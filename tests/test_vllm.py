@@ -54,13 +54,9 @@ def transformers_greedy(model, prompt: list[int], n: int = NEW_TOKENS) -> tuple[
 
 
 def reference(path: Path, prompts: list[list[int]], n: int = NEW_TOKENS) -> list[tuple[list[int], list[float]]]:
-    """What transformers computes for the saved folder, loaded as a user loads it."""
-    if (path / "flap_manifest.json").exists() or "flap_layers" in (path / "config.json").read_text():
-        model = flap_llm.load_pruned(path, dtype=torch.float32)
-    else:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    """What transformers computes for the saved folder (pruned or dense), loaded as flap-llm's commands load it."""
+    from flap_llm.model.models import load_model
+    model = load_model(str(path), torch.float32, progress=False)[0].eval()
     return [transformers_greedy(model, p, n) for p in prompts]
 
 

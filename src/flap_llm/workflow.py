@@ -138,7 +138,8 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
         if evaluation.perplexity or evaluation.tasks:
             _say(log, "--offload: the model is never whole in memory, so no evaluation runs; evaluate the result "
                       "with `flap-llm eval` if it fits")
-        return _prune_offloaded(model, config, out, calibration, device, dtype, batch_size, overwrite, progress, log)
+        return _prune_offloaded(model, config, out, calibration, export, device, dtype, batch_size, overwrite,
+                                progress, log)
 
     import time
 
@@ -161,7 +162,8 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
                       "(--align sets another)")
     check_model(net, config)
     from .export.registry import get_format
-    get_format(export).check(net)  # a format that can't hold this family refuses before the pruning run
+    get_format(export).check(net)  # a format that can't hold this family refuses before the pruning run (the
+    # checkpoint writer checks again; the offloaded path makes its writer before the walk)
     if gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
         from .export.gguf_file import check_exportable
         check_exportable(net, gguf)
@@ -222,15 +224,13 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     the GGUF type in llama.cpp's spelling (its tools checked for a type llama-quantize makes)."""
     from .calibration import distributed
     from .atomic import check_destination
-    from .model.checkpoint import FORMATS
     from .export.registry import get_format
     from .export.gguf_file import usable_type
     if not isinstance(config, PruneConfig):
         raise FlapError("config must be a flap_llm.PruneConfig")
     if batch_size < 1:
         raise FlapError("--batch-size must be at least 1")
-    if export not in FORMATS:
-        raise FlapError(f"unknown checkpoint format {export!r}; choose one of: {', '.join(FORMATS)}")
+    fmt = get_format(export)  # an unknown name is refused here
     if export == "hf-uniform" and not config.uniform:
         raise FlapError(f"--export hf-uniform needs every layer to keep the same shapes, which this plan "
                         f"({config.label}) does not give; use --method flap --structure UL-UM (or UL-MM), or --export "
@@ -241,16 +241,16 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     if gguf and (offload or config.mode == "mask"):
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
-    if offload and (not get_format(export).streams or int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.active()):
-        raise FlapError("--offload writes format flap (or vllm) in a single process; drop --export/torchrun")
+    if offload and (not fmt.streams or int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.active()):
+        raise FlapError("--offload writes format flap (or vllm) in a single process; drop --export hf-uniform/torchrun")
     out = Path(out).expanduser()
     sources = [model] if model and Path(model).expanduser().exists() else []
     check_destination(out, overwrite, sources)
     return out, usable_type(gguf) if gguf else None
 
 
-def _prune_offloaded(model, config: PruneConfig, out: Path, calibration: Calibration, device: str, dtype: str,
-                     batch_size: int, overwrite: bool, progress: bool, log: Log) -> PruneReport:
+def _prune_offloaded(model, config: PruneConfig, out: Path, calibration: Calibration, export: str, device: str,
+                     dtype: str, batch_size: int, overwrite: bool, progress: bool, log: Log) -> PruneReport:
     """The model streamed from its safetensors files, one decoder layer at a time (no evaluation)."""
     import time
 
@@ -276,9 +276,9 @@ def _prune_offloaded(model, config: PruneConfig, out: Path, calibration: Calibra
 
     def before_commit(folder: Path, result) -> None:
         reports["report"] = _report(context, result, None, None)
-        _write_reports(folder, reports["report"], result, out.name, "flap")
+        _write_reports(folder, reports["report"], result, out.name, export)
 
-    prune_offloaded(path, calib, config, out, tokenizer=tokenizer, device=device, dtype=parse_dtype(dtype),
+    prune_offloaded(path, calib, config, out, format=export, tokenizer=tokenizer, device=device, dtype=parse_dtype(dtype),
                     batch_size=batch_size, progress=progress, overwrite=overwrite,
                     extra={"seed": calibration.seed, "calibration": calib_spec}, before_commit=before_commit)
     report = reports["report"]

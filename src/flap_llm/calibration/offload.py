@@ -159,11 +159,11 @@ def _skeleton(source: Path, dtype: torch.dtype | None, device,
 
 
 def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig, out: str | os.PathLike, *,
-                    tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 8,
+                    format: str = "flap", tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 8,
                     progress: bool = False, overwrite: bool = False, extra: dict | None = None,
                     before_commit=None) -> PruneResult:
-    """Prune the safetensors checkpoint at `source` into a flap checkpoint at `out`, one layer in memory
-    at a time. The source is only read; `out` appears only once it is complete.
+    """Prune the safetensors checkpoint at `source` into a checkpoint at `out` (format flap, or another format
+    that streams), one layer in memory at a time. The source is only read; `out` appears only once it is complete.
     `before_commit(folder, result)` may add files to the checkpoint before it is committed."""
     source, out = Path(source), Path(out)
     if not (source / "config.json").is_file():
@@ -173,7 +173,7 @@ def prune_offloaded(source: str | os.PathLike, calibration, config: PruneConfig,
     spec = spec_of(model)
     layer_prefix = spec.layers + "."
     others = [n for n in store.names() if not n.startswith(layer_prefix)]
-    checkpoint = CheckpointWriter(out, model, "flap", overwrite, [source])
+    checkpoint = CheckpointWriter(out, model, format, overwrite, [source])  # checks the format before the walk
     with checkpoint.open():
         shards = checkpoint.shards(model.config.num_hidden_layers + len(others))
         layers = OffloadedLayers(model, spec, store, device, dtype, shards, checkpoint.folder / ".activations")

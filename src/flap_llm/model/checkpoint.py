@@ -90,6 +90,7 @@ class CheckpointWriter:
     def __init__(self, path: str | os.PathLike, model: nn.Module, format: str = "flap", overwrite: bool = False,
                  sources: list[str | Path] = ()):
         self.fmt = get_format(format)
+        self.fmt.check(model)
         self.path, self.format = Path(path), format
         self.base = base_model_info(model)
         check_destination(self.path, overwrite, [self.base["name_or_path"], *sources])
