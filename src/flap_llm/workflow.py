@@ -226,6 +226,7 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     from .atomic import check_destination
     from .export.registry import get_format
     from .export.gguf_file import usable_type
+    from .methods import registry
     if not isinstance(config, PruneConfig):
         raise FlapError("config must be a flap_llm.PruneConfig")
     if batch_size < 1:
@@ -241,6 +242,8 @@ def check_prune(model, config: PruneConfig, out, *, export: str = "flap", heal_t
     if gguf and (offload or config.mode == "mask"):
         raise FlapError("--gguf needs the pruned model in memory and mode prune; drop --offload/--mode mask and "
                         "export the checkpoint afterwards with `flap-llm export`")
+    if offload and not registry.get(config.method).streams:
+        raise FlapError(f"--method {config.method} needs the whole model in memory; drop --offload")
     if offload and (not fmt.streams or int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.active()):
         raise FlapError("--offload writes format flap (or vllm) in a single process; drop --export hf-uniform/torchrun")
     out = Path(out).expanduser()

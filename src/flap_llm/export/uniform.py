@@ -1,6 +1,6 @@
-"""Format "hf-uniform": a plain checkpoint of a stock architecture (the family's own, or LLaMA with biases for
-Qwen2 and Mistral), for plans in which every layer keeps the same shapes. Stock transformers loads it without
-remote code."""
+"""Format "hf-uniform": a plain checkpoint of a stock architecture (the family's own; LLaMA with biases for a
+Qwen2 or Mistral plan whose compensation adds output biases), for plans in which every layer keeps the same
+shapes, depth-pruned models (fewer layers) among them. Stock transformers loads it without remote code."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _uniform_export(model: nn.Module) -> nn.Module:
                         "uniform (use structure UL-UM or UL-MM with remove_heads a multiple of the layers, "
                         "or save with format='flap')")
     cfg = model.config.to_dict()
-    for key in ("flap_layers", "flap_mode", "flap_source", "auto_map", "architectures", "_name_or_path"):
+    for key in ("flap_layers", "flap_mode", "flap_source", "flap_kept_layers", "auto_map", "architectures",
+                "_name_or_path"):
         cfg.pop(key, None)
     spec = spec_of(model)
     s = shapes[0] if shapes else None
@@ -55,7 +56,9 @@ def _uniform_export(model: nn.Module) -> nn.Module:
                             "hold this plan; save with format='flap' or export a GGUF (flap_llm.save_gguf)")
         cfg.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
                    intermediate_size=s["intermediate_size"], head_dim=config_head_dim(model.config))
-    target = spec.uniform_class or arch
+    needs_bias = bool(s and (s["o_proj_bias"] or s["down_proj_bias"]))
+    # the family's own class, unless it cannot hold the compensation's output biases
+    target = (spec.uniform_class or arch) if needs_bias else arch
     if target != arch:
         # the stock class holds the same computation with biases (LLaMA for Qwen2 and Mistral), but no window
         if applied_window(model) is not None:

@@ -16,6 +16,7 @@ line loads it in bf16 (`teacher_dtype`), since its forward runs under bf16 autoc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,12 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     if getattr(student.config, "flap_mode", "prune") != "prune":
         raise FlapError("the student was pruned with mode 'mask' (zeroed weights would grow back); prune with "
                         "mode 'prune'")
-    if dims_of(student) != dims_of(teacher) or student.config.vocab_size != teacher.config.vocab_size:
+    kept = getattr(student.config, "flap_kept_layers", None)  # depth: the student has fewer layers
+    s_dims = dims_of(student)
+    if kept:
+        s_dims = dataclasses.replace(s_dims, n_layers=dims_of(teacher).n_layers if max(kept) < dims_of(teacher).n_layers
+                                     else s_dims.n_layers)
+    if s_dims != dims_of(teacher) or student.config.vocab_size != teacher.config.vocab_size:
         raise FlapError("the teacher's shapes or vocabulary differ from the student's dense shapes; give the dense "
                         "model the student was pruned from")
     spec = spec_of(student)

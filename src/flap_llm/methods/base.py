@@ -83,6 +83,7 @@ class Method:
     summary: ClassVar[str]  # one line for --method's help
     options: ClassVar[type[Options] | None] = None  # None: the method takes no options
     needs_data: ClassVar[bool] = True  # False: it scores weights alone (no calibration windows)
+    streams: ClassVar[bool] = True  # False: it needs the whole model in memory (no --offload)
     uses_statistics: ClassVar[bool] = False  # accepts FLAP's dense statistics of an earlier run (prune(statistics=))
     refused: ClassVar[dict[str, str]] = {}  # architecture -> why the method is not offered for it
     instead: ClassVar[str] = ""  # what to use where it is refused

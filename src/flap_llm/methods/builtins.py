@@ -1,6 +1,7 @@
 """The methods that ship with flap-llm, one line each, in --method's order (registry.py loads them first)."""
 
 from .baselines import MagnitudeSP, WandaSP
+from .depth import Depth
 from .flap import Flap
 from .obs import Obs
 
@@ -9,4 +10,5 @@ BUILTINS = (
     Obs(),
     WandaSP(),
     MagnitudeSP(),
+    Depth(),
 )

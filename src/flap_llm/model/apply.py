@@ -154,8 +154,13 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict, updates: list[LayerUpda
     if isinstance(updates, list) and len(updates) != dims.n_layers:
         raise FlapError(f"updates has {len(updates)} entries, the model {dims.n_layers} layers")
     layers = layers if layers is not None else InMemoryLayers(model, spec)
+    if plan.dropped and mode == "prune" and not isinstance(layers, InMemoryLayers):
+        raise FlapError("a plan that drops whole layers needs the model in memory (not streamed from disk)")
+    dropped = set(plan.dropped) if mode == "prune" else set()  # mode "mask" zeroes them: an identity layer
     shapes = []
     for i, lp in enumerate(plan.layers):
+        if i in dropped:
+            continue
         with layers.open(i) as layer:
             if updates is None:
                 upd = LayerUpdate(OutputUpdate(), OutputUpdate())
@@ -164,4 +169,33 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict, updates: list[LayerUpda
             apply_layer(layer, i, spec, dims, lp, upd, mode)
             shapes.append(layer_shape(layer, spec, dims, lp, mode))
             layers.commit(i, layer)
+    if dropped:
+        drop_layers(model, spec, sorted(dropped))
     record_shapes(model, shapes, mode)
+
+
+def drop_layers(model: nn.Module, spec: ArchSpec, dropped: list[int]) -> None:
+    """Remove whole decoder layers, in place: the kept ones are renumbered (their caches are indexed by it) and
+    the config gets the new layer count and the kept layers' own per-layer attributes (`layer_types`: Gemma 3's
+    local/global pattern, the sliding-window layers of Qwen and Mistral). The original indices of the kept
+    layers are recorded in config.flap_kept_layers."""
+    from .arch import decoder_layers, get_module
+    old = decoder_layers(model, spec)
+    n = len(old)
+    keep = [i for i in range(n) if i not in set(dropped)]
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    if types is not None and len(types) != n:
+        raise FlapError(f"config.layer_types has {len(types)} entries for {n} layers")
+    kept = nn.ModuleList([old[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    parent_path, _, name = spec.layers.rpartition(".")
+    setattr(get_module(model, parent_path) if parent_path else model, name, kept)
+    original = getattr(config, "flap_kept_layers", None) or list(range(n))
+    config.flap_kept_layers = [original[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    if types is not None:
+        config.layer_types = [types[i] for i in keep]

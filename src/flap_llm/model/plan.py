@@ -23,9 +23,15 @@ class LayerPlan:
 @dataclass(frozen=True)
 class PrunePlan:
     layers: tuple[LayerPlan, ...]
+    # whole decoder blocks removed (depth pruning), original numbering: their LayerPlans keep nothing, and the
+    # pruned model has no layer for them (its layers are renumbered, its config has the new layer count)
+    dropped: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"layers": [lp.to_dict() for lp in self.layers]}
+        out: dict = {"layers": [lp.to_dict() for lp in self.layers]}
+        if self.dropped:
+            out["dropped"] = list(self.dropped)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
@@ -33,7 +39,7 @@ class PrunePlan:
             return cls(tuple(
                 LayerPlan(tuple(map(int, d["heads"])), tuple(map(int, d["kv_heads"])), tuple(map(int, d["channels"])))
                 for d in data["layers"]
-            ))
+            ), tuple(map(int, data.get("dropped", ()))))
         except (KeyError, TypeError, ValueError) as e:
             raise FlapError(f"not a valid plan (expected {{'layers': [{{'heads', 'kv_heads', 'channels'}}]}}): {e}") from e
 
@@ -52,6 +58,13 @@ class PrunePlan:
         if len(self.layers) != dims.n_layers:
             raise FlapError(f"plan has {len(self.layers)} layers, the model {dims.n_layers}")
         g = dims.group_size
+        if list(self.dropped) != sorted(set(self.dropped)) or any(not 0 <= i < dims.n_layers for i in self.dropped):
+            raise FlapError(f"dropped layers {list(self.dropped)} must be sorted, unique and in [0, {dims.n_layers})")
+        if len(self.dropped) >= dims.n_layers:
+            raise FlapError("a plan must keep at least one decoder layer")
+        for i in self.dropped:
+            if self.layers[i].heads or self.layers[i].channels:
+                raise FlapError(f"layer {i} is dropped, so its plan must keep no heads and no channels")
         for i, lp in enumerate(self.layers):
             expected = [k * g + j for k in lp.kv_heads for j in range(g)]
             if list(lp.heads) != expected:

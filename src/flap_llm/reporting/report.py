@@ -61,6 +61,7 @@ def layer_report(plan: PrunePlan, dims: Dims) -> dict:
         "heads_total": dims.n_layers * dims.n_heads,
         "channels_kept": sum(c["channels"] for c in counts),
         "channels_total": dims.n_layers * dims.d_ff,
+        "blocks_removed": list(plan.dropped),
     }
 
 
