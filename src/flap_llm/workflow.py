@@ -165,8 +165,9 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
     get_format(export).check(net)  # a format that can't hold this family refuses before the pruning run (the
     # checkpoint writer checks again; the offloaded path makes its writer before the walk)
     if gguf:  # refuse an architecture GGUF cannot express before the pruning run, not after
-        from .export.gguf_file import check_exportable
+        from .export.gguf_file import check_exportable, check_plan_exportable
         check_exportable(net, gguf)
+        check_plan_exportable(net, config)
     load_s = time.perf_counter() - t0
     calib = calibration_windows(calibration.text, tokenizer, calibration.nsamples, calibration.seqlen,
                                 calibration.seed) if config.needs_data else None

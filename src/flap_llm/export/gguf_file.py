@@ -24,6 +24,8 @@ from ..model.arch import (ArchSpec, applied_window, architecture_of, attention_p
 from ..atomic import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
+from .gguf_native import NATIVE, Native, check_activation, native_refusal
+from .gguf_native import layer_tensors as native_layer_tensors, write_header as write_native_header
 from .layout import DeciLayer, deci_layout
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what this exporter writes itself
@@ -110,25 +112,48 @@ def check_exportable(model: nn.Module, dtype: str) -> None:
     """Everything that makes a GGUF inexact is refused here, before anything is written; a type llama-quantize
     makes needs llama.cpp's tools installed."""
     usable_type(dtype)
-    spec = spec_of(model)
-    if spec.gguf_unsupported:
-        raise FlapError(f"cannot export {architecture_of(model)} to GGUF: {spec.gguf_unsupported}; use the flap "
-                        "checkpoint (load_pruned / trust_remote_code) instead")
-    config = model.config
-    if getattr(config, "flap_mode", None) == "mask":
+    if getattr(model.config, "flap_mode", None) == "mask":
         raise FlapError("this model was pruned with mode 'mask' (zeroed, full shapes); prune with mode 'prune' "
                         "to export a smaller GGUF")
+    gguf_target(model)
+
+
+def gguf_target(model: nn.Module) -> Native | None:
+    """The llama.cpp architecture the model is written in: its family's own (gguf_native.NATIVE) when every layer
+    keeps the same widths and that architecture computes it exactly, else `deci` (None; LLaMA, Mistral and
+    Qwen2 only). Raises FlapError with the reason when neither can."""
+    arch, spec = architecture_of(model), spec_of(model)
+    why = native_refusal(model, dims_of(model).head_dim)
+    if why is None:
+        check_activation(model, NATIVE[arch])
+        return NATIVE[arch]
+    if spec.gguf_unsupported:
+        raise FlapError(f"cannot export {arch} to GGUF: {why}, and {spec.gguf_unsupported}; use the flap "
+                        "checkpoint (load_pruned / trust_remote_code) instead")
     window = applied_window(model)
     if window is not None:
         raise FlapError(f"this model attends through a sliding window of {window} tokens, which llama.cpp's deci "
                         "architecture does not apply; use the flap checkpoint (or --export hf-uniform) instead")
-    rope = _rope_parameters(config)
+    rope = _rope_parameters(model.config)
     if rope["rope_type"] not in ("default", "linear", "llama3"):
         raise FlapError(f"rope scaling {rope['rope_type']!r} is not supported in GGUF export (default, linear and "
                         "llama3 are); use the flap checkpoint instead")
-    act = getattr(config, "hidden_act", "silu")
+    act = getattr(model.config, "hidden_act", "silu")
     if act != "silu":
         raise FlapError(f"GGUF export needs a SiLU-gated MLP, this model uses {act!r}")
+    return None
+
+
+def check_plan_exportable(model: nn.Module, config) -> None:
+    """Before pruning: a family that only its own llama.cpp architecture holds (no `deci`) needs a plan with the
+    same widths in every layer and no compensation bias (--method depth, or a uniform structure with
+    compensation none)."""
+    spec = spec_of(model)
+    if spec.gguf_unsupported and not (config.uniform and config.effective_compensation == "none"):
+        raise FlapError(f"{architecture_of(model)} goes to llama.cpp only in its own architecture, which needs the "
+                        f"same widths in every layer and no compensation bias, and {config.label} does not give "
+                        f"that ({spec.gguf_unsupported}); prune with --method depth (or --structure UL-UM "
+                        "--compensation none), or drop --gguf")
 
 
 def layer_widths(model: nn.Module, spec: ArchSpec, head_dim: int) -> list[tuple[int, int, int]]:
@@ -237,8 +262,8 @@ def check_gguf_destination(path: Path, overwrite: bool) -> None:
     check_writable_parent(path)
 
 
-def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: int, dtype: str, n_vocab: int,
-                  rope: dict) -> None:
+def _write_header(writer, model: nn.Module, layout: list[DeciLayer] | None, head_dim: int, dtype: str, n_vocab: int,
+                  rope: dict, native: Native | None) -> None:
     import gguf
 
     c = model.config
@@ -248,6 +273,10 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: i
     writer.add_name(Path(str(getattr(c, "flap_source", None) or c.name_or_path or "model")).stem + "-flap")
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(n_vocab)
+    if native:
+        write_native_header(writer, model, native, head_dim)
+        return
     writer.add_block_count(len(layout))
     writer.add_context_length(int(getattr(c, "max_position_embeddings", 4096)))
     writer.add_embedding_length(c.hidden_size)
@@ -262,7 +291,6 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer], head_dim: i
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    writer.add_vocab_size(n_vocab)
 
 
 def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str = "f16", *,
@@ -298,17 +326,22 @@ def _write(model: nn.Module, path: Path, tokenizer, dtype: str, progress: bool, 
         raise FlapError("GGUF export needs the model's tokenizer (or a model loaded from a .gguf file)")
     spec, dims = spec_of(model), dims_of(model)
     hd, hidden = dims.head_dim, dims.hidden
-    layout = deci_layout(layer_widths(model, spec, hd))
+    native = gguf_target(model)
+    layout = None if native else deci_layout(layer_widths(model, spec, hd))
     embed = get_module(model, spec.embed).weight
     n_vocab = embed.shape[0]
 
     tensors = _Tensors(dtype)
     tensors.add("token_embd.weight", _np(embed))
-    folds = _folds(model, spec, layout)
+    folds = None if native else _folds(model, spec, layout)
     layers = decoder_layers(model, spec)
-    for i in tqdm(range(len(layout)), desc="gguf tensors", disable=not progress, unit="layer"):
-        _layer_tensors(tensors, i, layers[i], spec, layout[i], hd, hidden, folds[i])
-    tensors.add("output_norm.weight", _np(get_module(model, spec.final_norm).weight))
+    for i in tqdm(range(len(layers)), desc="gguf tensors", disable=not progress, unit="layer"):
+        if native:
+            native_layer_tensors(tensors, i, layers[i], spec, native, hd)
+        else:
+            _layer_tensors(tensors, i, layers[i], spec, layout[i], hd, hidden, folds[i])
+    shift = np.float32(native.norm_shift if native else 0.0)  # Gemma 3's norms scale by (1 + weight)
+    tensors.add("output_norm.weight", _np(get_module(model, spec.final_norm).weight) + shift)
     lm_head = get_module(model, spec.lm_head).weight
     if lm_head.data_ptr() != embed.data_ptr():
         tensors.add("output.weight", _np(lm_head))
@@ -318,8 +351,8 @@ def _write(model: nn.Module, path: Path, tokenizer, dtype: str, progress: bool, 
 
     needed = sum(data.nbytes for _, data, _ in tensors.items)  # the tensors; the header and vocabulary are small
     with atomic_file(path, what, needed, shown=shown) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCH)
-        _write_header(writer, model, layout, hd, dtype, n_vocab, rope)
+        writer = gguf.GGUFWriter(tmp, native.arch if native else ARCH)
+        _write_header(writer, model, layout, hd, dtype, n_vocab, rope, native)
         if source is not None:
             copy_gguf_vocab(source, writer, n_vocab)
         else:

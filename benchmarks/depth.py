@@ -1,0 +1,172 @@
+"""Depth against width at the same removed fraction: held-out perplexity before and after a short heal, and (with
+--speed) llama.cpp's pp512 / tg128 of the f16 files against the dense file in the same interleaved rounds.
+
+  depth (loss)      flap-llm prune --method depth --ratio R                     blocks by the loss without each
+  depth (angular)   flap-llm prune --method depth --block-score angular --ratio R   the span of least change
+  FLAP              flap-llm prune --ratio R                                    the paper
+  obs               flap-llm prune --method obs --ratio R                       (FLAP + lsq where obs is refused)
+
+Rows append to results/depth.jsonl (a stopped run resumes); --render prints the table.
+
+  .venv/bin/python benchmarks/depth.py --model smollm2 --ratios 0.2,0.35 --heal-tokens 16384
+  .venv/bin/python benchmarks/depth.py --model smollm2 --speed          (the llama.cpp rounds; nothing else running)
+  .venv/bin/python benchmarks/depth.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flap_llm  # noqa: E402
+from common import MODELS, append_jsonl, command_line, llama_bench, load, read_jsonl  # noqa: E402
+from flap_llm.calibration.data import calibration_windows, training_windows  # noqa: E402
+from flap_llm.errors import FlapError  # noqa: E402
+from flap_llm.eval.evaluate import perplexity  # noqa: E402
+from flap_llm.healing.distill import HealConfig, heal  # noqa: E402
+from flap_llm.methods.depth import DepthOptions  # noqa: E402
+from flap_llm.reporting.report import versions  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "depth.jsonl"
+NAMES = {"smollm2": "SmolLM2-135M", "qwen0.5b": "Qwen2.5-Coder-0.5B", "gemma3-270m": "Gemma-3-270M"}
+VARIANTS = ("depth-loss", "depth-angular", "flap", "obs")
+
+
+def config_of(variant: str, ratio: float, model) -> tuple[flap_llm.PruneConfig, str]:
+    """The configuration of a variant, and its command-line flags."""
+    from flap_llm.engine import check_model
+    if variant == "depth-loss":
+        return flap_llm.PruneConfig(ratio=ratio, method="depth"), "--method depth"
+    if variant == "depth-angular":
+        return (flap_llm.PruneConfig(ratio=ratio, method="depth", options=DepthOptions(score="angular")),
+                "--method depth --block-score angular")
+    if variant == "flap":
+        return flap_llm.PruneConfig(ratio=ratio), ""
+    config = flap_llm.PruneConfig(ratio=ratio, method="obs")
+    try:
+        check_model(model, config)
+        return config, "--method obs"
+    except FlapError:  # Gemma 3: obs is refused
+        return flap_llm.PruneConfig(ratio=ratio, compensation="lsq"), "--compensation lsq"
+
+
+def _ppl(model, tok, args) -> float:
+    return perplexity(model, tok, "builtin:wiki", 128, args.batch_size, args.eval_limit)["ppl"]
+
+
+def quality(args, dense, tok) -> None:
+    done = {(r["variant"], r["ratio"]) for r in read_jsonl(args.results) if r["model"] == args.model and "ppl" in r}
+    calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
+    if ("dense", 0.0) not in done:
+        append_jsonl(args.results, {"model": args.model, "variant": "dense", "ratio": 0.0, "ppl": _ppl(dense, tok, args),
+                                    "eval_limit": args.eval_limit, "versions": versions(), "benchmark": command_line()})
+    heal_data = training_windows("builtin:wiki", tok, -(-args.heal_tokens // 128), 128, 0) if args.heal_tokens else None
+    for ratio in args.ratios:
+        for variant in args.variants:
+            if (variant, ratio) in done:
+                continue
+            model = copy.deepcopy(dense)
+            config, flags = config_of(variant, ratio, model)
+            t0 = time.perf_counter()
+            result = flap_llm.prune(model, calib, config, batch_size=args.batch_size)
+            row = {"model": args.model, "variant": variant, "ratio": ratio, "config": config.to_dict(),
+                   "command": f"flap-llm prune --model {NAMES[args.model]} --ratio {ratio} {flags}".rstrip(),
+                   "prune_s": time.perf_counter() - t0, "nsamples": args.nsamples, "eval_limit": args.eval_limit,
+                   "removed_decoder": result.report["params"]["decoder_removed_fraction"],
+                   "removed_model": result.report["params"]["model_removed_fraction"],
+                   "blocks_removed": list(result.plan.dropped), "ppl": _ppl(model, tok, args)}
+            if heal_data is not None:
+                h = heal(model, dense, heal_data, HealConfig(tokens=args.heal_tokens, batch_size=args.batch_size),
+                         progress=False)
+                row.update(heal_tokens=h.tokens, heal_s=h.seconds, ppl_healed=_ppl(model, tok, args))
+            row.update(versions=versions(), benchmark=command_line())
+            append_jsonl(args.results, row)
+            print(f"{args.model} {variant} {ratio:.0%}: removed {row['removed_decoder']:.3f}, ppl {row['ppl']:.2f}"
+                  + (f", healed {row['ppl_healed']:.2f}" if "ppl_healed" in row else ""), flush=True)
+            del model
+
+
+def speed(args, dense, tok) -> None:
+    """f16 GGUF files of the dense model and of depth (loss) and FLAP at each ratio, benchmarked in the same
+    interleaved llama-bench rounds."""
+    calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
+    with tempfile.TemporaryDirectory(prefix="flap-depth-") as work:
+        files, meta = {}, {}
+        for ratio in [0.0, *args.ratios]:
+            for variant in (["dense"] if not ratio else ["depth-loss", "flap"]):
+                model = copy.deepcopy(dense)
+                if ratio:
+                    flap_llm.prune(model, calib, config_of(variant, ratio, model)[0], batch_size=args.batch_size)
+                key = f"{variant}@{ratio}"
+                files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
+                meta[key] = (variant, ratio, files[key].stat().st_size)
+                del model
+        measured = llama_bench(files, args.rounds, args.threads)
+    for key, (variant, ratio, size) in meta.items():
+        append_jsonl(args.results, {"model": args.model, "variant": variant, "ratio": ratio, "gguf": "f16",
+                                    "gguf_bytes": size, **measured[key], "rounds": args.rounds,
+                                    "threads": args.threads, "versions": versions(), "benchmark": command_line()})
+        print(f"{args.model} {variant} {ratio:.0%}: pp512 {measured[key]['pp512']:.0f}, "
+              f"tg128 {measured[key]['tg128']:.1f}", flush=True)
+
+
+def render(path: Path = RESULTS) -> str:
+    rows = read_jsonl(path)
+    newest_q = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "ppl" in r}
+    newest_s = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "pp512" in r}
+    out = ["| model | removed | method | blocks removed | wiki ppl | after heal | llama.cpp f16 pp512 / tg128 vs dense |",
+           "|---|---:|---|---|---:|---:|---|"]
+    label = {"depth-loss": "depth (loss)", "depth-angular": "depth (angular)", "flap": "FLAP", "obs": "obs"}
+    for model in dict.fromkeys(m for m, _, _ in newest_q):
+        dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))
+        if dense_q:
+            out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_q['ppl']:.2f} | | |")
+        for ratio in sorted({r for m, _, r in newest_q if m == model and r}):
+            for variant in VARIANTS:
+                r = newest_q.get((model, variant, ratio))
+                if r is None:
+                    continue
+                name = label[variant] if variant != "obs" or "obs" in r["command"] else "FLAP + lsq"
+                s = newest_s.get((model, variant, ratio))
+                fast = (f"{s['pp512'] / dense_s['pp512']:.2f}x / {s['tg128'] / dense_s['tg128']:.2f}x"
+                        if s and dense_s else "")
+                healed = f"{r['ppl_healed']:.2f}" if "ppl_healed" in r else "–"
+                blocks = ", ".join(map(str, r["blocks_removed"])) if r["blocks_removed"] else ""
+                out.append(f"| {NAMES.get(model, model)} | {r['removed_decoder']:.1%} | {name} | {blocks} | "
+                           f"{r['ppl']:.2f} | {healed} | {fast} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--ratios", default="0.2,0.35", type=lambda s: [float(r) for r in s.split(",")])
+    ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows of 128 tokens")
+    ap.add_argument("--heal-tokens", type=int, default=16384, help="0: no heal")
+    ap.add_argument("--eval-limit", type=int, default=48, help="held-out perplexity windows of 128 tokens")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--speed", action="store_true", help="the llama.cpp rounds instead of the quality rows")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.render:
+        print(render(args.results))
+        return
+    torch.manual_seed(0)
+    dense, tok, _ = load(args.model)
+    (speed if args.speed else quality)(args, dense, tok)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
