@@ -73,7 +73,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Phi-3: fused q/k/v and gate/up projections
     "Phi3ForCausalLM": ArchSpec(qkv="qkv_proj", gate_up="gate_up_proj", attn_reads_config=True,
                                 uniform_bias_keys=(None, None),
-                                gguf_unsupported="the GGUF exporter does not split Phi-3's fused projections yet"),
+                                gguf_unsupported="llama.cpp's deci architecture has no fused projections (Phi-3)"),
 }
 
 
