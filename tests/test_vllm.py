@@ -166,6 +166,28 @@ def test_every_plan_of_every_served_family_generates_in_vllm_as_in_transformers(
 
 
 
+@pytest.mark.long
+def test_depth_checkpoints_serve_in_vllm(tmp_path):
+    """Depth-pruned (half the blocks) tiny Llama, Qwen2 and Qwen3: the stock checkpoint (--export hf-uniform) in
+    vLLM's own model classes, and the flap checkpoint through the plugin (Llama, Qwen2), generate as transformers."""
+    tok = tiny_tokenizer()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (7, 12)]
+    jobs, expected = [], {}
+    for family in ("llama", "qwen2", "qwen3"):
+        model = vllm_tiny(family, len(tok))
+        flap_llm.prune(model, calibration(n=16, length=32), flap_llm.PruneConfig(ratio=0.5, method="depth"))
+        assert model.config.num_hidden_layers == 2
+        formats = ["hf-uniform"] + (["flap"] if family != "qwen3" else [])
+        for fmt in formats:
+            path = flap_llm.save_pruned(model, tmp_path / family / fmt, tokenizer=tok, format=fmt)
+            jobs.append({"path": str(path), "prompts": prompts, "max_tokens": NEW_TOKENS})
+            expected[f"{family}/{fmt}"] = reference(Path(path), prompts)
+    got = run_vllm(jobs, tmp_path)
+    worst = {name: assert_same(name, ours, theirs) for (name, ours), theirs in zip(expected.items(), got)}
+    print("largest logprob difference per checkpoint:", json.dumps(worst))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M and Qwen2.5-Coder-0.5B
 
