@@ -214,11 +214,12 @@ def test_cli_depth_to_stock_checkpoint_and_gguf(tmp_path, text_file):
     proc = subprocess.run([sys.executable, "-m", "flap_llm", "prune", "--model", str(model_dir), "--method", "depth",
                            "--ratio", "0.5", "--export", "hf-uniform", "--gguf", "f16", "--calib", str(text_file),
                            "--nsamples", "8", "--seqlen", "32", "--eval", str(text_file), "--eval-limit", "4",
-                           "--eval-seqlen", "32", "--out", str(out)], capture_output=True, text=True)
+                           "--eval-seqlen", "32", "--heal-tokens", "128", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.5)
     assert len(report["layers"]["blocks_removed"]) == 1
+    assert report["heal"]["tokens"] >= 128  # --heal-tokens works on a depth-pruned model unchanged
     assert 1 < report["gguf"]["llama_perplexity"] < 1e4  # measured by llama.cpp on the written file
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
