@@ -31,31 +31,33 @@ def _model_path(name: str) -> str | None:
 
 
 @pytest.mark.parametrize("name", ["gemma3-270m", "smollm2", "qwen0.5b"])
-def test_depth_command_runs_in_llama_cpp_and_agrees_with_transformers(tmp_path, name):
+def test_depth_runs_in_llama_cpp_and_agrees_with_transformers(tmp_path, name):
+    """One command: a quarter of the blocks removed, the stock checkpoint and its f16 file; llama-quantize makes
+    the Q4_K_M file from it as `--gguf Q4_K_M` does (tested on its own in test_gguf_quantize.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from test_gguf import _read
     from flap_llm.cli import main
     path = _model_path(name)
-    common = ["prune", "--quiet", "--method", "depth", "--ratio", "0.25", "--nsamples", "16", "--eval-limit", "8",
-              "--device", "cpu"] + (["--model", path] if path else [])
-    # the command as a user types it: a Q4_K_M file that llama.cpp runs
-    assert main(common + ["--gguf", "Q4_K_M", "--out", str(tmp_path / "q4")]) == 0
-    report = json.loads((tmp_path / "q4" / "report.json").read_text())
+    out = tmp_path / "out"
+    assert main(["prune", "--quiet", "--method", "depth", "--ratio", "0.25", "--nsamples", "8", "--no-eval",
+                 "--device", "cpu", "--export", "hf-uniform", "--gguf", "f16", "--out", str(out)]
+                + (["--model", path] if path else [])) == 0
+    report = json.loads((out / "report.json").read_text())
     n = report["dense_shape"]["num_hidden_layers"]
     removed = report["layers"]["blocks_removed"]
     assert len(removed) == int(0.25 * n + 0.5)
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(len(removed) / n)
-    assert _read(tmp_path / "q4" / "model-Q4_K_M.gguf")[0]["general.architecture"] == ARCH[name]
-    assert report["gguf"]["llama_perplexity"] < 2 * report["perplexity"]["ppl_after"]
-    # the same blocks as a stock checkpoint with an f16 file: llama.cpp's perplexity within 1% of transformers'
-    assert main(common + ["--gguf", "f16", "--export", "hf-uniform", "--no-eval", "--out", str(tmp_path / "f16")]) == 0
-    assert json.loads((tmp_path / "f16" / "report.json").read_text())["layers"]["blocks_removed"] == removed
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "f16").eval()  # the stock class, no remote code
-    tok = AutoTokenizer.from_pretrained(tmp_path / "f16")
+    f16 = out / "model-f16.gguf"
+    assert _read(f16)[0]["general.architecture"] == ARCH[name]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()  # the stock class, no remote code
+    tok = AutoTokenizer.from_pretrained(out)
     assert model.config.num_hidden_layers == n - len(removed)
     text = tmp_path / "wiki.txt"
     text.write_text("\n\n".join(load_texts("builtin:wiki", "eval")[:40]))
     ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
     ours = chunked_perplexity(model, ids, N_CTX, CHUNKS, bos=bos_id(tok))
-    theirs = llamacpp.perplexity(tmp_path / "f16" / "model-f16.gguf", text, N_CTX, CHUNKS)
+    theirs = llamacpp.perplexity(f16, text, N_CTX, CHUNKS)
     assert theirs == pytest.approx(ours, rel=0.01), (ours, theirs)
+    quant = llamacpp.quantize(f16, tmp_path / "q4.gguf", "Q4_K_M")
+    assert _read(quant)[0]["general.architecture"] == ARCH[name]
+    assert llamacpp.perplexity(quant, text, N_CTX, 2) < 1.5 * theirs

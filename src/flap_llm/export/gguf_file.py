@@ -24,7 +24,7 @@ from ..model.arch import (ArchSpec, applied_window, architecture_of, attention_p
 from ..atomic import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
-from .gguf_native import NATIVE, Native, check_activation, native_refusal
+from .gguf_native import NATIVE, Native, _np, check_activation, native_refusal, rope_interleave
 from .gguf_native import layer_tensors as native_layer_tensors, write_header as write_native_header
 from .layout import DeciLayer, deci_layout
 
@@ -35,15 +35,6 @@ ARCH = "deci"
 _Q8_BLOCK = 32
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).numpy()
-
-
-def rope_interleave(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
-    """Reorder q/k rows (or biases) from transformers' rotate-half layout to llama.cpp's interleaved pairs,
-    per head: rows [0..d/2) and [d/2..d) of a head become pairs (0, d/2), (1, d/2+1), ..."""
-    shape = w.shape
-    return w.reshape(n_heads, 2, head_dim // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _rope_parameters(config) -> dict:

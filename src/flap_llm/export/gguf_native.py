@@ -26,6 +26,17 @@ from ..model.arch import (ArchSpec, applied_window, architecture_of, decoder_lay
     output_proj, spec_of)
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def rope_interleave(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Reorder q/k rows (or biases) from transformers' rotate-half layout to llama.cpp's interleaved pairs,
+    per head: rows [0..d/2) and [d/2..d) of a head become pairs (0, d/2), (1, d/2+1), ..."""
+    shape = w.shape
+    return w.reshape(n_heads, 2, head_dim // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 @dataclass(frozen=True)
 class Native:
     arch: str  # llama.cpp's architecture name
@@ -161,7 +172,6 @@ def write_header(writer, model: nn.Module, native: Native, head_dim: int) -> Non
 
 def layer_tensors(out, i: int, layer: nn.Module, spec: ArchSpec, native: Native, head_dim: int) -> None:
     """One decoder layer's tensors under llama.cpp's names (`out` is gguf_file's tensor collector)."""
-    from .gguf_file import _np, rope_interleave
     p = f"blk.{i}."
     n_head, n_kv, _ = input_widths(layer, spec, head_dim)
     attn = getattr(layer, spec.attn)

@@ -164,5 +164,16 @@ class Depth(Method):
     def uniform(self, options) -> bool:
         return True
 
+    def cost(self, inputs, options):
+        """loss: a pass over LOSS_WINDOWS windows per block, each batch's logits at its peak; angular: one pass,
+        each batch's hidden states at every block boundary."""
+        from ..reporting.estimate import Cost
+        s, batch = inputs.shapes, inputs.batch_size * inputs.seqlen
+        if (options or DepthOptions()).score == "angular":
+            return Cost(parts={"hidden states at every block boundary (one batch)": (s.n_layers + 1) * batch * s.hidden * 4})
+        windows = min(LOSS_WINDOWS, inputs.tokens // inputs.seqlen)
+        return Cost(parts={"logits of one batch": batch * s.vocab * 4 * 2}, forward=0,
+                    work={"forward passes over the first windows": f"{s.n_layers} (one per block) over {windows} windows"})
+
     def label(self, options) -> str:
         return f"depth ({(options or DepthOptions()).score})"
