@@ -10,7 +10,7 @@ Rows append to results/depth.jsonl (a stopped run resumes); --render prints the 
 
   .venv/bin/python benchmarks/depth.py --model smollm2 --ratios 0.2,0.35 --heal-tokens 16384
   .venv/bin/python benchmarks/depth.py --model smollm2 --speed          (the llama.cpp rounds; nothing else running)
-  .venv/bin/python benchmarks/depth.py --render
+  .venv/bin/python benchmarks/depth.py --render           (--write: into BENCHMARKS.md and docs/depth.md)
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flap_llm  # noqa: E402
-from common import MODELS, append_jsonl, command_line, llama_bench, load, read_jsonl  # noqa: E402
+import flap_llm.model.plan  # noqa: E402
+from common import MODELS, append_jsonl, command_line, fill_between, llama_bench, load, read_jsonl  # noqa: E402
 from flap_llm.calibration.data import calibration_windows, training_windows  # noqa: E402
 from flap_llm.errors import FlapError  # noqa: E402
 from flap_llm.eval.evaluate import perplexity  # noqa: E402
 from flap_llm.healing.distill import HealConfig, heal  # noqa: E402
-from flap_llm.methods.depth import DepthOptions  # noqa: E402
+from flap_llm.methods.depth import DepthOptions, blocks_to_remove  # noqa: E402
 from flap_llm.reporting.report import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "depth.jsonl"
@@ -94,16 +95,30 @@ def quality(args, dense, tok) -> None:
 
 
 def speed(args, dense, tok) -> None:
-    """f16 GGUF files of the dense model and of depth (loss) and FLAP at each ratio, benchmarked in the same
-    interleaved llama-bench rounds."""
+    """f16 GGUF files of the dense model and, at each ratio, of depth (the blocks its quality row removed, else as
+    many in the middle: every block has the same shape, so the speed does not depend on which) and FLAP (MLP widths aligned to 32, as for
+    deployment), benchmarked in the same interleaved llama-bench rounds."""
+    quality_rows = {(r["variant"], r["ratio"]): r for r in read_jsonl(args.results)
+                    if r["model"] == args.model and "ppl" in r}
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
     with tempfile.TemporaryDirectory(prefix="flap-depth-") as work:
         files, meta = {}, {}
         for ratio in [0.0, *args.ratios]:
             for variant in (["dense"] if not ratio else ["depth-loss", "flap"]):
                 model = copy.deepcopy(dense)
-                if ratio:
-                    flap_llm.prune(model, calib, config_of(variant, ratio, model)[0], batch_size=args.batch_size)
+                if variant == "flap":
+                    flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio, align=32), batch_size=args.batch_size)
+                elif variant == "depth-loss":
+                    n = dense.config.num_hidden_layers  # the quality row's blocks, or as many in the middle
+                    k = blocks_to_remove(ratio, n)
+                    row = quality_rows.get((variant, ratio))
+                    dropped = row["blocks_removed"] if row else list(range((n - k) // 2, (n - k) // 2 + k))
+                    plan = flap_llm.model.plan.PrunePlan.from_dict(
+                        {"layers": [{"heads": [] if i in dropped else list(range(dense.config.num_attention_heads)),
+                                     "kv_heads": [] if i in dropped else list(range(dense.config.num_key_value_heads)),
+                                     "channels": [] if i in dropped else list(range(dense.config.intermediate_size))}
+                                    for i in range(dense.config.num_hidden_layers)], "dropped": dropped})
+                    flap_llm.apply_plan(model, plan)
                 key = f"{variant}@{ratio}"
                 files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
                 meta[key] = (variant, ratio, files[key].stat().st_size)
@@ -157,10 +172,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--render", action="store_true", help="print the table")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md and docs/depth.md")
     args = ap.parse_args()
     if args.render:
         print(render(args.results))
+        return
+    if args.write:
+        root = Path(__file__).resolve().parent.parent
+        fill_between(root / "BENCHMARKS.md", "depth table", render(args.results))
+        fill_between(root / "docs" / "depth.md", "depth results", render(args.results))
         return
     torch.manual_seed(0)
     dense, tok, _ = load(args.model)
