@@ -79,9 +79,12 @@ def model_card(report: dict, folder_name: str, export_format: str = "flap") -> s
             f"({params['decoder_before']:,} → {params['decoder_after']:,}), "
             f"{params['model_removed_fraction']:.1%} of the whole model ({params['model_before']:,} → "
             f"{params['model_after']:,} parameters).",
-            f"- Kept: {layers['kv_groups_kept']} of {layers['kv_groups_total']} key/value head groups and "
-            f"{layers['channels_kept']:,} of {layers['channels_total']:,} MLP channels; each layer keeps its own "
-            "widths (`flap_manifest.json` lists them).",
+            (f"- Removed {len(layers['blocks_removed'])} of {report['dense_shape']['num_hidden_layers']} decoder "
+             f"blocks whole ({', '.join(map(str, layers['blocks_removed']))}, counting from 0); every kept block keeps "
+             "its dense widths." if layers.get("blocks_removed") else
+             f"- Kept: {layers['kv_groups_kept']} of {layers['kv_groups_total']} key/value head groups and "
+             f"{layers['channels_kept']:,} of {layers['channels_total']:,} MLP channels; each layer keeps its own "
+             "widths (`flap_manifest.json` lists them)."),
             f"- Calibration: {calib.get('windows', '?')} windows of {calib.get('seqlen', '?')} tokens"
             + (f" of `{calib['source']}`" if calib.get("source") else "") + ".",
             "", "## Measured", ""]
