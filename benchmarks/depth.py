@@ -120,7 +120,11 @@ def speed(args, dense, tok) -> None:
                                     for i in range(dense.config.num_hidden_layers)], "dropped": dropped})
                     flap_llm.apply_plan(model, plan)
                 key = f"{variant}@{ratio}"
-                files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
+                try:
+                    files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
+                except FlapError as e:  # Gemma 3 and Qwen3: per-layer widths have no llama.cpp architecture
+                    print(f"{args.model} {variant} {ratio:.0%}: refused ({e})", flush=True)
+                    continue
                 meta[key] = (variant, ratio, files[key].stat().st_size)
                 del model
         measured = llama_bench(files, args.rounds, args.threads)
@@ -142,7 +146,8 @@ def render(path: Path = RESULTS) -> str:
     for model in dict.fromkeys(m for m, _, _ in newest_q):
         dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))
         if dense_q:
-            out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_q['ppl']:.2f} | | |")
+            speed = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
+            out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_q['ppl']:.2f} | | {speed} |")
         for ratio in sorted({r for m, _, r in newest_q if m == model and r}):
             for variant in VARIANTS:
                 r = newest_q.get((model, variant, ratio))

@@ -21,3 +21,8 @@ $PY benchmarks/quality.py --model qwen0.5b --nsamples 128 --eval-limit 48 --zs-l
 # vLLM (needs `bash scripts/install.sh --vllm`)
 $PY benchmarks/vllm_speed.py --models smollm2 --rounds 3 --new-tokens 64 --nsamples 64
 $PY benchmarks/vllm_speed.py --models qwen0.5b --rounds 3 --new-tokens 64 --nsamples 64
+for m in smollm2 gemma3-270m qwen0.5b; do
+    $PY benchmarks/depth.py --model $m --nsamples 32 --heal-tokens 8192 --ratios 0.35,0.2
+    $PY benchmarks/depth.py --model $m --speed --nsamples 32 --ratios 0.35,0.2
+done
+$PY benchmarks/depth.py --write

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything, then run the test suite: tiny models of every family, and one real-model test (marked slow)
 # per capability. About 5 minutes of tests on 2 cores; `--long` adds the tests marked long (the method guards,
-# the 30% heal, obs --offload, the sharded heal and vLLM on real models; about 30 minutes more). Tests marked vllm
+# the 30% heal, obs --offload, the sharded heal, vLLM on real models and depth in llama.cpp; about 45 minutes
+# more). Tests marked vllm
 # run when .venv-vllm exists (`bash scripts/install.sh --vllm`). Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
