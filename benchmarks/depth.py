@@ -143,24 +143,28 @@ def render(path: Path = RESULTS) -> str:
     out = ["| model | removed | method | blocks removed | wiki ppl | after heal | llama.cpp f16 pp512 / tg128 vs dense |",
            "|---|---:|---|---|---:|---:|---|"]
     label = {"depth-loss": "depth (loss)", "depth-angular": "depth (angular)", "flap": "FLAP", "obs": "obs"}
-    for model in dict.fromkeys(m for m, _, _ in newest_q):
+    keys = {**newest_s, **newest_q}
+    for model in dict.fromkeys(m for m, _, _ in keys):
         dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))
-        if dense_q:
-            speed = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
-            out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_q['ppl']:.2f} | | {speed} |")
-        for ratio in sorted({r for m, _, r in newest_q if m == model and r}):
+        speed = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
+        dense_ppl = f"{dense_q['ppl']:.2f}" if dense_q else "–"
+        out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_ppl} "
+                   f"| | {speed} |")
+        for ratio in sorted({r for m, _, r in keys if m == model and r}):
             for variant in VARIANTS:
-                r = newest_q.get((model, variant, ratio))
-                if r is None:
+                q, s = newest_q.get((model, variant, ratio)), newest_s.get((model, variant, ratio))
+                if q is None and s is None:
                     continue
-                name = label[variant] if variant != "obs" or "obs" in r["command"] else "FLAP + lsq"
-                s = newest_s.get((model, variant, ratio))
+                name = label[variant] if variant != "obs" or q is None or "obs" in q["command"] else "FLAP + lsq"
                 fast = (f"{s['pp512'] / dense_s['pp512']:.2f}x / {s['tg128'] / dense_s['tg128']:.2f}x"
                         if s and dense_s else "")
-                healed = f"{r['ppl_healed']:.2f}" if "ppl_healed" in r else "–"
-                blocks = ", ".join(map(str, r["blocks_removed"])) if r["blocks_removed"] else ""
-                out.append(f"| {NAMES.get(model, model)} | {r['removed_decoder']:.1%} | {name} | {blocks} | "
-                           f"{r['ppl']:.2f} | {healed} | {fast} |")
+                if q is None:
+                    out.append(f"| {NAMES.get(model, model)} | {ratio:.0%} | {name} | | – | – | {fast} |")
+                    continue
+                healed = f"{q['ppl_healed']:.2f}" if "ppl_healed" in q else "–"
+                blocks = ", ".join(map(str, q["blocks_removed"])) if q["blocks_removed"] else ""
+                out.append(f"| {NAMES.get(model, model)} | {q['removed_decoder']:.1%} | {name} | {blocks} | "
+                           f"{q['ppl']:.2f} | {healed} | {fast} |")
     return "\n".join(out)
 
 
