@@ -1,8 +1,7 @@
 """Depth against width at the same removed fraction: held-out perplexity before and after a short heal, and (with
 --speed) llama.cpp's pp512 / tg128 of the f16 files against the dense file in the same interleaved rounds.
 
-  depth (loss)      flap-llm prune --method depth --ratio R                     blocks by the loss without each
-  depth (angular)   flap-llm prune --method depth --block-score angular --ratio R   the span of least change
+  depth             flap-llm prune --method depth --ratio R                     blocks by the loss without each
   FLAP              flap-llm prune --ratio R                                    the paper
   obs               flap-llm prune --method obs --ratio R                       (FLAP + lsq where obs is refused)
 
@@ -32,12 +31,12 @@ from flap_llm.calibration.data import calibration_windows, training_windows  # n
 from flap_llm.errors import FlapError  # noqa: E402
 from flap_llm.eval.evaluate import perplexity  # noqa: E402
 from flap_llm.healing.distill import HealConfig, heal  # noqa: E402
-from flap_llm.methods.depth import DepthOptions, blocks_to_remove  # noqa: E402
+from flap_llm.methods.depth import blocks_to_remove  # noqa: E402
 from flap_llm.reporting.report import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "depth.jsonl"
 NAMES = {"smollm2": "SmolLM2-135M", "qwen0.5b": "Qwen2.5-Coder-0.5B", "gemma3-270m": "Gemma-3-270M"}
-VARIANTS = ("depth-loss", "depth-angular", "flap", "obs")
+VARIANTS = ("depth-loss", "flap", "obs")  # "depth-angular" rows in depth.jsonl: a block score since removed
 
 
 def config_of(variant: str, ratio: float, model) -> tuple[flap_llm.PruneConfig, str]:
@@ -45,9 +44,6 @@ def config_of(variant: str, ratio: float, model) -> tuple[flap_llm.PruneConfig, 
     from flap_llm.engine import check_model
     if variant == "depth-loss":
         return flap_llm.PruneConfig(ratio=ratio, method="depth"), "--method depth"
-    if variant == "depth-angular":
-        return (flap_llm.PruneConfig(ratio=ratio, method="depth", options=DepthOptions(score="angular")),
-                "--method depth --block-score angular")
     if variant == "flap":
         return flap_llm.PruneConfig(ratio=ratio), ""
     config = flap_llm.PruneConfig(ratio=ratio, method="obs")
@@ -142,7 +138,7 @@ def render(path: Path = RESULTS) -> str:
     newest_s = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "pp512" in r}
     out = ["| model | removed | method | blocks removed | wiki ppl | after heal | llama.cpp f16 pp512 / tg128 vs dense |",
            "|---|---:|---|---|---:|---:|---|"]
-    label = {"depth-loss": "depth (loss)", "depth-angular": "depth (angular)", "flap": "FLAP", "obs": "obs"}
+    label = {"depth-loss": "depth", "flap": "FLAP", "obs": "obs"}
     keys = {**newest_s, **newest_q}
     for model in dict.fromkeys(m for m, _, _ in keys):
         dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))

@@ -13,7 +13,7 @@ import torch
 import flap_llm
 from flap_llm import FlapError
 from flap_llm.export import save_gguf
-from flap_llm.methods.depth import DepthOptions, angular_span, blocks_to_remove
+from flap_llm.methods.depth import blocks_to_remove
 from flap_llm.model.checkpoint import save_pruned
 from flap_llm.model.plan import PrunePlan
 
@@ -21,10 +21,9 @@ from conftest import ARCHS, calibration, tiny_checkpoint, tiny_model, tiny_token
 from test_gguf import _llama_vs_transformers, _read, needs_llama
 
 
-def _depth(arch: str, ratio: float = 0.34, score: str = "loss", layers: int = 6):
+def _depth(arch: str, ratio: float = 0.34, layers: int = 6):
     model = tiny_model(arch, layers=layers)
-    result = flap_llm.prune(model, calibration(length=32), flap_llm.PruneConfig(
-        ratio=ratio, method="depth", options=DepthOptions(score=score)))
+    result = flap_llm.prune(model, calibration(length=32), flap_llm.PruneConfig(ratio=ratio, method="depth"))
     return model, result
 
 
@@ -48,10 +47,9 @@ def test_blocks_to_remove_rounds_to_whole_blocks():
         blocks_to_remove(0.9, 2)
 
 
-@pytest.mark.parametrize("score", ["loss", "angular"])
-def test_depth_equals_the_dense_model_without_its_blocks_and_loads_stock(tmp_path, arch, score):
+def test_depth_equals_the_dense_model_without_its_blocks_and_loads_stock(tmp_path, arch):
     from transformers import AutoModelForCausalLM
-    model, result = _depth(arch, score=score)
+    model, result = _depth(arch)
     dropped = result.plan.dropped
     assert len(dropped) == 2 and model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
     assert result.report["params"]["decoder_removed_fraction"] == pytest.approx(2 / 6)
@@ -62,8 +60,6 @@ def test_depth_equals_the_dense_model_without_its_blocks_and_loads_stock(tmp_pat
         want = _skipping(arch, dropped)(x).logits
         got = model(x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    if score == "angular":  # one span of consecutive blocks
-        assert dropped[1] - dropped[0] == 1
     save_pruned(model, tmp_path / "out", format="hf-uniform")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "auto_map" not in cfg and not any(k.startswith("flap_") for k in cfg)
@@ -92,24 +88,6 @@ def test_loss_score_picks_the_blocks_whose_removal_costs_least(monkeypatch):
     monkeypatch.setattr(depth, "loss_without_each", lambda job: [5.0, 1.0, 4.0, 0.5, 3.0, 2.0])
     _, result = _depth("llama-gqa")
     assert result.plan.dropped == (1, 3)
-
-
-def test_angular_span_is_the_span_that_changes_its_input_least():
-    """A block whose residual branch is zeroed leaves its input unchanged: angular distance 0 over it."""
-    model = tiny_model("llama-gqa", layers=6)
-    with torch.no_grad():
-        for i in (2, 3):
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
-    from flap_llm.calibration.walk import InMemoryLayers
-    from flap_llm.methods.job import Job
-    from flap_llm.model.arch import dims_of, spec_of
-    from flap_llm.reporting.report import Timer
-    job = Job(model, spec_of(model), dims_of(model), [calibration(4, 16)], flap_llm.PruneConfig(ratio=0.34),
-              Timer(), False, InMemoryLayers(model, spec_of(model)))
-    with torch.no_grad():
-        start, dist = angular_span(job, 2)
-    assert start == 2 and dist[2] < 1e-3 and min(d for i, d in enumerate(dist) if i != 2) > 0.05
 
 
 def test_plan_round_trips_and_checks_dropped_layers():

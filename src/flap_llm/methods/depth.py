@@ -1,22 +1,18 @@
 """depth: remove whole decoder blocks. The result is the model's own architecture with fewer layers (every kept
-layer keeps its dense widths), which every engine runs, and generation at batch 1 gets faster by about the
-fraction of blocks removed.
+layer keeps its dense widths), which every engine runs; llama.cpp and vLLM run it as the stock model.
 
 How many blocks: `ratio` of the decoder's weight parameters, rounded to whole blocks (every block holds the same
 number), so the report's `decoder_removed_fraction` is the exact fraction removed.
 
-Which blocks (`score`):
-- "loss": the calibration loss of the model with each block removed on its own (one forward pass over the
-  first LOSS_WINDOWS calibration windows per block); the blocks whose removal costs least go.
-- "angular": the angular distance between the hidden states entering a span of blocks and those leaving it,
-  averaged over every calibration token (one forward pass); the span of consecutive blocks that changes its
-  input least goes (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers").
+Which blocks: the calibration loss (next-token cross-entropy) of the model with each block removed on its own,
+on the first LOSS_WINDOWS calibration windows (one forward pass per block); the blocks whose removal costs least
+go. (The angular distance between a span's input and output, one pass, was measured against it and removed:
+docs/depth.md.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +20,12 @@ from tqdm.auto import tqdm
 
 from ..errors import FlapError
 from ..model.plan import LayerPlan, PrunePlan
-from .base import Method, Options, option
+from .base import Method
 from .job import Job
 
-SCORES = ("loss", "angular")
 # The loss score runs one pass per block over this many calibration windows (8,192 tokens at 128): about as many
 # token-passes as FLAP's one walk over its 1,024 windows takes, for a 16-to-32-layer model.
 LOSS_WINDOWS = 64
-
-
-@dataclass(frozen=True)
-class DepthOptions(Options):
-    """depth's options. score: how the blocks to remove are chosen, "loss" (default) or "angular"."""
-
-    score: str = option("loss", choices=SCORES, flag="--block-score",
-                        help="how blocks are chosen: loss (the calibration loss without each block, default) or "
-                             "angular (the consecutive span that changes its input least; one pass)")
 
 
 def blocks_to_remove(ratio: float, n_layers: int) -> int:
@@ -55,38 +41,6 @@ def blocks_to_remove(ratio: float, n_layers: int) -> int:
 
 def _hidden(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _boundaries(job: Job, batch: torch.Tensor) -> list[torch.Tensor]:
-    """The hidden states entering each block and leaving the last one ([B, T, H] each, L + 1 of them)."""
-    layers = job.layers.modules
-    seen: list[torch.Tensor] = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(_hidden(a, k).detach().float()),
-                                             with_kwargs=True) for layer in layers]
-    last = layers[-1].register_forward_hook(
-        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().float()))
-    try:
-        job.model(input_ids=batch, use_cache=False)
-    finally:
-        for h in (*hooks, last):
-            h.remove()
-    return seen
-
-
-def angular_span(job: Job, k: int) -> tuple[int, list[float]]:
-    """The start of the span of k consecutive blocks whose output is closest in angle to its input, and the
-    mean angular distance (arccos of the cosine, over pi) of every start."""
-    n = len(job.layers)
-    total = torch.zeros(n - k + 1, dtype=torch.float64)
-    tokens = 0
-    for batch in tqdm(job.batches, desc="depth: angular distances", disable=not job.progress, unit="batch"):
-        h = _boundaries(job, batch.to(job.model.device))
-        for start in range(n - k + 1):
-            cos = F.cosine_similarity(h[start], h[start + k], dim=-1).clamp(-1, 1)
-            total[start] += (torch.arccos(cos) / math.pi).double().sum()
-        tokens += batch.numel()
-    dist = (total / tokens).tolist()
-    return min(range(len(dist)), key=dist.__getitem__), dist
 
 
 def _loss(job: Job) -> float:
@@ -129,23 +83,19 @@ def _skip(args, kwargs, output):
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
-def choose_blocks(job: Job, options: DepthOptions) -> tuple[list[int], dict]:
-    """The blocks to remove and the scores they were chosen by."""
+def choose_blocks(job: Job) -> tuple[list[int], list[float]]:
+    """The blocks to remove, and the calibration loss without each block they were chosen by."""
     n = len(job.layers)
     k = blocks_to_remove(job.config.ratio, n)
     if k == 0:
-        return [], {}
-    if options.score == "angular":
-        start, dist = angular_span(job, k)
-        return list(range(start, start + k)), {"angular_distance_by_start": dist}
+        return [], []
     losses = loss_without_each(job)
-    return sorted(sorted(range(n), key=losses.__getitem__)[:k]), {"loss_without_block": losses}
+    return sorted(sorted(range(n), key=losses.__getitem__)[:k]), losses
 
 
 class Depth(Method):
     name = "depth"
     summary = "remove whole blocks (the model's own architecture, fewer layers; faster generation)"
-    options = DepthOptions
     streams = False
 
     def run(self, job: Job, statistics=None) -> tuple[PrunePlan, None]:
@@ -153,7 +103,7 @@ class Depth(Method):
             raise FlapError("--method depth needs the model in memory; drop --offload")
         dims = job.dims
         with job.timer("scores"):
-            drop, _ = choose_blocks(job, job.config.options)
+            drop, _ = choose_blocks(job)
         full = LayerPlan(tuple(range(dims.n_heads)), tuple(range(dims.n_kv_heads)), tuple(range(dims.d_ff)))
         empty = LayerPlan((), (), ())
         plan = PrunePlan(tuple(empty if i in drop else full for i in range(dims.n_layers)), tuple(drop))
@@ -165,15 +115,12 @@ class Depth(Method):
         return True
 
     def cost(self, inputs, options):
-        """loss: a pass over LOSS_WINDOWS windows per block, each batch's logits at its peak; angular: one pass,
-        each batch's hidden states at every block boundary."""
+        """A pass over the first LOSS_WINDOWS windows per block, each batch's logits at its peak."""
         from ..reporting.estimate import Cost
         s, batch = inputs.shapes, inputs.batch_size * inputs.seqlen
-        if (options or DepthOptions()).score == "angular":
-            return Cost(parts={"hidden states at every block boundary (one batch)": (s.n_layers + 1) * batch * s.hidden * 4})
         windows = min(LOSS_WINDOWS, inputs.tokens // inputs.seqlen)
         return Cost(parts={"logits of one batch": batch * s.vocab * 4 * 2}, forward=0,
                     work={"forward passes over the first windows": f"{s.n_layers} (one per block) over {windows} windows"})
 
     def label(self, options) -> str:
-        return f"depth ({(options or DepthOptions()).score})"
+        return "depth"
