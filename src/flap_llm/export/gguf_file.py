@@ -1,5 +1,7 @@
-"""GGUF export for llama.cpp: any plan flap-llm produces, with each layer's own widths, as the `deci`
-architecture (per-layer head, KV-head and FFN arrays, optional attn_output / ffn_down biases).
+"""GGUF export for llama.cpp. A model whose layers all keep the same widths (depth, a uniform plan, the dense model)
+is written in its family's own architecture (gguf_native.py); a plan with each layer's own widths as the `deci`
+architecture (per-layer head, KV-head and FFN arrays, optional attn_output / ffn_down biases), for the families
+deci computes (LLaMA, Mistral, Qwen2).
 
     flap_llm.save_gguf(model, "model.gguf", tokenizer, dtype="f16")
 
@@ -33,8 +35,6 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what this exporter writes itself
 QUANT_TYPES = ("Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 ARCH = "deci"
 _Q8_BLOCK = 32
-
-
 
 
 def _rope_parameters(config) -> dict:
@@ -286,7 +286,8 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer] | None, head
 
 def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str = "f16", *,
               overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a pruned (or dense) model as a GGUF file that llama.cpp runs with each layer's own widths.
+    """Write a pruned (or dense) model as a GGUF file that llama.cpp runs: in the family's own architecture when
+    every layer keeps the same widths, else as `deci` with each layer's own widths.
 
     dtype: "f32", "f16" (default), "bf16" or "q8_0" for the 2-D weights (norms and biases stay f32), written
         here; or one of llama.cpp's quantization types (QUANT_TYPES: "Q4_K_M", "Q6_K", ...; any case), which
