@@ -63,7 +63,8 @@ def _spawn_two(script: Path) -> None:
 CASES = ([(cfg, "llama-gqa") for cfg in (dict(ratio=0.4), dict(ratio=0.4, method="wanda-sp"),
                                          dict(ratio=0.4, compensation="lsq"),
                                          dict(ratio=0.4, method="obs", sequential=True),
-                                         dict(ratio=0.4, method="obs", allocation="measured"))]
+                                         dict(ratio=0.4, method="obs", allocation="measured"),
+                                         dict(ratio=0.34, method="depth"))]
          + [(dict(ratio=0.4), arch) for arch in ARCHS if arch != "llama-gqa"])
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..calibration import distributed
 from ..errors import FlapError
 from ..model.plan import LayerPlan, PrunePlan
 from .base import Method
@@ -44,13 +45,17 @@ def _hidden(args, kwargs) -> torch.Tensor:
 
 
 def _loss(job: Job) -> float:
-    nll, count = 0.0, 0
-    for batch in _first_windows(job.batches, LOSS_WINDOWS):
+    """Mean next-token loss over the first windows (under torch.distributed: each rank's first windows of its
+    share, summed over the ranks, so every rank chooses the same blocks)."""
+    total = torch.zeros(2, dtype=torch.float64, device=job.model.device)
+    for batch in _first_windows(job.batches, LOSS_WINDOWS // distributed.world_size()):
         ids = batch.to(job.model.device)
         logits = job.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return nll / count
+        total[0] += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double()
+        total[1] += ids[:, 1:].numel()
+    if distributed.active():
+        distributed.all_reduce_sum_(total)
+    return float(total[0] / total[1])
 
 
 def _first_windows(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
