@@ -26,8 +26,8 @@ from ..model.arch import (ArchSpec, applied_window, architecture_of, attention_p
 from ..atomic import atomic_file, check_writable_parent, temp_sibling
 from ..errors import FlapError
 from .gguf_vocab import copy_gguf_vocab, write_hf_vocab
-from .gguf_native import NATIVE, Native, _np, check_activation, native_refusal, rope_interleave
-from .gguf_native import layer_tensors as native_layer_tensors, write_header as write_native_header
+from .gguf_native import NATIVE, Native, _np, check_activation, native_refusal, rope_interleave, rope_tables
+from .gguf_native import layer_tensors as native_layer_tensors, uniform_widths, write_native_keys
 from .layout import DeciLayer, deci_layout
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what this exporter writes itself
@@ -38,10 +38,8 @@ _Q8_BLOCK = 32
 
 
 def _rope_parameters(config) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    return params
+    """The rotary settings of the global layers (every layer but Gemma 3's local ones)."""
+    return rope_tables(config)["global"]
 
 
 def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
@@ -265,15 +263,17 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer] | None, head
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(n_vocab)
-    if native:
-        write_native_header(writer, model, native, head_dim)
-        return
-    writer.add_block_count(len(layout))
+    writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(int(getattr(c, "max_position_embeddings", 4096)))
     writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length([lay.n_ff for lay in layout])
-    writer.add_head_count([lay.n_head for lay in layout])
-    writer.add_head_count_kv([lay.n_head_kv for lay in layout])
+    if native:  # one width for every layer
+        n_head, n_kv, n_ff = uniform_widths(model, spec_of(model), head_dim)
+    else:  # deci: per-layer arrays
+        n_head, n_kv, n_ff = ([lay.n_head for lay in layout], [lay.n_head_kv for lay in layout],
+                              [lay.n_ff for lay in layout])
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
     writer.add_key_length(head_dim)  # explicit: never derived from layer 0's head count
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -282,6 +282,8 @@ def _write_header(writer, model: nn.Module, layout: list[DeciLayer] | None, head
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    if native:
+        write_native_keys(writer, model, native)
 
 
 def save_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str = "f16", *,

@@ -111,13 +111,13 @@ def native_refusal(model: nn.Module, head_dim: int) -> str | None:
                     f"1/sqrt({c.query_pre_attn_scalar})")
     if getattr(c, "partial_rotary_factor", 1.0) not in (None, 1.0):
         return "partial rotary embeddings are not written to GGUF"
-    for params in _rope_tables(c).values():
+    for params in rope_tables(c).values():
         if params["rope_type"] not in native.rope_types:
             return f"rope scaling {params['rope_type']!r} is not written to llama.cpp's {native.arch}"
     return None
 
 
-def _rope_tables(config) -> dict:
+def rope_tables(config) -> dict:
     """{"global": params, "local": params or absent}: Gemma 3 keeps one rotary table per layer type."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     if "full_attention" in params:
@@ -134,30 +134,15 @@ def _rope_tables(config) -> dict:
     return out
 
 
-def write_header(writer, model: nn.Module, native: Native, head_dim: int) -> None:
-    """The architecture's keys (shapes, rope, norms and the family's own)."""
-    import gguf
+def write_native_keys(writer, model: nn.Module, native: Native) -> None:
+    """The keys a family's own architecture reads beyond LLaMA's shapes, rope and norm (gguf_file writes those):
+    Gemma 3's per-layer sliding pattern, local rotary base and soft-capping, Granite's multipliers."""
     c = model.config
-    n_head, n_kv, n_ff = uniform_widths(model, spec_of(model), head_dim)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(int(getattr(c, "max_position_embeddings", 4096)))
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    rope = _rope_tables(c)
-    writer.add_rope_freq_base(float(rope["global"]["rope_theta"]))
-    if rope["global"]["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["global"]["factor"]))
     if native.swa:
         types = list(getattr(c, "layer_types", None) or [])
         window = getattr(c, "sliding_window", None)
         if window and "sliding_attention" in types:
+            rope = rope_tables(c)
             writer.add_sliding_window(int(window))
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
             writer.add_rope_freq_base_swa(float(rope.get("local", rope["global"])["rope_theta"]))
