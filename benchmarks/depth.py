@@ -90,39 +90,49 @@ def quality(args, dense, tok) -> None:
             del model
 
 
-def speed(args, dense, tok) -> None:
-    """f16 GGUF files of the dense model and, at each ratio, of depth (the blocks its quality row removed, else as
-    many in the middle: every block has the same shape, so the speed does not depend on which) and FLAP (MLP widths aligned to 32, as for
-    deployment), benchmarked in the same interleaved llama-bench rounds."""
+def depth_model(dense, ratio: float, row: dict | None):
+    """A copy of the dense model without the blocks its quality row removed, or as many in the middle: every block
+    has the same shape, so the speed does not depend on which."""
+    n = dense.config.num_hidden_layers
+    k = blocks_to_remove(ratio, n)
+    dropped = row["blocks_removed"] if row else list(range((n - k) // 2, (n - k) // 2 + k))
+    c = dense.config
+    plan = flap_llm.model.plan.PrunePlan.from_dict(
+        {"layers": [{"heads": [] if i in dropped else list(range(c.num_attention_heads)),
+                     "kv_heads": [] if i in dropped else list(range(c.num_key_value_heads)),
+                     "channels": [] if i in dropped else list(range(c.intermediate_size))} for i in range(n)],
+         "dropped": dropped})
+    model = copy.deepcopy(dense)
+    flap_llm.apply_plan(model, plan)
+    return model
+
+
+def served(args, dense, tok):
+    """(variant, ratio, model) of the dense model and, at each ratio, of depth (depth_model) and FLAP (MLP widths
+    aligned to 32, as for deployment), one at a time."""
     quality_rows = {(r["variant"], r["ratio"]): r for r in read_jsonl(args.results)
                     if r["model"] == args.model and "ppl" in r}
     calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
+    yield "dense", 0.0, dense
+    for ratio in args.ratios:
+        yield "depth-loss", ratio, depth_model(dense, ratio, quality_rows.get(("depth-loss", ratio)))
+        model = copy.deepcopy(dense)
+        flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio, align=32), batch_size=args.batch_size)
+        yield "flap", ratio, model
+
+
+def speed(args, dense, tok) -> None:
+    """f16 GGUF files of served()'s models, benchmarked in the same interleaved llama-bench rounds."""
     with tempfile.TemporaryDirectory(prefix="flap-depth-") as work:
         files, meta = {}, {}
-        for ratio in [0.0, *args.ratios]:
-            for variant in (["dense"] if not ratio else ["depth-loss", "flap"]):
-                model = copy.deepcopy(dense)
-                if variant == "flap":
-                    flap_llm.prune(model, calib, flap_llm.PruneConfig(ratio=ratio, align=32), batch_size=args.batch_size)
-                elif variant == "depth-loss":
-                    n = dense.config.num_hidden_layers  # the quality row's blocks, or as many in the middle
-                    k = blocks_to_remove(ratio, n)
-                    row = quality_rows.get((variant, ratio))
-                    dropped = row["blocks_removed"] if row else list(range((n - k) // 2, (n - k) // 2 + k))
-                    plan = flap_llm.model.plan.PrunePlan.from_dict(
-                        {"layers": [{"heads": [] if i in dropped else list(range(dense.config.num_attention_heads)),
-                                     "kv_heads": [] if i in dropped else list(range(dense.config.num_key_value_heads)),
-                                     "channels": [] if i in dropped else list(range(dense.config.intermediate_size))}
-                                    for i in range(dense.config.num_hidden_layers)], "dropped": dropped})
-                    flap_llm.apply_plan(model, plan)
-                key = f"{variant}@{ratio}"
-                try:
-                    files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
-                except FlapError as e:  # Gemma 3 and Qwen3: per-layer widths have no llama.cpp architecture
-                    print(f"{args.model} {variant} {ratio:.0%}: refused ({e})", flush=True)
-                    continue
-                meta[key] = (variant, ratio, files[key].stat().st_size)
-                del model
+        for variant, ratio, model in served(args, dense, tok):
+            key = f"{variant}@{ratio}"
+            try:
+                files[key] = flap_llm.save_gguf(model, Path(work) / f"{variant}-{ratio}.gguf", tok, "f16")
+            except FlapError as e:  # Gemma 3 and Qwen3: per-layer widths have no llama.cpp architecture
+                print(f"{args.model} {variant} {ratio:.0%}: refused ({e})", flush=True)
+                continue
+            meta[key] = (variant, ratio, files[key].stat().st_size)
         measured = llama_bench(files, args.rounds, args.threads)
     for key, (variant, ratio, size) in meta.items():
         append_jsonl(args.results, {"model": args.model, "variant": variant, "ratio": ratio, "gguf": "f16",
@@ -132,28 +142,60 @@ def speed(args, dense, tok) -> None:
               f"tg128 {measured[key]['tg128']:.1f}", flush=True)
 
 
+def vllm(args, dense, tok) -> None:
+    """served()'s models in vLLM (benchmarks/vllm_speed.py's rounds): depth as the stock checkpoint (hf-uniform, the
+    family's own vLLM class), FLAP as the flap checkpoint (flap-llm's plugin), fp32."""
+    from vllm_speed import serve_rounds
+    with tempfile.TemporaryDirectory(prefix="flap-depth-vllm-") as work:
+        folders = {}
+        for variant, ratio, model in served(args, dense, tok):
+            if variant == "dense":  # the folder stock vLLM loads
+                folders[(variant, ratio)] = args.source
+                continue
+            fmt = "hf-uniform" if variant == "depth-loss" else "flap"
+            folders[(variant, ratio)] = flap_llm.save_pruned(model, Path(work) / f"{variant}-{ratio}", tok,
+                                                             format=fmt)
+            del model
+        labels = {f"{v}@{r}": folder for (v, r), folder in folders.items()}
+        device, med = serve_rounds(labels, tok, Path(work), rounds=args.rounds, new_tokens=64)
+    for (variant, ratio) in folders:
+        m = med[f"{variant}@{ratio}"]
+        append_jsonl(args.results, {"model": args.model, "variant": variant, "ratio": ratio,
+                                    "vllm_tokens_per_s": m["tokens_per_s"], "vllm_ttft_s": m["ttft_s"],
+                                    "vllm_rounds": m["rounds"], "vllm_device": device, "rounds": args.rounds,
+                                    "versions": versions(), "benchmark": command_line()})
+        print(f"{args.model} {variant} {ratio:.0%}: vLLM {m['tokens_per_s']:.1f} tokens/s, "
+              f"time to first token {m['ttft_s']:.3f} s", flush=True)
+
+
 def render(path: Path = RESULTS) -> str:
     rows = read_jsonl(path)
     newest_q = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "ppl" in r}
     newest_s = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "pp512" in r}
-    out = ["| model | removed | method | blocks removed | wiki ppl | after heal | llama.cpp f16 pp512 / tg128 vs dense |",
-           "|---|---:|---|---|---:|---:|---|"]
+    newest_v = {(r["model"], r["variant"], r["ratio"]): r for r in rows if "vllm_tokens_per_s" in r}
+    out = ["| model | removed | method | blocks removed | wiki ppl | after heal | llama.cpp f16 pp512 / tg128 vs dense "
+           "| vLLM tokens/s / time to first token vs dense |", "|---|---:|---|---|---:|---:|---|---|"]
     label = {"depth-loss": "depth", "flap": "FLAP", "obs": "obs"}
-    keys = {**newest_s, **newest_q}
+    keys = {**newest_v, **newest_s, **newest_q}
     for model in dict.fromkeys(m for m, _, _ in keys):
         dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))
+        dense_v = newest_v.get((model, "dense", 0.0))
         speed = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
+        served = f"{dense_v['vllm_tokens_per_s']:.1f} tokens/s / {dense_v['vllm_ttft_s']:.3f} s" if dense_v else ""
         dense_ppl = f"{dense_q['ppl']:.2f}" if dense_q else "–"
         out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_ppl} "
-                   f"| | {speed} |")
+                   f"| | {speed} | {served} |")
         for ratio in sorted({r for m, _, r in keys if m == model and r}):
             for variant in VARIANTS:
                 q, s = newest_q.get((model, variant, ratio)), newest_s.get((model, variant, ratio))
-                if q is None and s is None:
+                v = newest_v.get((model, variant, ratio))
+                if q is None and s is None and v is None:
                     continue
                 name = label[variant] if variant != "obs" or q is None or "obs" in q["command"] else "FLAP + lsq"
                 fast = (f"{s['pp512'] / dense_s['pp512']:.2f}x / {s['tg128'] / dense_s['tg128']:.2f}x"
                         if s and dense_s else "")
+                fast += (f" | {v['vllm_tokens_per_s'] / dense_v['vllm_tokens_per_s']:.2f}x / "
+                         f"{dense_v['vllm_ttft_s'] / v['vllm_ttft_s']:.2f}x" if v and dense_v else " |")
                 if q is None:
                     out.append(f"| {NAMES.get(model, model)} | {ratio:.0%} | {name} | | – | – | {fast} |")
                     continue
@@ -174,6 +216,7 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=48, help="held-out perplexity windows of 128 tokens")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--speed", action="store_true", help="the llama.cpp rounds instead of the quality rows")
+    ap.add_argument("--vllm", action="store_true", help="vLLM's rounds (its CPU build, .venv-vllm) instead")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -189,8 +232,8 @@ def main() -> None:
         fill_between(root / "docs" / "depth.md", "depth results", render(args.results))
         return
     torch.manual_seed(0)
-    dense, tok, _ = load(args.model)
-    (speed if args.speed else quality)(args, dense, tok)
+    dense, tok, args.source = load(args.model)
+    (vllm if args.vllm else speed if args.speed else quality)(args, dense, tok)
 
 
 if __name__ == "__main__":

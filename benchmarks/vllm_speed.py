@@ -49,6 +49,29 @@ def render(path: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
+def serve_rounds(models: dict, tok, work: Path, *, rounds: int = 3, batch: int = 16, prompt_len: int = 128,
+                 new_tokens: int = 128, ttft_len: int = 512, dtype: str = "float32") -> tuple[str, dict]:
+    """vLLM's batch throughput and time to first token of each folder in `models` ({label: folder}), the folders
+    interleaved round by round in one vLLM process (vllm_timing.py): where vLLM ran, and for each label the medians
+    over the rounds (tokens_per_s, ttft_s) with the rounds themselves."""
+    if not VLLM_PYTHON.exists():
+        raise SystemExit(f"vLLM's environment is absent ({VLLM_PYTHON}); make it with `bash scripts/install.sh --vllm`")
+    text = "\n\n".join(load_texts("builtin:wiki", "eval"))
+    ids = tok(text, add_special_tokens=False).input_ids
+    job = {"models": {str(label): str(folder) for label, folder in models.items()}, "rounds": rounds, "batch": batch,
+           "prompt_len": prompt_len, "new_tokens": new_tokens, "ttft_len": ttft_len,
+           "prompt_ids": ids[:max(batch * prompt_len, ttft_len + 64)], "dtype": dtype,
+           "max_model_len": max(prompt_len + new_tokens, ttft_len + 8)}
+    (work / "job.json").write_text(json.dumps(job))
+    subprocess.run([str(VLLM_PYTHON), str(HERE / "vllm_timing.py"), str(work / "job.json"), str(work / "out.json")],
+                   check=True)
+    measured = json.loads((work / "out.json").read_text())
+    per_label = measured["rounds"]
+    return measured["device"], {
+        label: {**{k: statistics.median(x[k] for x in per_label[str(label)]) for k in ("tokens_per_s", "ttft_s")},
+                "rounds": per_label[str(label)]} for label in models}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,qwen0.5b")
@@ -63,10 +86,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if not VLLM_PYTHON.exists():
-        raise SystemExit(f"vLLM's environment is absent ({VLLM_PYTHON}); make it with `bash scripts/install.sh --vllm`")
     work = Path(tempfile.mkdtemp(prefix="flap-vllm-"))
-    text = "\n\n".join(load_texts("builtin:wiki", "eval"))
     for name in args.models.split(","):
         dense, tok, path = load(name)
         calib = calibration_windows("builtin:wiki", tok, args.nsamples, 128, 0)
@@ -81,25 +101,17 @@ def main() -> None:
             stats = result.stats
             models[ratio] = str(flap_llm.save_pruned(model, work / f"{name}-{ratio}", tokenizer=tok))
             del model
-        ids = tok(text, add_special_tokens=False).input_ids
-        job = {"models": {str(r): f for r, f in models.items()}, "rounds": args.rounds, "batch": args.batch,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ttft_len": args.ttft_len,
-               "prompt_ids": ids[:max(args.batch * args.prompt_len, args.ttft_len + 64)], "dtype": args.dtype,
-               "max_model_len": max(args.prompt_len + args.new_tokens, args.ttft_len + 8)}
-        (work / "job.json").write_text(json.dumps(job))
-        subprocess.run([str(VLLM_PYTHON), str(HERE / "vllm_timing.py"), str(work / "job.json"), str(work / "out.json")],
-                       check=True)
-        measured = json.loads((work / "out.json").read_text())
-        rounds = measured["rounds"]
-        med = {r: {k: statistics.median(x[k] for x in rounds[str(r)]) for k in ("tokens_per_s", "ttft_s")}
-               for r in models}
+        device, med = serve_rounds(models, tok, work, rounds=args.rounds, batch=args.batch,
+                                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, ttft_len=args.ttft_len,
+                                   dtype=args.dtype)
+        rounds = {r: med[r].pop("rounds") for r in models}
         for ratio in models:
             row = {"model": name, "ratio": ratio, "align": args.align if ratio else None, **med[ratio],
                    "speedup_throughput": med[ratio]["tokens_per_s"] / med[0.0]["tokens_per_s"],
                    "speedup_ttft": med[0.0]["ttft_s"] / med[ratio]["ttft_s"],
-                   "rounds": rounds[str(ratio)], "batch": args.batch, "prompt_len": args.prompt_len,
+                   "rounds": rounds[ratio], "batch": args.batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "ttft_len": args.ttft_len, "dtype": args.dtype,
-                   "nsamples": args.nsamples, "device": measured["device"], "command": command_line(),
+                   "nsamples": args.nsamples, "device": device, "command": command_line(),
                    "versions": versions()}
             append_jsonl(args.results, row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("versions", "rounds")}), flush=True)
