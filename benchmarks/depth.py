@@ -1,5 +1,6 @@
-"""Depth against width at the same removed fraction: held-out perplexity before and after a short heal, and (with
---speed) llama.cpp's pp512 / tg128 of the f16 files against the dense file in the same interleaved rounds.
+"""Depth against width at the same removed fraction: held-out perplexity before and after a short heal; with
+--speed, llama.cpp's pp512 / tg128 of the f16 files against the dense file in the same interleaved rounds; with
+--vllm, vLLM's batch throughput and time to first token against the dense model in the same rounds.
 
   depth             flap-llm prune --method depth --ratio R                     blocks by the loss without each
   FLAP              flap-llm prune --ratio R                                    the paper
@@ -9,6 +10,7 @@ Rows append to results/depth.jsonl (a stopped run resumes); --render prints the 
 
   .venv/bin/python benchmarks/depth.py --model smollm2 --ratios 0.2,0.35 --heal-tokens 16384
   .venv/bin/python benchmarks/depth.py --model smollm2 --speed          (the llama.cpp rounds; nothing else running)
+  .venv/bin/python benchmarks/depth.py --model smollm2 --vllm           (vLLM's rounds, .venv-vllm; likewise)
   .venv/bin/python benchmarks/depth.py --render           (--write: into BENCHMARKS.md and docs/depth.md)
 """
 

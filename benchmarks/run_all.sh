@@ -25,4 +25,7 @@ for m in smollm2 gemma3-270m qwen0.5b; do
     $PY benchmarks/depth.py --model $m --nsamples 32 --heal-tokens 8192 --ratios 0.35,0.2
     $PY benchmarks/depth.py --model $m --speed --nsamples 32 --ratios 0.35,0.2
 done
+for m in smollm2 qwen0.5b; do  # vLLM: FLAP's plugin serves no Gemma 3
+    $PY benchmarks/depth.py --model $m --vllm --nsamples 32 --ratios 0.35,0.2
+done
 $PY benchmarks/depth.py --write
