@@ -197,6 +197,8 @@ def test_cli_depth_to_stock_checkpoint_and_gguf(tmp_path, text_file):
     assert report["params"]["decoder_removed_fraction"] == pytest.approx(0.5)
     assert len(report["layers"]["blocks_removed"]) == 1
     assert report["heal"]["tokens"] >= 128  # --heal-tokens works on a depth-pruned model unchanged
+    # depth keeps every kept layer's widths: nothing for --gguf to align, and nothing said about it
+    assert report["config"]["align"] is None and "aligning" not in proc.stdout + proc.stderr
     card = (out / "README.md").read_text()
     assert "Removed 1 of 2 decoder blocks whole" in card and "trust_remote_code" not in card
     assert 1 < report["gguf"]["llama_perplexity"] < 1e4  # measured by llama.cpp on the written file

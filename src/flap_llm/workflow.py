@@ -154,7 +154,8 @@ def prune_model(model: str | None = None, config: PruneConfig | None = None, out
     check_destination(out, overwrite, [path, getattr(net.config, "flap_source", None)])
     if getattr(net.config, "flap_layers", None):
         raise FlapError(f"{path} is already pruned; prune the original dense model instead")
-    if gguf and config.align is None:  # ffn_down's rows take the type whole
+    from .methods import registry
+    if gguf and config.align is None and registry.get(config.method).widths:  # ffn_down's rows take the type whole
         multiple = gguf_alignment(gguf)
         if multiple and multiple < net.config.intermediate_size:
             config = dataclasses.replace(config, align=multiple)

@@ -84,6 +84,7 @@ class Method:
     options: ClassVar[type[Options] | None] = None  # None: the method takes no options
     needs_data: ClassVar[bool] = True  # False: it scores weights alone (no calibration windows)
     streams: ClassVar[bool] = True  # False: it needs the whole model in memory (no --offload)
+    widths: ClassVar[bool] = True  # False: kept layers keep their dense widths (nothing for --align to round)
     uses_statistics: ClassVar[bool] = False  # accepts FLAP's dense statistics of an earlier run (prune(statistics=))
     refused: ClassVar[dict[str, str]] = {}  # architecture -> why the method is not offered for it
     instead: ClassVar[str] = ""  # what to use where it is refused

@@ -100,8 +100,9 @@ def choose_blocks(job: Job) -> tuple[list[int], list[float]]:
 
 class Depth(Method):
     name = "depth"
-    summary = "remove whole blocks (the model's own architecture, fewer layers; faster generation)"
+    summary = "remove whole blocks (the model's own architecture with fewer layers, for every engine)"
     streams = False
+    widths = False
 
     def run(self, job: Job, statistics=None) -> tuple[PrunePlan, None]:
         if not hasattr(job.layers, "modules"):
