@@ -95,10 +95,10 @@ def quality(args, dense, tok) -> None:
 def depth_model(dense, ratio: float, row: dict | None):
     """A copy of the dense model without the blocks its quality row removed, or as many in the middle: every block
     has the same shape, so the speed does not depend on which."""
-    n = dense.config.num_hidden_layers
+    c = dense.config
+    n = c.num_hidden_layers
     k = blocks_to_remove(ratio, n)
     dropped = row["blocks_removed"] if row else list(range((n - k) // 2, (n - k) // 2 + k))
-    c = dense.config
     plan = flap_llm.model.plan.PrunePlan.from_dict(
         {"layers": [{"heads": [] if i in dropped else list(range(c.num_attention_heads)),
                      "kv_heads": [] if i in dropped else list(range(c.num_key_value_heads)),
@@ -182,11 +182,11 @@ def render(path: Path = RESULTS) -> str:
     for model in dict.fromkeys(m for m, _, _ in keys):
         dense_q, dense_s = newest_q.get((model, "dense", 0.0)), newest_s.get((model, "dense", 0.0))
         dense_v = newest_v.get((model, "dense", 0.0))
-        speed = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
-        served = f"{dense_v['vllm_tokens_per_s']:.1f} tokens/s / {dense_v['vllm_ttft_s']:.3f} s" if dense_v else ""
+        cpp = f"{dense_s['pp512']:.0f} / {dense_s['tg128']:.1f} tokens/s" if dense_s else ""
+        vllm_col = f"{dense_v['vllm_tokens_per_s']:.1f} tokens/s / {dense_v['vllm_ttft_s']:.3f} s" if dense_v else ""
         dense_ppl = f"{dense_q['ppl']:.2f}" if dense_q else "–"
         out.append(f"| {NAMES.get(model, model)} | 0 | dense | | {dense_ppl} "
-                   f"| | {speed} | {served} |")
+                   f"| | {cpp} | {vllm_col} |")
         for ratio in sorted({r for m, _, r in keys if m == model and r}):
             for variant in VARIANTS:
                 q, s = newest_q.get((model, variant, ratio)), newest_s.get((model, variant, ratio))
@@ -194,10 +194,11 @@ def render(path: Path = RESULTS) -> str:
                 if q is None and s is None and v is None:
                     continue
                 name = label[variant] if variant != "obs" or q is None or "obs" in q["command"] else "FLAP + lsq"
-                fast = (f"{s['pp512'] / dense_s['pp512']:.2f}x / {s['tg128'] / dense_s['tg128']:.2f}x"
-                        if s and dense_s else "")
-                fast += (f" | {v['vllm_tokens_per_s'] / dense_v['vllm_tokens_per_s']:.2f}x / "
-                         f"{dense_v['vllm_ttft_s'] / v['vllm_ttft_s']:.2f}x" if v and dense_v else " |")
+                cpp = (f"{s['pp512'] / dense_s['pp512']:.2f}x / {s['tg128'] / dense_s['tg128']:.2f}x"
+                       if s and dense_s else "")
+                vllm_col = (f"{v['vllm_tokens_per_s'] / dense_v['vllm_tokens_per_s']:.2f}x / "
+                            f"{dense_v['vllm_ttft_s'] / v['vllm_ttft_s']:.2f}x" if v and dense_v else "")
+                fast = f"{cpp} | {vllm_col}"
                 if q is None:
                     out.append(f"| {NAMES.get(model, model)} | {ratio:.0%} | {name} | | – | – | {fast} |")
                     continue
